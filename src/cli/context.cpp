@@ -1,0 +1,46 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "keywarden/log.hpp"
+#include "keywarden/pin.hpp"
+#include "options.hpp"
+
+namespace keywarden::cli {
+
+std::shared_ptr<pkcs11::Module> load_module(const GlobalOptions& g) {
+    std::string spec = g.module;
+    if (spec.empty() && g.token.starts_with("pkcs11:")) {
+        // RFC 7512 lets the URI name the module: module-path=... or module-name=...
+        auto uri = pkcs11::Uri::parse(g.token);
+        if (auto p = uri.module_path()) spec = *p;
+        else if (auto n = uri.module_name()) spec = *n;
+    }
+    auto m = pkcs11::Module::load(spec, g.module_init_args);
+    log::info("loaded PKCS#11 module " + m->path());
+    return m;
+}
+
+TokenContext with_token(const GlobalOptions& g, bool login) {
+    TokenContext c;
+    c.module = load_module(g);
+    c.token = pkcs11::select_token(pkcs11::list_tokens(*c.module), g.token);
+    log::info("using token '" + c.token.label + "' (serial " + c.token.serial + ")");
+    c.session = pkcs11::Session::open(c.module, c.token.slot, true);
+    if (!login) return c;
+
+    std::optional<PinSource> src;
+    if (!g.pin_source.empty()) {
+        src = parse_pin_source(g.pin_source);
+    } else if (g.token.starts_with("pkcs11:")) {
+        if (auto ps = pkcs11::Uri::parse(g.token).pin_source()) src = parse_pin_source(*ps);
+    }
+    if (!src) src = default_pin_source();
+    if (!src)
+        throw TokenError("token '" + c.token.label + "' needs a PIN and none was given",
+                         "set KEYWARDEN_PIN, or pass --pin-source env:VAR or file:PATH "
+                         "(no terminal to prompt on)");
+    log::info("reading the PIN from " + src->describe());
+    SecureBytes pin = read_pin(*src, "PIN for token '" + c.token.label + "': ");
+    c.session->login(pin);
+    return c;
+}
+
+}  // namespace keywarden::cli

@@ -1,0 +1,98 @@
+// SPDX-License-Identifier: Apache-2.0
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include "keywarden/error.hpp"
+#include "keywarden/key_protector.hpp"
+
+namespace keywarden {
+
+const char* key_kind_name(KeyKind k) {
+    switch (k) {
+        case KeyKind::aes: return "aes";
+        case KeyKind::generic_secret: return "generic-secret";
+        case KeyKind::ec_p256_private: return "ec-p256-private";
+    }
+    return "unknown";
+}
+
+std::unique_ptr<SoftwareKey> SoftwareKey::generate(KeySpec spec) {
+    SecureBytes v(spec.length);
+    if (RAND_priv_bytes(v.data(), static_cast<int>(v.size())) != 1)
+        throw OpenSslError("RAND_priv_bytes");
+    return std::make_unique<SoftwareKey>(spec, std::move(v));
+}
+
+namespace {
+
+struct CipherCtx {
+    EVP_CIPHER_CTX* p = EVP_CIPHER_CTX_new();
+    ~CipherCtx() { EVP_CIPHER_CTX_free(p); }
+};
+
+// One EVP pass of AES-256 wrap-pad; returns false on a failed unwrap (integrity).
+template <typename Out>
+bool wrap_pass(bool encrypt, std::span<const std::uint8_t> kek, std::span<const std::uint8_t> in,
+               Out& out) {
+    const EVP_CIPHER* cipher = kek.size() == 32   ? EVP_aes_256_wrap_pad()
+                               : kek.size() == 24 ? EVP_aes_192_wrap_pad()
+                               : kek.size() == 16 ? EVP_aes_128_wrap_pad()
+                                                  : nullptr;
+    if (!cipher) throw Error("AES key wrap needs a 16-, 24- or 32-byte key");
+    CipherCtx ctx;
+    if (!ctx.p) throw OpenSslError("EVP_CIPHER_CTX_new");
+    EVP_CIPHER_CTX_set_flags(ctx.p, EVP_CIPHER_CTX_FLAG_WRAP_ALLOW);
+    if (EVP_CipherInit_ex(ctx.p, cipher, nullptr, kek.data(), nullptr,
+                          encrypt ? 1 : 0) != 1)
+        throw OpenSslError("EVP_CipherInit_ex");
+    out.resize(in.size() + 16);
+    int n = 0;
+    if (EVP_CipherUpdate(ctx.p, out.data(), &n, in.data(), static_cast<int>(in.size())) != 1 ||
+        n < 0) {
+        if (encrypt) throw OpenSslError("EVP_CipherUpdate");
+        out.clear();
+        return false;
+    }
+    out.resize(static_cast<std::size_t>(n));
+    return true;
+}
+
+}  // namespace
+
+std::vector<std::uint8_t> aes_wrap_pad(std::span<const std::uint8_t> kek,
+                                       std::span<const std::uint8_t> key) {
+    std::vector<std::uint8_t> out;
+    wrap_pass(true, kek, key, out);
+    return out;
+}
+
+SecureBytes aes_unwrap_pad(std::span<const std::uint8_t> kek, std::span<const std::uint8_t> blob) {
+    SecureBytes out;
+    if (blob.size() < 16 || blob.size() % 8 != 0) return out;
+    if (!wrap_pass(false, kek, blob, out)) out.clear();
+    return out;
+}
+
+SoftwareKeyProtector::SoftwareKeyProtector(SecureBytes kek) : m_kek(std::move(kek)) {
+    if (m_kek.size() != 32) throw Error("the software key protector needs a 32-byte key");
+}
+
+std::vector<std::uint8_t> SoftwareKeyProtector::protect(const TransientKey& key) {
+    const auto* sk = dynamic_cast<const SoftwareKey*>(&key);
+    if (!sk) throw Error("the software key protector can only wrap software keys");
+    SecureBytes v = sk->value();
+    return aes_wrap_pad(m_kek, v);
+}
+
+std::unique_ptr<TransientKey> SoftwareKeyProtector::unprotect(std::span<const std::uint8_t> blob,
+                                                              const KeySpec& spec, Exposure) {
+    SecureBytes v = aes_unwrap_pad(m_kek, blob);
+    if (v.empty())
+        throw IntegrityError("unwrap failed: the wrapped key was changed or wrapped under another key");
+    if (v.size() != spec.length)
+        throw IntegrityError("unwrapped key has " + std::to_string(v.size()) +
+                             " bytes where the metadata records " + std::to_string(spec.length));
+    return std::make_unique<SoftwareKey>(spec, std::move(v));
+}
+
+}  // namespace keywarden

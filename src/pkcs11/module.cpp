@@ -1,0 +1,183 @@
+// SPDX-License-Identifier: Apache-2.0
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <deque>
+#include <mutex>
+
+#include "keywarden/log.hpp"
+#include "keywarden/pkcs11.hpp"
+
+namespace keywarden::pkcs11 {
+
+// ---- the call trace -------------------------------------------------------------------------
+
+namespace {
+std::mutex g_trace_mutex;
+std::deque<std::string> g_trace;
+bool g_trace_echo = false;
+constexpr std::size_t kTraceMax = 200;
+}  // namespace
+
+void record_call(const char* function, CK_RV rv) noexcept {
+    try {
+        std::string line = std::string(function) + " -> " + rv_name(rv);
+        std::lock_guard lock(g_trace_mutex);
+        if (g_trace_echo) log::debug(line);
+        g_trace.push_back(std::move(line));
+        if (g_trace.size() > kTraceMax) g_trace.pop_front();
+    } catch (...) {
+        // Tracing must never turn a result into an exception.
+    }
+}
+
+std::vector<std::string> call_trace() {
+    std::lock_guard lock(g_trace_mutex);
+    return {g_trace.begin(), g_trace.end()};
+}
+
+void clear_call_trace() noexcept {
+    std::lock_guard lock(g_trace_mutex);
+    g_trace.clear();
+}
+
+void set_trace_echo(bool on) noexcept { g_trace_echo = on; }
+
+std::string trim_field(const CK_UTF8CHAR* field, std::size_t size) {
+    std::string s(reinterpret_cast<const char*>(field), size);
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\0')) s.pop_back();
+    return s;
+}
+
+// ---- modules --------------------------------------------------------------------------------
+
+namespace {
+
+struct ModuleList {
+    CK_FUNCTION_LIST** list = nullptr;
+    ~ModuleList() {
+        if (list) p11_kit_modules_release(list);
+    }
+};
+
+bool looks_like_path(const std::string& s) {
+    return s.find('/') != std::string::npos ||
+           (s.size() > 3 && (s.ends_with(".so") || s.find(".so.") != std::string::npos));
+}
+
+// Finds the file p11-kit registers under `name` (its "module:" line).
+std::optional<std::string> registered_module_file(const std::string& name) {
+    ModuleList mods;
+    // Loading the registry without initialising; the modules are released right away.
+    mods.list = p11_kit_modules_load(nullptr, P11_KIT_MODULE_UNMANAGED);
+    if (!mods.list) return std::nullopt;
+    for (CK_FUNCTION_LIST** m = mods.list; *m; ++m) {
+        char* n = p11_kit_module_get_name(*m);
+        bool match = n && name == n;
+        free(n);
+        if (match) {
+            char* file = p11_kit_config_option(*m, "module");
+            if (!file) return std::nullopt;
+            std::string f = file;
+            free(file);
+            return f;
+        }
+    }
+    return std::nullopt;
+}
+
+}  // namespace
+
+std::vector<std::string> registered_module_names() {
+    std::vector<std::string> out;
+    ModuleList mods;
+    mods.list = p11_kit_modules_load(nullptr, P11_KIT_MODULE_UNMANAGED);
+    if (!mods.list) return out;
+    for (CK_FUNCTION_LIST** m = mods.list; *m; ++m) {
+        char* n = p11_kit_module_get_name(*m);
+        if (n) out.emplace_back(n);
+        free(n);
+    }
+    return out;
+}
+
+std::shared_ptr<Module> Module::load(const std::string& spec,
+                                     const std::optional<std::string>& init_args) {
+    if (spec.empty()) {
+        std::string names;
+        for (const auto& n : registered_module_names()) names += (names.empty() ? "" : ", ") + n;
+        throw UsageError("no PKCS#11 module given",
+                         "pass --module PATH or NAME, or set KEYWARDEN_MODULE" +
+                             (names.empty() ? std::string()
+                                            : " (modules registered with p11-kit: " + names + ")"));
+    }
+    std::string path = spec;
+    if (!looks_like_path(spec)) {
+        auto file = registered_module_file(spec);
+        if (!file) {
+            std::string names;
+            for (const auto& n : registered_module_names())
+                names += (names.empty() ? "" : ", ") + n;
+            throw TokenError("no PKCS#11 module is registered with p11-kit under the name '" +
+                                 spec + "'",
+                             "pass the module's file path, or one of: " +
+                                 (names.empty() ? std::string("(none registered)") : names));
+        }
+        path = *file;
+    }
+    // UNMANAGED: call the module directly, so that our CK_C_INITIALIZE_ARGS (and its
+    // pReserved init-args string) reach it unchanged. CRITICAL: fail rather than skip it.
+    CK_FUNCTION_LIST* fn =
+        p11_kit_module_load(path.c_str(), P11_KIT_MODULE_UNMANAGED | P11_KIT_MODULE_CRITICAL);
+    if (!fn) {
+        const char* msg = p11_kit_message();
+        throw TokenError("cannot load PKCS#11 module '" + path + "'" +
+                             (msg ? std::string(": ") + msg : std::string()),
+                         "check the path, or install the module's package (e.g. softhsm2, "
+                         "opensc, yubihsm-pkcs11)");
+    }
+    std::shared_ptr<Module> m(new Module(fn, path, init_args));
+    return m;
+}
+
+Module::Module(CK_FUNCTION_LIST* fn, std::string path, std::optional<std::string> init_args)
+    : m_fn(fn), m_path(std::move(path)), m_init_args(std::move(init_args)) {
+    CK_C_INITIALIZE_ARGS args{};
+    args.flags = CKF_OS_LOCKING_OK;
+    args.pReserved = m_init_args ? const_cast<char*>(m_init_args->c_str()) : nullptr;
+    CK_RV rv = try_call("C_Initialize", m_fn->C_Initialize, static_cast<void*>(&args));
+    if (rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+        p11_kit_module_release(m_fn);
+        Pkcs11Error e("C_Initialize", rv, m_path);
+        throw Error(e.what(),
+                    rv == CKR_ARGUMENTS_BAD
+                        ? "this module may need an init-args string: pass --module-init-args"
+                        : e.hint(),
+                    ExitCode::token);
+    }
+}
+
+Module::~Module() {
+    if (!m_fn) return;
+    try_call("C_Finalize", m_fn->C_Finalize, static_cast<void*>(nullptr));
+    p11_kit_module_release(m_fn);
+}
+
+CK_INFO Module::info() const {
+    CK_INFO i{};
+    KW_P11_CALL(m_fn, C_GetInfo, &i);
+    return i;
+}
+
+std::vector<CK_SLOT_ID> Module::slots(bool token_present) const {
+    CK_ULONG n = 0;
+    KW_P11_CALL(m_fn, C_GetSlotList, static_cast<CK_BBOOL>(token_present),
+                static_cast<CK_SLOT_ID*>(nullptr), &n);
+    std::vector<CK_SLOT_ID> ids(n + 4);
+    CK_ULONG got = ids.size();
+    KW_P11_CALL(m_fn, C_GetSlotList, static_cast<CK_BBOOL>(token_present), ids.data(), &got);
+    ids.resize(got);
+    return ids;
+}
+
+}  // namespace keywarden::pkcs11

@@ -1,0 +1,270 @@
+// SPDX-License-Identifier: Apache-2.0
+#include <algorithm>
+#include <cstring>
+
+#include "keywarden/pkcs11.hpp"
+
+namespace keywarden::pkcs11 {
+
+// ---- Template ------------------------------------------------------------------------------
+
+Template::~Template() {
+    for (auto& [p, n] : m_values) wipe(p.get(), n);
+}
+
+void* Template::store(const void* p, std::size_t n) {
+    auto buf = std::make_unique<std::uint8_t[]>(n == 0 ? 1 : n);
+    if (n) std::memcpy(buf.get(), p, n);
+    void* out = buf.get();
+    m_values.emplace_back(std::move(buf), n);
+    return out;
+}
+
+Template& Template::add_bool(CK_ATTRIBUTE_TYPE t, bool v) {
+    CK_BBOOL b = v ? CK_TRUE : CK_FALSE;
+    m_attrs.push_back({t, store(&b, sizeof b), sizeof b});
+    return *this;
+}
+
+Template& Template::add_ulong(CK_ATTRIBUTE_TYPE t, CK_ULONG v) {
+    m_attrs.push_back({t, store(&v, sizeof v), sizeof v});
+    return *this;
+}
+
+Template& Template::add_bytes(CK_ATTRIBUTE_TYPE t, std::span<const std::uint8_t> v) {
+    m_attrs.push_back({t, store(v.data(), v.size()), static_cast<CK_ULONG>(v.size())});
+    return *this;
+}
+
+Template& Template::add_string(CK_ATTRIBUTE_TYPE t, std::string_view v) {
+    m_attrs.push_back({t, store(v.data(), v.size()), static_cast<CK_ULONG>(v.size())});
+    return *this;
+}
+
+// ---- SessionObject -------------------------------------------------------------------------
+
+SessionObject& SessionObject::operator=(SessionObject&& o) noexcept {
+    if (this != &o) {
+        reset();
+        m_session = std::move(o.m_session);
+        m_handle = o.m_handle;
+        o.m_handle = CK_INVALID_HANDLE;
+    }
+    return *this;
+}
+
+void SessionObject::reset() noexcept {
+    if (m_session && m_handle != CK_INVALID_HANDLE)
+        // Some tokens ignore CKA_TOKEN=false and keep every object; destroy explicitly.
+        try_call("C_DestroyObject", m_session->fn()->C_DestroyObject, m_session->handle(),
+                 m_handle);
+    m_handle = CK_INVALID_HANDLE;
+}
+
+CK_OBJECT_HANDLE SessionObject::release() noexcept {
+    CK_OBJECT_HANDLE h = m_handle;
+    m_handle = CK_INVALID_HANDLE;
+    return h;
+}
+
+// ---- Session -------------------------------------------------------------------------------
+
+std::shared_ptr<Session> Session::open(std::shared_ptr<Module> m, CK_SLOT_ID slot, bool rw) {
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    CK_FLAGS flags = CKF_SERIAL_SESSION | (rw ? CKF_RW_SESSION : 0);
+    KW_P11_CALL(m->fn(), C_OpenSession, slot, flags, static_cast<void*>(nullptr),
+                static_cast<CK_NOTIFY>(nullptr), &h);
+    return std::shared_ptr<Session>(new Session(std::move(m), slot, h));
+}
+
+Session::~Session() {
+    try_call("C_CloseSession", fn()->C_CloseSession, m_handle);
+}
+
+void Session::login(const SecureBytes& pin) {
+    CK_TOKEN_INFO ti{};
+    KW_P11_CALL(fn(), C_GetTokenInfo, m_slot, &ti);
+    check_login_allowed(ti.flags, trim_field(ti.label, sizeof ti.label));
+    // One attempt only: a retry after CKR_PIN_INCORRECT would burn another try of the
+    // token's counter (pkcs11-provider's session.c does the same).
+    CK_RV rv = try_call("C_Login", fn()->C_Login, m_handle, static_cast<CK_USER_TYPE>(CKU_USER),
+                        const_cast<CK_UTF8CHAR*>(pin.data()), static_cast<CK_ULONG>(pin.size()));
+    if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) return;
+    throw Pkcs11Error("C_Login", rv);
+}
+
+const std::vector<CK_MECHANISM_TYPE>& Session::mechanisms() {
+    if (!m_mechanisms) {
+        CK_ULONG n = 0;
+        KW_P11_CALL(fn(), C_GetMechanismList, m_slot, static_cast<CK_MECHANISM_TYPE*>(nullptr),
+                    &n);
+        std::vector<CK_MECHANISM_TYPE> v(n);
+        KW_P11_CALL(fn(), C_GetMechanismList, m_slot, v.data(), &n);
+        v.resize(n);
+        m_mechanisms = std::move(v);
+    }
+    return *m_mechanisms;
+}
+
+bool Session::has_mechanism(CK_MECHANISM_TYPE m) {
+    const auto& v = mechanisms();
+    return std::find(v.begin(), v.end(), m) != v.end();
+}
+
+namespace {
+// Closes a search even when C_FindObjects throws.
+class FindGuard {
+public:
+    FindGuard(Session& s, CK_ATTRIBUTE* t, CK_ULONG n) : m_s(s) {
+        KW_P11_CALL(s.fn(), C_FindObjectsInit, s.handle(), t, n);
+    }
+    ~FindGuard() { try_call("C_FindObjectsFinal", m_s.fn()->C_FindObjectsFinal, m_s.handle()); }
+
+private:
+    Session& m_s;
+};
+}  // namespace
+
+std::vector<CK_OBJECT_HANDLE> Session::find(CK_ATTRIBUTE* templ, CK_ULONG count, std::size_t max) {
+    FindGuard guard(*this, templ, count);
+    std::vector<CK_OBJECT_HANDLE> out;
+    CK_OBJECT_HANDLE batch[16];
+    while (out.size() < max) {
+        CK_ULONG got = 0;
+        KW_P11_CALL(fn(), C_FindObjects, m_handle, batch, static_cast<CK_ULONG>(16), &got);
+        if (got == 0) break;
+        out.insert(out.end(), batch, batch + got);
+    }
+    if (out.size() > max) out.resize(max);
+    return out;
+}
+
+std::vector<std::uint8_t> Session::get_bytes(CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t) {
+    CK_ATTRIBUTE a{t, nullptr, 0};
+    KW_P11_CALL(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    std::vector<std::uint8_t> v(a.ulValueLen);
+    a.pValue = v.data();
+    KW_P11_CALL(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    v.resize(a.ulValueLen);
+    return v;
+}
+
+SecureBytes Session::get_secret(CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t) {
+    CK_ATTRIBUTE a{t, nullptr, 0};
+    KW_P11_CALL(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    SecureBytes v(a.ulValueLen);
+    a.pValue = v.data();
+    KW_P11_CALL(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    v.resize(a.ulValueLen);
+    return v;
+}
+
+std::optional<CK_ULONG> Session::get_ulong(CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t) {
+    CK_ULONG v = 0;
+    CK_ATTRIBUTE a{t, &v, sizeof v};
+    CK_RV rv = KW_P11_TRY(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    if (rv == CKR_ATTRIBUTE_TYPE_INVALID || rv == CKR_ATTRIBUTE_SENSITIVE) return std::nullopt;
+    if (rv != CKR_OK) throw Pkcs11Error("C_GetAttributeValue", rv);
+    return v;
+}
+
+std::optional<bool> Session::get_bool(CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t) {
+    CK_BBOOL v = CK_FALSE;
+    CK_ATTRIBUTE a{t, &v, sizeof v};
+    CK_RV rv = KW_P11_TRY(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    if (rv == CKR_ATTRIBUTE_TYPE_INVALID || rv == CKR_ATTRIBUTE_SENSITIVE) return std::nullopt;
+    if (rv != CKR_OK) throw Pkcs11Error("C_GetAttributeValue", rv);
+    return v == CK_TRUE;
+}
+
+SessionObject Session::generate_key(CK_MECHANISM_TYPE mech, Template& t) {
+    CK_MECHANISM m{mech, nullptr, 0};
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    KW_P11_CALL(fn(), C_GenerateKey, m_handle, &m, t.data(), t.size(), &h);
+    return SessionObject(shared_from_this(), h);
+}
+
+std::pair<SessionObject, SessionObject> Session::generate_key_pair(CK_MECHANISM_TYPE mech,
+                                                                   Template& pub, Template& priv) {
+    CK_MECHANISM m{mech, nullptr, 0};
+    CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE, hpriv = CK_INVALID_HANDLE;
+    KW_P11_CALL(fn(), C_GenerateKeyPair, m_handle, &m, pub.data(), pub.size(), priv.data(),
+                priv.size(), &hpub, &hpriv);
+    return {SessionObject(shared_from_this(), hpub), SessionObject(shared_from_this(), hpriv)};
+}
+
+SessionObject Session::create_object(Template& t) {
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    KW_P11_CALL(fn(), C_CreateObject, m_handle, t.data(), t.size(), &h);
+    return SessionObject(shared_from_this(), h);
+}
+
+std::vector<std::uint8_t> Session::wrap_key(CK_MECHANISM* mech, CK_OBJECT_HANDLE wrapping,
+                                            CK_OBJECT_HANDLE key) {
+    CK_ULONG n = 0;
+    KW_P11_CALL(fn(), C_WrapKey, m_handle, mech, wrapping, key, static_cast<CK_BYTE*>(nullptr), &n);
+    // Generous: some tokens under-report the size in the query call.
+    std::vector<std::uint8_t> out(n + 64);
+    CK_ULONG got = out.size();
+    KW_P11_CALL(fn(), C_WrapKey, m_handle, mech, wrapping, key, out.data(), &got);
+    out.resize(got);
+    return out;
+}
+
+SessionObject Session::unwrap_key(CK_MECHANISM* mech, CK_OBJECT_HANDLE unwrapping,
+                                  std::span<const std::uint8_t> blob, Template& t) {
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    KW_P11_CALL(fn(), C_UnwrapKey, m_handle, mech, unwrapping, const_cast<CK_BYTE*>(blob.data()),
+                static_cast<CK_ULONG>(blob.size()), t.data(), t.size(), &h);
+    return SessionObject(shared_from_this(), h);
+}
+
+std::vector<std::uint8_t> Session::encrypt(CK_MECHANISM* mech, CK_OBJECT_HANDLE key,
+                                           std::span<const std::uint8_t> in) {
+    KW_P11_CALL(fn(), C_EncryptInit, m_handle, mech, key);
+    std::vector<std::uint8_t> out(in.size() + 256);
+    CK_ULONG got = out.size();
+    KW_P11_CALL(fn(), C_Encrypt, m_handle, const_cast<CK_BYTE*>(in.data()),
+                static_cast<CK_ULONG>(in.size()), out.data(), &got);
+    out.resize(got);
+    return out;
+}
+
+SecureBytes Session::decrypt(CK_MECHANISM* mech, CK_OBJECT_HANDLE key,
+                             std::span<const std::uint8_t> in) {
+    KW_P11_CALL(fn(), C_DecryptInit, m_handle, mech, key);
+    SecureBytes out(in.size() + 256);
+    CK_ULONG got = out.size();
+    KW_P11_CALL(fn(), C_Decrypt, m_handle, const_cast<CK_BYTE*>(in.data()),
+                static_cast<CK_ULONG>(in.size()), out.data(), &got);
+    out.resize(got);
+    return out;
+}
+
+std::vector<std::uint8_t> Session::sign(CK_MECHANISM* mech, CK_OBJECT_HANDLE key,
+                                        std::span<const std::uint8_t> in) {
+    KW_P11_CALL(fn(), C_SignInit, m_handle, mech, key);
+    std::vector<std::uint8_t> out(1024);
+    CK_ULONG got = out.size();
+    KW_P11_CALL(fn(), C_Sign, m_handle, const_cast<CK_BYTE*>(in.data()),
+                static_cast<CK_ULONG>(in.size()), out.data(), &got);
+    out.resize(got);
+    return out;
+}
+
+bool Session::verify(CK_MECHANISM* mech, CK_OBJECT_HANDLE key, std::span<const std::uint8_t> in,
+                     std::span<const std::uint8_t> sig) {
+    KW_P11_CALL(fn(), C_VerifyInit, m_handle, mech, key);
+    CK_RV rv = KW_P11_TRY(fn(), C_Verify, m_handle, const_cast<CK_BYTE*>(in.data()),
+                          static_cast<CK_ULONG>(in.size()), const_cast<CK_BYTE*>(sig.data()),
+                          static_cast<CK_ULONG>(sig.size()));
+    if (rv == CKR_OK) return true;
+    if (rv == CKR_SIGNATURE_INVALID || rv == CKR_SIGNATURE_LEN_RANGE) return false;
+    throw Pkcs11Error("C_Verify", rv);
+}
+
+void Session::random(std::span<std::uint8_t> out) {
+    KW_P11_CALL(fn(), C_GenerateRandom, m_handle, out.data(), static_cast<CK_ULONG>(out.size()));
+}
+
+}  // namespace keywarden::pkcs11

@@ -1,0 +1,221 @@
+// SPDX-License-Identifier: Apache-2.0
+#include <catch2/catch.hpp>
+
+#include "keywarden/token_check.hpp"
+#include "keywarden/token_protector.hpp"
+#include "support.hpp"
+
+using namespace keywarden;
+using namespace keywarden::pkcs11;
+
+namespace {
+
+SecureBytes bytes(const std::string& s) { return SecureBytes(s.begin(), s.end()); }
+
+std::size_t count_in(const std::vector<std::string>& trace, const std::string& line) {
+    std::size_t n = 0;
+    for (const auto& l : trace) n += l == line;
+    return n;
+}
+
+// All objects visible to the session (session and token objects).
+std::size_t object_count(Session& s) {
+    Template all;
+    return s.find(all, 10000).size();
+}
+
+// A non-extractable AES-256 wrapping key, as a master key would be (but a session object).
+SessionObject make_kek(Session& s, std::span<const std::uint8_t> value = {}) {
+    Template t;
+    t.add_ulong(CKA_CLASS, CKO_SECRET_KEY).add_ulong(CKA_KEY_TYPE, CKK_AES);
+    t.add_bool(CKA_TOKEN, false).add_bool(CKA_PRIVATE, true).add_bool(CKA_SENSITIVE, true);
+    t.add_bool(CKA_EXTRACTABLE, false).add_bool(CKA_WRAP, true).add_bool(CKA_UNWRAP, true);
+    if (value.empty()) {
+        t.add_ulong(CKA_VALUE_LEN, 32);
+        return s.generate_key(CKM_AES_KEY_GEN, t);
+    }
+    t.add_bytes(CKA_VALUE, value);
+    return s.create_object(t);
+}
+
+// A key with a known value, readable, so round trips can be compared byte for byte.
+std::unique_ptr<TokenKey> known_key(const std::shared_ptr<Session>& s, KeyKind kind,
+                                    const SecureBytes& value) {
+    Template t;
+    fill_key_template(t, kind, Exposure::readable);
+    t.add_bytes(CKA_VALUE, value);
+    return std::make_unique<TokenKey>(KeySpec{kind, 32}, s->create_object(t));
+}
+
+}  // namespace
+
+TEST_CASE("login: right PIN works, wrong PIN is tried exactly once", "[token]") {
+    kwtest::SoftHsm hsm;
+    auto tok = hsm.token();
+    {
+        auto s = Session::open(hsm.module(), tok.slot);
+        clear_call_trace();
+        try {
+            s->login(bytes("wrong-pin"));
+            FAIL("logged in with a wrong PIN");
+        } catch (const Pkcs11Error& e) {
+            CHECK(e.rv() == CKR_PIN_INCORRECT);
+            CHECK_THAT(e.what(), Catch::StartsWith("C_Login: CKR_PIN_INCORRECT (0xA0)"));
+            CHECK(e.exit_code() == ExitCode::token);
+        }
+        CHECK(count_in(call_trace(), "C_Login -> CKR_PIN_INCORRECT") == 1);
+        CHECK(count_in(call_trace(), "C_Login -> CKR_OK") == 0);
+        s->login(bytes(kwtest::SoftHsm::user_pin));
+        // A second login on the same token counts as success (CKR_USER_ALREADY_LOGGED_IN).
+        auto s2 = Session::open(hsm.module(), tok.slot);
+        CHECK_NOTHROW(s2->login(bytes(kwtest::SoftHsm::user_pin)));
+    }
+    // SoftHSM has no PIN counter flags to set: the refusals are tested in test_select.cpp.
+}
+
+TEST_CASE("module loading: by path, by p11-kit name, init args, failures", "[token]") {
+    kwtest::SoftHsm hsm;
+    hsm.unload();
+    SECTION("by p11-kit registered name") {
+        auto m = Module::load("softhsm2");
+        CHECK(m->path().find("libsofthsm2.so") != std::string::npos);
+        CHECK(select_token(list_tokens(*m), "kw-test").label == "kw-test");
+    }
+    SECTION("init args reach the module as pReserved") {
+        // SoftHSM insists on pReserved == NULL, so a string proves it was passed through.
+        try {
+            Module::load(kwtest::module_path(), std::string("x-test=1"));
+            FAIL("SoftHSM accepted pReserved");
+        } catch (const Error& e) {
+            CHECK_THAT(e.what(), Catch::StartsWith("C_Initialize: CKR_ARGUMENTS_BAD"));
+            CHECK_THAT(e.hint(), Catch::Contains("--module-init-args"));
+        }
+    }
+    SECTION("failures") {
+        CHECK_THROWS_WITH(Module::load("/nonexistent/libnothing.so"),
+                          Catch::Contains("cannot load PKCS#11 module"));
+        CHECK_THROWS_WITH(Module::load("no-such-module-name"),
+                          Catch::Contains("no PKCS#11 module is registered"));
+        CHECK_THROWS_AS(Module::load(""), UsageError);
+    }
+}
+
+TEST_CASE("AES key wrap protector on SoftHSM", "[token]") {
+    kwtest::SoftHsm hsm;
+    auto s = hsm.session();
+    auto mech = AesWrapProtector::choose_mechanism(*s);
+    REQUIRE(mech);
+    // SoftHSM 2.6.1 has no CKM_AES_KEY_WRAP_KWP, so WRAP_PAD comes next.
+    CHECK(*mech == CKM_AES_KEY_WRAP_PAD);
+    auto kek = make_kek(*s);
+    AesWrapProtector p(s, kek.handle(), *mech);
+    CHECK(p.method() == "aes-key-wrap-pad");
+    const std::size_t baseline = object_count(*s);
+
+    SECTION("known values survive protect/unprotect for every kind") {
+        SecureBytes v(32);
+        for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<std::uint8_t>(i * 7 + 1);
+        for (KeyKind kind : {KeyKind::aes, KeyKind::generic_secret}) {
+            INFO(key_kind_name(kind));
+            auto k = known_key(s, kind, v);
+            auto blob = p.protect(*k);
+            CHECK(blob.size() == 40);
+            auto back = p.unprotect(blob, {kind, 32}, Exposure::readable);
+            CHECK(back->value() == v);
+        }
+    }
+    SECTION("generated keys of every kind wrap and unwrap without leaving objects") {
+        for (KeyKind kind : {KeyKind::aes, KeyKind::generic_secret, KeyKind::ec_p256_private}) {
+            INFO(key_kind_name(kind));
+            std::vector<std::uint8_t> pub;
+            auto k = generate_session_key(s, kind, &pub);
+            if (kind == KeyKind::ec_p256_private) CHECK(pub.size() == 67);
+            auto blob = p.protect(*k);
+            auto sensitive = p.unprotect(blob, {kind, 32}, Exposure::sensitive);
+            CHECK_THROWS_AS(sensitive->value(), Pkcs11Error);  // sensitive stays in the token
+            // Re-wrapping the unwrapped object gives a blob that unwraps to the same key.
+            auto readable1 = p.unprotect(blob, {kind, 32}, Exposure::readable);
+            auto readable2 = p.unprotect(p.protect(*sensitive), {kind, 32}, Exposure::readable);
+            CHECK(readable1->value() == readable2->value());
+            CHECK(readable1->value().size() == 32);
+        }
+        CHECK(object_count(*s) == baseline);
+    }
+    SECTION("tampered, truncated or foreign blobs are integrity errors and leave no object") {
+        auto k = generate_session_key(s, KeyKind::aes);
+        auto blob = p.protect(*k);
+        k.reset();
+        for (std::size_t i = 0; i < blob.size(); ++i) {
+            auto bad = blob;
+            bad[i] ^= 0x80;
+            INFO("flipped byte " << i);
+            CHECK_THROWS_AS(p.unprotect(bad, {KeyKind::aes, 32}, Exposure::sensitive),
+                            IntegrityError);
+        }
+        std::vector<std::uint8_t> cut(blob.begin(), blob.begin() + 24);
+        CHECK_THROWS_AS(p.unprotect(cut, {KeyKind::aes, 32}, Exposure::sensitive), IntegrityError);
+        auto other = make_kek(*s);
+        AesWrapProtector q(s, other.handle(), *mech);
+        CHECK_THROWS_AS(q.unprotect(blob, {KeyKind::aes, 32}, Exposure::sensitive),
+                        IntegrityError);
+        other.reset();
+        CHECK(object_count(*s) == baseline);
+    }
+    SECTION("software keys are refused by the token protector") {
+        auto sk = SoftwareKey::generate({KeyKind::aes, 32});
+        CHECK_THROWS_WITH(p.protect(*sk), Catch::Contains("only wrap keys held in the token"));
+    }
+}
+
+TEST_CASE("SoftHSM's CKM_AES_KEY_WRAP_PAD is RFC 5649 for 32-byte keys", "[token]") {
+    // The backup format relies on this: `openssl enc -id-aes256-wrap-pad` must undo it.
+    kwtest::SoftHsm hsm;
+    auto s = hsm.session();
+    SecureBytes kek_value(32, 0x42), key_value(32);
+    for (std::size_t i = 0; i < 32; ++i) key_value[i] = static_cast<std::uint8_t>(255 - i);
+    auto kek = make_kek(*s, kek_value);
+    AesWrapProtector p(s, kek.handle(), CKM_AES_KEY_WRAP_PAD);
+    auto key = known_key(s, KeyKind::generic_secret, key_value);
+    CHECK(p.protect(*key) == aes_wrap_pad(kek_value, key_value));
+    // And a blob made by OpenSSL unwraps in the token.
+    auto back = p.unprotect(aes_wrap_pad(kek_value, key_value), {KeyKind::generic_secret, 32},
+                            Exposure::readable);
+    CHECK(back->value() == key_value);
+}
+
+TEST_CASE("token check on the default SoftHSM profile", "[token]") {
+    kwtest::SoftHsm hsm;
+    auto s = hsm.session();
+    const std::size_t before = object_count(*s);
+    auto r = check_token(s);
+    std::map<std::string, bool> works;
+    for (const auto& m : r.methods) works[m.name] = m.works;
+    CHECK(works.at("aes-key-wrap"));
+    CHECK(works.at("aes-key-wrap-pad"));
+    CHECK_FALSE(works.at("aes-key-wrap-kwp"));
+    CHECK(works.at("aes-gcm"));
+    CHECK(works.at("hmac-sha256"));
+    CHECK(works.at("rsa-oaep"));
+    CHECK(works.at("ecdh"));
+    CHECK(r.chosen == "aes-key-wrap-pad");
+    CHECK(r.chosen_implemented);
+    CHECK(object_count(*s) == before);  // every trial object was destroyed
+}
+
+TEST_CASE("token check on the no-AES (smartcard-like) profile", "[token]") {
+    kwtest::SoftHsm hsm("softhsm2-noaes.conf.in");
+    auto s = hsm.session();
+    auto r = check_token(s);
+    for (const auto& m : r.methods) {
+        INFO(m.name << ": " << m.detail);
+        if (m.name.starts_with("aes-") || m.name == "hmac-sha256") {
+            CHECK_FALSE(m.works);
+            CHECK_FALSE(m.listed);
+        } else {
+            CHECK(m.works);
+        }
+    }
+    CHECK_FALSE(AesWrapProtector::choose_mechanism(*s));
+    CHECK(r.chosen == "rsa-oaep-envelope");
+    CHECK_FALSE(r.chosen_implemented);
+}
