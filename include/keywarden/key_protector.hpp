@@ -61,6 +61,38 @@ public:
     // throws IntegrityError.
     virtual std::unique_ptr<TransientKey> unprotect(std::span<const std::uint8_t> blob,
                                                     const KeySpec& spec, Exposure exposure) = 0;
+    // Identifies the protecting key without revealing it: the first 8 bytes of
+    // SHA-256(protect(a 32-byte all-zero generic secret)). Key wrap is deterministic, so the
+    // value is stable; it needs only the wrap permission, never encrypt or decrypt.
+    virtual std::vector<std::uint8_t> key_check_value() = 0;
+};
+
+// HMAC-SHA256 under a key that may never leave the token (the master signature key).
+class MacKey {
+public:
+    virtual ~MacKey() = default;
+    virtual std::vector<std::uint8_t> mac(std::span<const std::uint8_t> data) = 0;
+    // Constant-time where computed on the host; in the token it is C_Verify.
+    virtual bool verify(std::span<const std::uint8_t> data, std::span<const std::uint8_t> tag) = 0;
+    // First 8 bytes of HMAC-SHA256(key, 32 zero bytes).
+    virtual std::vector<std::uint8_t> key_check_value() = 0;
+};
+
+// Where transient keys are made and checked: the token, or host memory for unit tests.
+class KeyBackend {
+public:
+    virtual ~KeyBackend() = default;
+    // A fresh key. For EC keys *public_point receives the 65-byte uncompressed point.
+    virtual std::unique_ptr<TransientKey> generate(KeyKind kind,
+                                                   std::vector<std::uint8_t>* public_point) = 0;
+    // The key check value (8 bytes), computed without exposing the key:
+    //   aes:             AES-256-ECB(key, 16 zero bytes), first 8 bytes
+    //   generic-secret:  HMAC-SHA256(key, 32 zero bytes), first 8 bytes
+    //   ec-p256-private: SHA-256(public point), first 8 bytes, after proving that the private key
+    //                    matches public_point (an ECDSA signature checked against it)
+    // Throws IntegrityError when an EC private key does not match its public point.
+    virtual std::vector<std::uint8_t> check_value(const TransientKey& key,
+                                                  std::span<const std::uint8_t> public_point) = 0;
 };
 
 // ---- software implementation, for unit tests ----------------------------------------------
@@ -87,10 +119,43 @@ public:
     std::vector<std::uint8_t> protect(const TransientKey& key) override;
     std::unique_ptr<TransientKey> unprotect(std::span<const std::uint8_t> blob,
                                             const KeySpec& spec, Exposure exposure) override;
+    std::vector<std::uint8_t> key_check_value() override;
 
 private:
     SecureBytes m_kek;
 };
+
+class SoftwareMacKey : public MacKey {
+public:
+    explicit SoftwareMacKey(SecureBytes key) : m_key(std::move(key)) {}
+    std::vector<std::uint8_t> mac(std::span<const std::uint8_t> data) override;
+    bool verify(std::span<const std::uint8_t> data, std::span<const std::uint8_t> tag) override;
+    std::vector<std::uint8_t> key_check_value() override;
+
+private:
+    SecureBytes m_key;
+};
+
+class SoftwareKeyBackend : public KeyBackend {
+public:
+    std::unique_ptr<TransientKey> generate(KeyKind kind,
+                                           std::vector<std::uint8_t>* public_point) override;
+    std::vector<std::uint8_t> check_value(const TransientKey& key,
+                                          std::span<const std::uint8_t> public_point) override;
+};
+
+// Host-side helpers with OpenSSL, shared by the software backend and the token checks.
+std::vector<std::uint8_t> hmac_sha256(std::span<const std::uint8_t> key,
+                                      std::span<const std::uint8_t> data);
+std::vector<std::uint8_t> sha256(std::span<const std::uint8_t> data);
+// The 65-byte uncompressed P-256 point of a 32-byte private scalar.
+std::vector<std::uint8_t> p256_public_from_private(std::span<const std::uint8_t> scalar);
+// Verifies a raw (r||s, 64 bytes) ECDSA P-256 signature over a 32-byte digest.
+bool p256_verify_digest(std::span<const std::uint8_t> public_point,
+                        std::span<const std::uint8_t> digest, std::span<const std::uint8_t> rs);
+// PEM encodings for `keywarden read --format pem`.
+std::string p256_public_pem(std::span<const std::uint8_t> public_point);
+std::string p256_private_pem(std::span<const std::uint8_t> scalar);
 
 // RFC 5649 with OpenSSL (EVP_aes_{128,192,256}_wrap_pad by KEK length). Empty result on unwrap
 // failure.

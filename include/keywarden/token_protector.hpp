@@ -28,10 +28,10 @@ void fill_key_template(Template& t, KeyKind kind, Exposure exposure);
 
 // Generates a key of the given kind in the token as a session object (C_GenerateKey or
 // C_GenerateKeyPair), sensitive and extractable so it can be wrapped. For EC keys the public
-// half is returned in *public_der as the token gives CKA_EC_POINT (a DER OCTET STRING holding
-// the uncompressed point).
+// half is returned in *public_point as the 65-byte uncompressed point (the DER OCTET STRING
+// around CKA_EC_POINT removed).
 std::unique_ptr<TokenKey> generate_session_key(const std::shared_ptr<Session>& s, KeyKind kind,
-                                               std::vector<std::uint8_t>* public_der = nullptr);
+                                               std::vector<std::uint8_t>* public_point = nullptr);
 
 // Wraps with a token AES key using CKM_AES_KEY_WRAP_KWP, CKM_AES_KEY_WRAP_PAD or
 // CKM_AES_KEY_WRAP (RFC 3394, key lengths that are multiples of 8 only).
@@ -53,11 +53,70 @@ public:
     // blob), CKR_WRAPPED_KEY_INVALID and friends become IntegrityError.
     std::unique_ptr<TransientKey> unprotect(std::span<const std::uint8_t> blob, const KeySpec& spec,
                                             Exposure exposure) override;
+    // Wraps an all-zero 32-byte session key (C_CreateObject, C_WrapKey, C_DestroyObject).
+    std::vector<std::uint8_t> key_check_value() override;
 
 private:
     std::shared_ptr<Session> m_session;
     CK_OBJECT_HANDLE m_kek;
     CK_MECHANISM_TYPE m_mech;
 };
+
+// HMAC-SHA256 in the token (CKM_SHA256_HMAC, C_Sign / C_Verify).
+class TokenMacKey : public MacKey {
+public:
+    TokenMacKey(std::shared_ptr<Session> s, CK_OBJECT_HANDLE key) : m_session(std::move(s)), m_key(key) {}
+    std::vector<std::uint8_t> mac(std::span<const std::uint8_t> data) override;
+    bool verify(std::span<const std::uint8_t> data, std::span<const std::uint8_t> tag) override;
+    std::vector<std::uint8_t> key_check_value() override;
+
+private:
+    std::shared_ptr<Session> m_session;
+    CK_OBJECT_HANDLE m_key;
+};
+
+// Keys generated and checked in the token: nothing is exposed to host memory.
+class TokenKeyBackend : public KeyBackend {
+public:
+    explicit TokenKeyBackend(std::shared_ptr<Session> s) : m_session(std::move(s)) {}
+    std::unique_ptr<TransientKey> generate(KeyKind kind,
+                                           std::vector<std::uint8_t>* public_point) override;
+    // aes: C_Encrypt(CKM_AES_ECB); generic: C_Sign(CKM_SHA256_HMAC); EC: C_Sign(CKM_ECDSA)
+    // checked with OpenSSL against the public point.
+    std::vector<std::uint8_t> check_value(const TransientKey& key,
+                                          std::span<const std::uint8_t> public_point) override;
+
+private:
+    std::shared_ptr<Session> m_session;
+};
+
+// ---- master keys: persistent, non-extractable token objects -------------------------------
+
+enum class MasterRole { encryption, signature };
+
+struct MasterKeyInfo {
+    CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+    std::string label;
+    std::vector<std::uint8_t> id;  // CKA_ID
+    bool extractable = false;
+    bool sensitive = true;
+};
+
+// C_GenerateKey with CKA_TOKEN=true, CKA_PRIVATE, CKA_SENSITIVE, CKA_EXTRACTABLE=false and a
+// random 16-byte CKA_ID. Encryption: AES-256 with CKA_WRAP/CKA_UNWRAP only (no encrypt or
+// decrypt, so a wrapped key can never be decrypted out). Signature: a 32-byte generic secret
+// with CKA_SIGN/CKA_VERIFY only.
+MasterKeyInfo generate_master_key(Session& s, MasterRole role, const std::string& label);
+
+// Finds exactly one secret key by CKA_LABEL and CKA_ID. nullopt if there is none; a
+// TokenError if there are several.
+std::optional<MasterKeyInfo> find_master_key(Session& s, const std::string& label,
+                                             std::span<const std::uint8_t> id);
+// Finds exactly one secret key named by a pkcs11: URI (object=, id=, type=secret-key).
+MasterKeyInfo find_key_by_uri(Session& s, const std::string& uri);
+// Reads label, id, CKA_EXTRACTABLE, CKA_SENSITIVE, and checks the key type fits the role.
+MasterKeyInfo describe_master_key(Session& s, CK_OBJECT_HANDLE h, MasterRole role);
+// Deletes a persistent object (used to undo a failed init).
+void destroy_object(Session& s, CK_OBJECT_HANDLE h) noexcept;
 
 }  // namespace keywarden::pkcs11

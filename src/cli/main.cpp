@@ -14,7 +14,8 @@ constexpr const char* kExitCodes =
     "Exit codes: 0 ok, 1 failure, 2 usage error, 3 token or PIN problem, 4 integrity failure.";
 }
 
-Commands build_cli(CLI::App& app, GlobalOptions& g) {
+Commands build_cli(CLI::App& app, Options& o) {
+    GlobalOptions& g = o.g;
     app.footer(kExitCodes);
     app.set_version_flag("--version", std::string("keywarden ") + KEYWARDEN_VERSION);
     app.set_config("--config", "", "Read options from a CLI11 (TOML/INI) config file");
@@ -35,6 +36,9 @@ Commands build_cli(CLI::App& app, GlobalOptions& g) {
                    "Where the PIN comes from: env:VAR, file:PATH or prompt (default: "
                    "$KEYWARDEN_PIN, then a prompt on a terminal). Never the PIN itself.")
         ->envname("KEYWARDEN_PIN_SOURCE");
+    app.add_option("--keystore,--keys_dir", g.keystore,
+                   std::string("Key store directory (default: ") + kDefaultKeystore + ")")
+        ->envname("KEYWARDEN_KEYSTORE");
     app.add_flag("--json", g.json, "Machine-readable output on stdout");
     app.add_flag("-v,--verbose", g.verbose, "More messages on stderr (-vv: every PKCS#11 call)");
 
@@ -48,6 +52,62 @@ Commands build_cli(CLI::App& app, GlobalOptions& g) {
     c.token_check = c.token->add_subcommand(
         "check", "Try each key-protection method on the chosen token and say which would be used");
     c.token_check->footer(kExitCodes);
+
+    c.init = app.add_subcommand("init", "Create an empty key store and its master keys in the token");
+    c.init->add_option("--master-encryption-key,--master_encryption_key",
+                       o.init.master_encryption_key,
+                       "Use this existing AES-256 token key (pkcs11: URI) instead of generating one");
+    c.init->add_option("--master-signature-key,--master_signature_key", o.init.master_signature_key,
+                       "Use this existing HMAC token key (pkcs11: URI) instead of generating one");
+    c.init->add_flag("--allow-extractable-master", o.init.allow_extractable_master,
+                     "Accept master keys with CKA_EXTRACTABLE=true (warns)");
+    c.init->add_option("--store-version", o.init.store_version, "Key store format version")
+        ->check(CLI::IsMember({2}));
+
+    c.generate = app.add_subcommand("generate", "Generate keys (a new current version if the key exists)");
+    c.generate->add_option("--client-id,--client_id", o.generate.client_ids,
+                           "Client id (5-256 characters from A-Z a-z 0-9 _ - and space); repeatable");
+    c.generate->add_option("--client-ids-from", o.generate.client_ids_from,
+                           "File with one client id per line: all generated in one update");
+    c.generate->add_flag("--storage-keypair,--client_storage_keypair", o.generate.storage_keypair,
+                         "The client's EC P-256 storage keypair");
+    c.generate->add_flag("--symmetric,--client_storage_symmetric_key", o.generate.symmetric,
+                         "The client's AES-256 storage key");
+    c.generate->add_flag("--hmac,--search_hmac_symmetric_key", o.generate.hmac,
+                         "The client's HMAC key for searchable encryption");
+    c.generate->add_flag("--poison-record-keys,--poison_record_keys", o.generate.poison_record_keys,
+                         "The poison-record keypair and symmetric key");
+    c.generate->add_flag("--audit-log-key,--audit_log_symmetric_key", o.generate.audit_log_key,
+                         "The audit-log key");
+
+    c.rotate = app.add_subcommand("rotate", "Add a new current version to existing keys");
+    c.rotate->add_option("key-id", o.rotate.key_ids, "Key ids (see 'keywarden list')")->required();
+
+    c.list = app.add_subcommand("list", "List key ids, kinds, versions, states and dates (never key material)");
+    c.list->add_flag("--rotated", o.list.rotated, "Show every version, not only the current one");
+
+    c.read = app.add_subcommand("read", "Write a key's material to stdout for an application");
+    c.read->add_option("key-id", o.read.key_id, "Key id (see 'keywarden list')")->required();
+    c.read->add_flag("--public", o.read.public_half, "The public half of a keypair");
+    c.read->add_flag("--private", o.read.private_half,
+                     "Private or symmetric material (required for it)");
+    c.read->add_option("--version", o.read.version, "Version number (default: the current one)");
+    c.read->add_option("--format", o.read.format, "raw, base64 or pem")
+        ->check(CLI::IsMember({"raw", "base64", "pem"}));
+
+    c.destroy = app.add_subcommand("destroy", "Wipe a key version's material and mark it destroyed");
+    c.destroy->add_option("key-id", o.destroy.key_id, "Key id")->required();
+    c.destroy->add_option("--version", o.destroy.version, "The version to destroy");
+    c.destroy->add_flag("--all-versions", o.destroy.all_versions, "Destroy every version");
+
+    c.keystore = app.add_subcommand("keystore", "Key store maintenance");
+    c.keystore->require_subcommand(1);
+    c.keystore_verify = c.keystore->add_subcommand(
+        "verify", "Check every MAC, the manifest, and that every live key unwraps in the token");
+
+    for (CLI::App* sub : {c.init, c.generate, c.rotate, c.list, c.read, c.destroy, c.keystore,
+                          c.keystore_verify})
+        sub->footer(kExitCodes);
     return c;
 }
 
@@ -55,8 +115,9 @@ int run(int argc, char** argv) {
     CLI::App app{"keywarden: an application key store whose master keys never leave a PKCS#11 "
                  "token, with backups that restore",
                  "keywarden"};
-    GlobalOptions g;
-    Commands c = build_cli(app, g);
+    Options o;
+    const GlobalOptions& g = o.g;
+    Commands c = build_cli(app, o);
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {
@@ -75,6 +136,13 @@ int run(int argc, char** argv) {
 
     if (c.token_list->parsed()) return run_token_list(g);
     if (c.token_check->parsed()) return run_token_check(g);
+    if (c.init->parsed()) return run_init(g, o.init);
+    if (c.generate->parsed()) return run_generate(g, o.generate);
+    if (c.rotate->parsed()) return run_rotate(g, o.rotate);
+    if (c.list->parsed()) return run_list(g, o.list);
+    if (c.read->parsed()) return run_read(g, o.read);
+    if (c.destroy->parsed()) return run_destroy(g, o.destroy);
+    if (c.keystore_verify->parsed()) return run_keystore_verify(g);
     std::cerr << "error: no command given\n";
     return static_cast<int>(ExitCode::usage);
 }

@@ -15,18 +15,71 @@ struct GlobalOptions {
     std::optional<std::string> module_init_args; // --module-init-args
     std::string token;                           // --token / KEYWARDEN_TOKEN
     std::string pin_source;                      // --pin-source / KEYWARDEN_PIN_SOURCE
+    std::string keystore;                        // --keystore / KEYWARDEN_KEYSTORE
     bool json = false;
     int verbose = 0;
+};
+
+struct InitOptions {
+    std::string master_encryption_key, master_signature_key;  // pkcs11: URIs
+    bool allow_extractable_master = false;
+    int store_version = 2;
+};
+
+struct GenerateOptions {
+    std::vector<std::string> client_ids;
+    std::string client_ids_from;
+    bool storage_keypair = false, symmetric = false, hmac = false;
+    bool poison_record_keys = false, audit_log_key = false;
+};
+
+struct ListOptions {
+    bool rotated = false;
+};
+
+struct ReadOptions {
+    std::string key_id;
+    bool public_half = false, private_half = false;
+    std::optional<std::uint32_t> version;
+    std::string format = "base64";
+};
+
+struct DestroyOptions {
+    std::string key_id;
+    std::optional<std::uint32_t> version;
+    bool all_versions = false;
+};
+
+struct RotateOptions {
+    std::vector<std::string> key_ids;
+};
+
+struct Options {
+    GlobalOptions g;
+    InitOptions init;
+    GenerateOptions generate;
+    ListOptions list;
+    ReadOptions read;
+    DestroyOptions destroy;
+    RotateOptions rotate;
 };
 
 struct Commands {
     CLI::App* token = nullptr;
     CLI::App* token_list = nullptr;
     CLI::App* token_check = nullptr;
+    CLI::App* init = nullptr;
+    CLI::App* generate = nullptr;
+    CLI::App* list = nullptr;
+    CLI::App* read = nullptr;
+    CLI::App* destroy = nullptr;
+    CLI::App* rotate = nullptr;
+    CLI::App* keystore = nullptr;
+    CLI::App* keystore_verify = nullptr;
 };
 
-// Builds the whole command tree on `app`, binding into `g`. No side effects.
-Commands build_cli(CLI::App& app, GlobalOptions& g);
+// Builds the whole command tree on `app`, binding into `o`. No side effects.
+Commands build_cli(CLI::App& app, Options& o);
 
 // What a command needs from the token, opened as the options say.
 struct TokenContext {
@@ -41,5 +94,17 @@ TokenContext with_token(const GlobalOptions& g, bool login);
 
 int run_token_list(const GlobalOptions& g);
 int run_token_check(const GlobalOptions& g);
+
+// The store location: --keystore, KEYWARDEN_KEYSTORE, the config file, else the default.
+std::string keystore_path(const GlobalOptions& g);
+extern const char* const kDefaultKeystore;
+
+int run_init(const GlobalOptions& g, const InitOptions& o);
+int run_generate(const GlobalOptions& g, const GenerateOptions& o);
+int run_rotate(const GlobalOptions& g, const RotateOptions& o);
+int run_list(const GlobalOptions& g, const ListOptions& o);
+int run_read(const GlobalOptions& g, const ReadOptions& o);
+int run_destroy(const GlobalOptions& g, const DestroyOptions& o);
+int run_keystore_verify(const GlobalOptions& g);
 
 }  // namespace keywarden::cli

@@ -23,7 +23,7 @@ nlohmann::json opt_json(const std::optional<CK_ULONG>& v) {
 }
 
 std::string opt_text(const std::optional<CK_ULONG>& v) {
-    return v ? std::to_string(*v) : std::string("?");
+    return v ? std::to_string(*v) : std::string("not reported");
 }
 
 std::string joined(const std::vector<std::string>& v) {
@@ -76,6 +76,10 @@ int run_token_list(const GlobalOptions& g) {
             o << "  no token present\n";
             continue;
         }
+        if (!t.initialized) {
+            o << "  token: not initialised (" << t.manufacturer << ", " << t.model << ")\n";
+            continue;
+        }
         o << "  token: label '" << t.label << "', serial " << t.serial << "\n"
           << "  manufacturer: " << t.manufacturer << ", model: " << t.model << "\n"
           << "  flags: " << joined(pkcs11::token_flag_names(t.flags)) << "\n";
@@ -83,9 +87,9 @@ int run_token_list(const GlobalOptions& g) {
         auto total = [](const std::optional<CK_ULONG>& v) {
             return v && *v == CK_EFFECTIVELY_INFINITE ? std::string("unlimited") : opt_text(v);
         };
-        o << "  sessions: " << opt_text(t.sessions_free) << " free of " << total(t.sessions_total)
-          << " (read/write: " << opt_text(t.rw_sessions_free) << " free of "
-          << total(t.rw_sessions_total) << ")\n";
+        o << "  sessions: free " << opt_text(t.sessions_free) << ", total "
+          << total(t.sessions_total) << " (read/write: free " << opt_text(t.rw_sessions_free)
+          << ", total " << total(t.rw_sessions_total) << ")\n";
     }
     std::cout << o.str();
     return 0;

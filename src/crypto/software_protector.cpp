@@ -1,4 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
+#include <openssl/crypto.h>
+#include <openssl/ec.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
@@ -93,6 +95,76 @@ std::unique_ptr<TransientKey> SoftwareKeyProtector::unprotect(std::span<const st
         throw IntegrityError("unwrapped key has " + std::to_string(v.size()) +
                              " bytes where the metadata records " + std::to_string(spec.length));
     return std::make_unique<SoftwareKey>(spec, std::move(v));
+}
+
+std::vector<std::uint8_t> SoftwareKeyProtector::key_check_value() {
+    std::vector<std::uint8_t> zeros(32, 0);
+    auto h = sha256(aes_wrap_pad(m_kek, zeros));
+    h.resize(8);
+    return h;
+}
+
+std::vector<std::uint8_t> SoftwareMacKey::mac(std::span<const std::uint8_t> data) {
+    return hmac_sha256(m_key, data);
+}
+
+bool SoftwareMacKey::verify(std::span<const std::uint8_t> data, std::span<const std::uint8_t> tag) {
+    auto want = hmac_sha256(m_key, data);
+    return tag.size() == want.size() && CRYPTO_memcmp(tag.data(), want.data(), want.size()) == 0;
+}
+
+std::vector<std::uint8_t> SoftwareMacKey::key_check_value() {
+    std::vector<std::uint8_t> zeros(32, 0);
+    auto h = hmac_sha256(m_key, zeros);
+    h.resize(8);
+    return h;
+}
+
+std::unique_ptr<TransientKey> SoftwareKeyBackend::generate(KeyKind kind,
+                                                           std::vector<std::uint8_t>* public_point) {
+    auto k = SoftwareKey::generate({kind, 32});
+    if (kind == KeyKind::ec_p256_private) {
+        // A random 32-byte value is a valid P-256 scalar except with negligible probability;
+        // p256_public_from_private fails loudly on the rare invalid one.
+        auto pub = p256_public_from_private(k->value());
+        if (public_point) *public_point = std::move(pub);
+    }
+    return k;
+}
+
+std::vector<std::uint8_t> SoftwareKeyBackend::check_value(
+    const TransientKey& key, std::span<const std::uint8_t> public_point) {
+    SecureBytes v = key.value();
+    std::vector<std::uint8_t> out;
+    switch (key.spec().kind) {
+        case KeyKind::aes: {
+            std::vector<std::uint8_t> zeros(16, 0);
+            out.resize(32);
+            int n = 0;
+            EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
+            bool ok = ctx && EVP_EncryptInit_ex(ctx, EVP_aes_256_ecb(), nullptr, v.data(), nullptr) == 1 &&
+                      EVP_CIPHER_CTX_set_padding(ctx, 0) == 1 &&
+                      EVP_EncryptUpdate(ctx, out.data(), &n, zeros.data(), 16) == 1;
+            EVP_CIPHER_CTX_free(ctx);
+            if (!ok) throw OpenSslError("EVP_EncryptUpdate");
+            break;
+        }
+        case KeyKind::generic_secret: {
+            std::vector<std::uint8_t> zeros(32, 0);
+            out = hmac_sha256(v, zeros);
+            break;
+        }
+        case KeyKind::ec_p256_private: {
+            auto derived = p256_public_from_private(v);
+            if (derived.size() != public_point.size() ||
+                CRYPTO_memcmp(derived.data(), public_point.data(), derived.size()) != 0)
+                throw IntegrityError("the private key does not match its recorded public key");
+            out = sha256(public_point);
+            break;
+        }
+    }
+    out.resize(8);
+    return out;
 }
 
 }  // namespace keywarden

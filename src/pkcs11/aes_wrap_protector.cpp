@@ -50,7 +50,7 @@ void fill_key_template(Template& t, KeyKind kind, Exposure exposure) {
 }
 
 std::unique_ptr<TokenKey> generate_session_key(const std::shared_ptr<Session>& s, KeyKind kind,
-                                               std::vector<std::uint8_t>* public_der) {
+                                               std::vector<std::uint8_t>* public_point) {
     if (kind == KeyKind::ec_p256_private) {
         Template pub, priv;
         pub.add_ulong(CKA_CLASS, CKO_PUBLIC_KEY).add_ulong(CKA_KEY_TYPE, CKK_EC);
@@ -60,7 +60,15 @@ std::unique_ptr<TokenKey> generate_session_key(const std::shared_ptr<Session>& s
         priv.add_bool(CKA_SENSITIVE, true).add_bool(CKA_EXTRACTABLE, true);
         priv.add_bool(CKA_SIGN, true).add_bool(CKA_DERIVE, true);
         auto [hpub, hpriv] = s->generate_key_pair(CKM_EC_KEY_PAIR_GEN, pub, priv);
-        if (public_der) *public_der = s->get_bytes(hpub.handle(), CKA_EC_POINT);
+        if (public_point) {
+            // CKA_EC_POINT is DER: OCTET STRING (0x04, length 65) around the point. Some older
+            // tokens return the bare point; accept both.
+            auto p = s->get_bytes(hpub.handle(), CKA_EC_POINT);
+            if (p.size() == 67 && p[0] == 0x04 && p[1] == 65) p.erase(p.begin(), p.begin() + 2);
+            if (p.size() != 65 || p[0] != 0x04)
+                throw Error("the token returned an unexpected EC point encoding");
+            *public_point = std::move(p);
+        }
         return std::make_unique<TokenKey>(KeySpec{kind, 32}, std::move(hpriv));
     }
     Template t;

@@ -1,0 +1,221 @@
+// SPDX-License-Identifier: Apache-2.0
+// Key store v2: key rings of versioned keys, wrapped under master keys that stay in a token.
+// This is also the small public API for applications: open a store, fetch a key by id.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "keywarden/key_protector.hpp"
+#include "keywarden/storage.hpp"
+
+namespace keywarden::keystore {
+
+// ---- the model ------------------------------------------------------------------------------
+
+enum class RingKind {
+    storage_keypair,   // client/<id>/storage     EC P-256
+    symmetric,         // client/<id>/symmetric   AES-256
+    hmac,              // client/<id>/hmac        32-byte HMAC key
+    poison_keypair,    // poison/keypair          EC P-256
+    poison_symmetric,  // poison/symmetric        AES-256
+    audit_log,         // audit/log               32-byte HMAC key
+};
+const char* ring_kind_name(RingKind k);
+std::optional<RingKind> ring_kind_from_name(const std::string& s);
+KeyKind key_kind_of(RingKind k);
+bool has_public(RingKind k);
+
+// NIST SP 800-57 key states.
+enum class KeyState { pre_active, active, suspended, deactivated, compromised, destroyed };
+const char* key_state_name(KeyState s);
+std::optional<KeyState> key_state_from_name(const std::string& s);
+
+// Client ids follow Acra's rule: 5 to 256 characters from [A-Za-z0-9_ -]. Throws UsageError
+// that shows the rule.
+void validate_client_id(const std::string& id);
+extern const char* const kClientIdRule;
+
+// A key id names a key ring: "client/<client id>/storage|symmetric|hmac", "poison/keypair",
+// "poison/symmetric" or "audit/log".
+struct KeyId {
+    RingKind kind;
+    std::string client_id;  // empty for global rings
+    std::string str() const;
+    // Where the ring's file lives, relative to the store root.
+    std::string file() const;
+    static KeyId parse(const std::string& s);  // throws UsageError
+    static KeyId client(RingKind kind, const std::string& client_id);
+    static KeyId global(RingKind kind);
+    bool operator<(const KeyId& o) const { return str() < o.str(); }
+    bool operator==(const KeyId& o) const { return str() == o.str(); }
+};
+
+struct KeyVersion {
+    std::uint32_t version = 0;
+    KeyState state = KeyState::active;
+    std::int64_t created = 0;     // Unix seconds, UTC
+    std::int64_t valid_from = 0;
+    std::optional<std::int64_t> valid_until;
+    KeyKind key_type = KeyKind::aes;  // true type: SoftHSM does not check types on unwrap
+    std::uint32_t key_length = 32;    // true length: SoftHSM pads lengths
+    std::string protection;           // the KeyProtector method that made `wrapped`
+    Bytes wrapped;                    // empty once destroyed
+    Bytes kcv;                        // key check value, 8 bytes (KeyBackend::check_value)
+    Bytes public_key;                 // 65-byte uncompressed point for keypairs
+};
+
+struct KeyRing {
+    KeyId id;
+    std::optional<std::uint32_t> current;
+    std::vector<KeyVersion> versions;
+    const KeyVersion* find(std::uint32_t v) const;
+    KeyVersion* find(std::uint32_t v);
+};
+
+// What `list` shows: no key material, no wrapped blobs.
+struct VersionSummary {
+    std::uint32_t version;
+    KeyState state;
+    std::int64_t created, valid_from;
+    std::optional<std::int64_t> valid_until;
+    bool current;
+};
+struct RingSummary {
+    std::string key_id;
+    RingKind kind;
+    std::string client_id;
+    std::vector<VersionSummary> versions;
+};
+
+// ---- the store's own metadata (store.json) --------------------------------------------------
+
+struct MasterKeyRecord {
+    std::string label;
+    Bytes id;   // CKA_ID
+    Bytes kcv;  // KeyProtector::key_check_value / MacKey::key_check_value
+};
+
+struct StoreMeta {
+    int format = 1;
+    std::string store_id;  // 32 hex characters, random
+    std::int64_t created = 0;
+    std::string token_serial, token_label, token_model;
+    std::string protection;  // the KeyProtector method, e.g. "aes-key-wrap-pad"
+    MasterKeyRecord encryption, signature;
+};
+
+// What a store needs from its token (or, in unit tests, from host memory).
+struct MasterKeys {
+    std::unique_ptr<KeyProtector> protector;  // wraps under the master encryption key
+    std::unique_ptr<MacKey> mac;              // the master signature key
+    std::unique_ptr<KeyBackend> backend;      // where transient keys are made and checked
+};
+
+// ---- operations -----------------------------------------------------------------------------
+
+struct GenerateRequest {
+    KeyId id;
+};
+
+struct VerifyProblem {
+    std::string key_id;  // or "manifest", "store.json", a file name
+    std::string problem;
+};
+struct VerifyReport {
+    std::size_t rings = 0, keys_checked = 0;
+    std::vector<VerifyProblem> problems;
+    bool ok() const { return problems.empty(); }
+};
+
+// The layout and manifest files (relative to the store root).
+extern const char* const kVersionFile;   // "version": "keywarden-keystore 2\n"
+extern const char* const kMetaFile;      // "store.json"
+extern const char* const kManifestFile;  // "manifest"
+
+// Reads the store's version file and store.json without a token: enough to know which token
+// and master keys to open. Throws NotFoundError / FormatError.
+StoreMeta read_store_meta(const Storage& storage);
+// The store format version in the version file (1 or 2); nullopt when there is none.
+std::optional<int> detect_store_version(const Storage& storage);
+
+class KeyStore {
+public:
+    // Creates an empty store: version file, store.json, an empty signed manifest, the lock
+    // file. Refuses a non-empty directory.
+    static void init(Storage& storage, MasterKeys& keys, StoreMeta meta);
+
+    // Opens a store: takes the lock (shared, or exclusive when writable), finishes or rolls
+    // back an interrupted write, checks the master key check values against store.json, verifies
+    // the manifest MAC and that the files on disk are exactly those it names.
+    // strict=false (for `keystore verify`) records missing and extra files as problems for
+    // verify() instead of throwing.
+    static std::unique_ptr<KeyStore> open(std::unique_ptr<Storage> storage, MasterKeys keys,
+                                          bool writable, bool strict = true);
+    ~KeyStore();
+
+    const StoreMeta& meta() const { return m_meta; }
+    Storage& storage() { return *m_storage; }
+    MasterKeys& keys() { return m_keys; }
+    std::uint64_t generation() const;
+
+    // Every ring, sorted by key id, from the signed manifest.
+    std::vector<RingSummary> list() const;
+    std::vector<KeyId> key_ids() const;
+    bool contains(const KeyId& id) const;
+
+    // Reads a ring file, checking its digest against the manifest and its MAC before parsing.
+    KeyRing load(const KeyId& id) const;
+
+    // Adds a new current version to each ring (creating rings as needed). The previous current
+    // version becomes deactivated, valid until now. One manifest update for the whole batch.
+    // Duplicate ids in one batch are refused.
+    void generate(const std::vector<KeyId>& ids,
+                  const std::function<void(std::size_t)>& progress = {});
+
+    // Replaces or adds whole rings as given (import). One manifest update.
+    void put_rings(const std::vector<KeyRing>& rings);
+
+    // The key material of a version (the current one by default): unwrapped in the token as a
+    // non-sensitive session object, read, and destroyed. Throws for destroyed versions.
+    SecureBytes read_secret(const KeyId& id, std::optional<std::uint32_t> version = {}) const;
+    Bytes read_public(const KeyId& id, std::optional<std::uint32_t> version = {}) const;
+
+    // Wipes one version's wrapped key and marks it destroyed (nullopt: every version).
+    void destroy(const KeyId& id, std::optional<std::uint32_t> version);
+
+    // Checks every MAC and the manifest, unwraps every live key in the token and compares its
+    // key check value. Prints nothing; returns the problems per ring.
+    VerifyReport verify(const std::function<void(std::size_t)>& progress = {}) const;
+
+    // A fresh ring version's material comes from the backend; exposed for tests and backups.
+    KeyVersion make_version(const KeyId& id, std::uint32_t number, std::int64_t now);
+
+private:
+    KeyStore(std::unique_ptr<Storage> storage, MasterKeys keys, bool writable);
+    struct Manifest;
+    void load_manifest();
+    void recover_pending();
+    void check_files(bool strict);
+    void commit(const std::vector<KeyRing>& rings);
+    const KeyVersion& pick(const KeyRing& r, std::optional<std::uint32_t> version) const;
+
+    std::unique_ptr<Storage> m_storage;
+    MasterKeys m_keys;
+    bool m_writable;
+    std::unique_ptr<StorageLock> m_lock;
+    StoreMeta m_meta;
+    std::unique_ptr<Manifest> m_manifest;
+    std::vector<VerifyProblem> m_file_problems;
+};
+
+// Seconds since the epoch <-> "2026-11-28T19:09:48Z".
+std::string format_time(std::int64_t t);
+std::int64_t now_seconds();
+
+}  // namespace keywarden::keystore

@@ -1,0 +1,52 @@
+// SPDX-License-Identifier: Apache-2.0
+// Where key store files live. The key store talks to this interface only; the filesystem
+// backend is here, Redis comes later behind the same interface.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace keywarden::keystore {
+
+using Bytes = std::vector<std::uint8_t>;
+
+// A held lock; released when destroyed.
+class StorageLock {
+public:
+    virtual ~StorageLock() = default;
+};
+
+class Storage {
+public:
+    virtual ~Storage() = default;
+    // A description for messages ("/path/to/store").
+    virtual std::string describe() const = 0;
+    virtual bool exists() const = 0;
+    // Names are relative, '/'-separated, and never contain "..": checked by the backend.
+    virtual std::optional<Bytes> read(const std::string& name) const = 0;
+    // Atomic: temp file, fsync, rename, fsync of the directory. Refuses to replace an existing
+    // file when exclusive is set.
+    virtual void write(const std::string& name, const Bytes& data, bool exclusive = false) = 0;
+    // Writes without fsync, for batches that end with sync(). Still temp file + rename.
+    virtual void write_unsynced(const std::string& name, const Bytes& data) = 0;
+    // Makes everything written so far durable (syncfs).
+    virtual void sync() = 0;
+    virtual void rename(const std::string& from, const std::string& to) = 0;
+    virtual void remove(const std::string& name) = 0;
+    // Every file name below prefix (recursively), lock and temp files excluded.
+    virtual std::vector<std::string> list(const std::string& prefix) const = 0;
+    // Shared for readers, exclusive for writers; blocks until granted.
+    virtual std::unique_ptr<StorageLock> lock(bool exclusive) = 0;
+    // Creates the store root (0700). Refuses if it exists and is not empty.
+    virtual void create() = 0;
+    // Refuses (with a chmod hint) a root or directory writable by group or others.
+    virtual void check_permissions() const = 0;
+};
+
+// Files under a root directory: directories 0700, files 0600.
+std::unique_ptr<Storage> open_file_storage(const std::string& root);
+
+}  // namespace keywarden::keystore

@@ -1,0 +1,406 @@
+// SPDX-License-Identifier: Apache-2.0
+// keywarden init / generate / rotate / list / read / destroy / keystore verify
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "keywarden/encoding.hpp"
+#include "keywarden/keystore.hpp"
+#include "keywarden/log.hpp"
+#include "keywarden/token_protector.hpp"
+#include "options.hpp"
+#include "store_context.hpp"
+
+namespace keywarden::cli {
+
+using namespace keywarden::keystore;
+
+const char* const kDefaultKeystore = "./.keywarden/keystore";
+
+std::string keystore_path(const GlobalOptions& g) {
+    return g.keystore.empty() ? std::string(kDefaultKeystore) : g.keystore;
+}
+
+namespace {
+
+CK_MECHANISM_TYPE mechanism_for(const std::string& method) {
+    for (CK_MECHANISM_TYPE m : {CKM_AES_KEY_WRAP_KWP, CKM_AES_KEY_WRAP_PAD, CKM_AES_KEY_WRAP})
+        if (pkcs11::AesWrapProtector::method_name(m) == method) return m;
+    throw FormatError("the store uses key protection '" + method +
+                      "', which this keywarden does not implement");
+}
+
+MasterKeys token_master_keys(const TokenContext& ctx, CK_OBJECT_HANDLE enc, CK_OBJECT_HANDLE sig,
+                             CK_MECHANISM_TYPE mech) {
+    MasterKeys k;
+    k.protector = std::make_unique<pkcs11::AesWrapProtector>(ctx.session, enc, mech);
+    k.mac = std::make_unique<pkcs11::TokenMacKey>(ctx.session, sig);
+    k.backend = std::make_unique<pkcs11::TokenKeyBackend>(ctx.session);
+    return k;
+}
+
+std::string master_key_hint(const StoreMeta& meta) {
+    return "the store was created on token '" + meta.token_label + "' (serial " +
+           meta.token_serial + "); select that token with --token serial:" + meta.token_serial;
+}
+
+// A progress bar on stderr, only when stderr is a terminal.
+class Progress {
+public:
+    Progress(std::string what, std::size_t total)
+        : m_what(std::move(what)), m_total(total), m_on(isatty(STDERR_FILENO) && total > 1) {}
+    void operator()(std::size_t done) {
+        if (!m_on || (done != m_total && done % 50 != 0)) return;
+        int width = 30;
+        int filled = static_cast<int>(width * done / m_total);
+        std::cerr << "\r" << m_what << " [" << std::string(filled, '#')
+                  << std::string(width - filled, ' ') << "] " << done << "/" << m_total
+                  << (done == m_total ? "\n" : "") << std::flush;
+    }
+
+private:
+    std::string m_what;
+    std::size_t m_total;
+    bool m_on;
+};
+
+}  // namespace
+
+OpenStore with_store(const GlobalOptions& g, bool writable, bool strict) {
+    OpenStore s;
+    auto storage = open_file_storage(keystore_path(g));
+    s.meta = read_store_meta(*storage);
+    GlobalOptions tg = g;
+    // Without --token, the store names its own token.
+    if (tg.token.empty()) tg.token = "serial:" + s.meta.token_serial;
+    s.token = with_token(tg, true);
+    if (s.token.token.serial != s.meta.token_serial)
+        throw TokenError("the selected token (serial " + s.token.token.serial +
+                             ") is not the one holding this store's master keys",
+                         master_key_hint(s.meta));
+    auto find = [&](const MasterKeyRecord& r, const char* role) {
+        auto k = pkcs11::find_master_key(*s.token.session, r.label, r.id);
+        if (!k)
+            throw TokenError(std::string("the store's master ") + role + " key '" + r.label +
+                                 "' (id " + to_hex(r.id) + ") is not on token '" +
+                                 s.token.token.label + "'",
+                             "was it deleted? Without it the store cannot be opened: restore "
+                             "the store from a backup (keywarden import)");
+        return k->handle;
+    };
+    CK_OBJECT_HANDLE enc = find(s.meta.encryption, "encryption");
+    CK_OBJECT_HANDLE sig = find(s.meta.signature, "signature");
+    s.store = KeyStore::open(std::move(storage),
+                             token_master_keys(s.token, enc, sig, mechanism_for(s.meta.protection)),
+                             writable, strict);
+    return s;
+}
+
+int run_init(const GlobalOptions& g, const InitOptions& o) {
+    std::string path = keystore_path(g);
+    auto storage = open_file_storage(path);
+    // Refuse before touching the token: init never touches an existing store.
+    if (storage->exists()) {
+        std::error_code ec;
+        if (!std::filesystem::is_directory(path, ec) || !std::filesystem::is_empty(path, ec))
+            throw ConflictError("refusing to initialise " + path + ": it already exists and is "
+                                "not an empty directory",
+                                "keywarden init never touches an existing store; choose another "
+                                "--keystore path");
+    }
+    auto ctx = with_token(g, true);
+    auto mech = pkcs11::AesWrapProtector::choose_mechanism(*ctx.session);
+    if (!mech)
+        throw TokenError("token '" + ctx.token.label + "' offers no AES key wrap mechanism",
+                         "run 'keywarden token check'; tokens without AES (smartcards) are not "
+                         "supported by this version");
+
+    StoreMeta meta;
+    std::uint8_t id[16];
+    ctx.session->random(id);
+    meta.store_id = to_hex(id);
+    meta.token_serial = ctx.token.serial;
+    meta.token_label = ctx.token.label;
+    meta.token_model = ctx.token.model;
+
+    // Master keys we generate are deleted again if init fails; named ones are never touched.
+    std::vector<CK_OBJECT_HANDLE> created;
+    auto cleanup = [&] {
+        for (auto h : created) pkcs11::destroy_object(*ctx.session, h);
+    };
+    try {
+        auto obtain = [&](const std::string& uri, pkcs11::MasterRole role, const char* suffix) {
+            pkcs11::MasterKeyInfo info;
+            if (uri.empty()) {
+                info = pkcs11::generate_master_key(*ctx.session, role,
+                                                   "keywarden-" + meta.store_id.substr(0, 8) + suffix);
+                created.push_back(info.handle);
+                log::info("generated master key '" + info.label + "' in the token");
+            } else {
+                auto found = pkcs11::find_key_by_uri(*ctx.session, uri);
+                info = pkcs11::describe_master_key(*ctx.session, found.handle, role);
+                if (info.label.empty() || info.id.empty())
+                    throw TokenError("the key named by " + uri + " has no label or no CKA_ID",
+                                     "give it both, so the store can find it again");
+                if (info.extractable) {
+                    if (!o.allow_extractable_master)
+                        throw TokenError("master key '" + info.label +
+                                             "' is extractable (CKA_EXTRACTABLE=true): it could "
+                                             "leave the token",
+                                         "use a non-extractable key, or pass "
+                                         "--allow-extractable-master if you accept the risk");
+                    log::warn("master key '" + info.label +
+                              "' is extractable: its value can leave the token");
+                }
+            }
+            return info;
+        };
+        auto enc = obtain(o.master_encryption_key, pkcs11::MasterRole::encryption, "-enc");
+        auto sig = obtain(o.master_signature_key, pkcs11::MasterRole::signature, "-sig");
+        meta.encryption = {enc.label, enc.id, {}};
+        meta.signature = {sig.label, sig.id, {}};
+        auto keys = token_master_keys(ctx, enc.handle, sig.handle, *mech);
+        KeyStore::init(*storage, keys, meta);
+    } catch (...) {
+        cleanup();
+        throw;
+    }
+    auto written = read_store_meta(*storage);
+    if (g.json) {
+        nlohmann::json out = {{"keystore", path},
+                              {"store_id", written.store_id},
+                              {"token", {{"label", written.token_label}, {"serial", written.token_serial}}},
+                              {"protection", written.protection},
+                              {"master_keys",
+                               {{"encryption", written.encryption.label},
+                                {"signature", written.signature.label}}}};
+        std::cout << out.dump(2) << "\n";
+    } else {
+        std::cerr << "created key store " << path << " (id " << written.store_id << ")\n"
+                  << "  token: '" << written.token_label << "' serial " << written.token_serial
+                  << "\n  master keys: '" << written.encryption.label << "' (encryption, "
+                  << written.protection << "), '" << written.signature.label
+                  << "' (signature, HMAC-SHA256)\n";
+    }
+    return 0;
+}
+
+namespace {
+
+std::vector<std::string> read_client_ids(const std::string& path) {
+    std::ifstream in(path);
+    if (!in) throw UsageError("cannot read client id file " + path);
+    std::vector<std::string> out;
+    std::string line;
+    std::size_t n = 0;
+    while (std::getline(in, line)) {
+        ++n;
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        if (line.empty() || line.front() == '#') continue;
+        try {
+            validate_client_id(line);
+        } catch (const UsageError& e) {
+            throw UsageError(path + " line " + std::to_string(n) + ": " + e.what(), e.hint());
+        }
+        out.push_back(line);
+    }
+    return out;
+}
+
+}  // namespace
+
+int run_generate(const GlobalOptions& g, const GenerateOptions& o) {
+    std::vector<std::string> clients = o.client_ids;
+    if (!o.client_ids_from.empty()) {
+        auto more = read_client_ids(o.client_ids_from);
+        clients.insert(clients.end(), more.begin(), more.end());
+    }
+    for (const auto& c : clients) validate_client_id(c);
+    bool any_client_kind = o.storage_keypair || o.symmetric || o.hmac;
+    if (clients.empty() && any_client_kind)
+        throw UsageError("--storage-keypair, --symmetric and --hmac need --client-id or "
+                         "--client-ids-from");
+    if (clients.empty() && !o.poison_record_keys && !o.audit_log_key)
+        throw UsageError("nothing to generate",
+                         "give --client-id ID (all three client keys by default), "
+                         "--client-ids-from FILE, --poison-record-keys or --audit-log-key");
+    bool all = !any_client_kind;
+    std::vector<KeyId> ids;
+    for (const auto& c : clients) {
+        if (all || o.storage_keypair) ids.push_back(KeyId::client(RingKind::storage_keypair, c));
+        if (all || o.symmetric) ids.push_back(KeyId::client(RingKind::symmetric, c));
+        if (all || o.hmac) ids.push_back(KeyId::client(RingKind::hmac, c));
+    }
+    if (o.poison_record_keys) {
+        ids.push_back(KeyId::global(RingKind::poison_keypair));
+        ids.push_back(KeyId::global(RingKind::poison_symmetric));
+    }
+    if (o.audit_log_key) ids.push_back(KeyId::global(RingKind::audit_log));
+
+    auto s = with_store(g, true);
+    Progress bar("generating", ids.size());
+    s.store->generate(ids, std::ref(bar));
+    if (g.json) {
+        nlohmann::json out = nlohmann::json::array();
+        for (const auto& id : ids) out.push_back(id.str());
+        std::cout << nlohmann::json{{"generated", out}}.dump(2) << "\n";
+    } else {
+        std::cerr << "generated " << ids.size() << " key" << (ids.size() == 1 ? "" : "s") << "\n";
+        for (const auto& id : ids) log::info("  " + id.str());
+    }
+    return 0;
+}
+
+int run_rotate(const GlobalOptions& g, const RotateOptions& o) {
+    std::vector<KeyId> ids;
+    for (const auto& k : o.key_ids) ids.push_back(KeyId::parse(k));
+    auto s = with_store(g, true);
+    for (const auto& id : ids)
+        if (!s.store->contains(id))
+            throw NotFoundError("no key ring " + id.str() + " to rotate",
+                                "create it with 'keywarden generate'");
+    s.store->generate(ids);
+    std::cerr << "rotated " << ids.size() << " key" << (ids.size() == 1 ? "" : "s") << "\n";
+    return 0;
+}
+
+int run_list(const GlobalOptions& g, const ListOptions& o) {
+    auto s = with_store(g, false);
+    auto rings = s.store->list();
+    auto shown = [&](const VersionSummary& v, const RingSummary& r) {
+        if (o.rotated) return true;
+        if (v.current) return true;
+        // A ring without a current version still shows its newest version.
+        bool has_current = false;
+        for (const auto& x : r.versions) has_current |= x.current;
+        return !has_current && &v == &r.versions.back();
+    };
+    auto opt_time = [](const std::optional<std::int64_t>& t) {
+        return t ? format_time(*t) : std::string("-");
+    };
+    if (g.json) {
+        nlohmann::json out = nlohmann::json::array();
+        for (const auto& r : rings) {
+            nlohmann::json versions = nlohmann::json::array();
+            for (const auto& v : r.versions) {
+                if (!shown(v, r)) continue;
+                versions.push_back({{"version", v.version},
+                                    {"state", key_state_name(v.state)},
+                                    {"current", v.current},
+                                    {"created", format_time(v.created)},
+                                    {"valid_from", format_time(v.valid_from)},
+                                    {"valid_until", v.valid_until ? nlohmann::json(format_time(*v.valid_until))
+                                                                  : nlohmann::json(nullptr)}});
+            }
+            out.push_back({{"key_id", r.key_id},
+                           {"kind", ring_kind_name(r.kind)},
+                           {"client_id", r.client_id.empty() ? nlohmann::json(nullptr)
+                                                             : nlohmann::json(r.client_id)},
+                           {"versions", std::move(versions)}});
+        }
+        std::cout << out.dump(2) << "\n";
+        return 0;
+    }
+    std::ostringstream os;
+    char line[512];
+    std::snprintf(line, sizeof line, "%-40s %-17s %7s %-12s %-20s %-20s\n", "KEY ID", "KIND",
+                  "VERSION", "STATE", "VALID FROM", "VALID UNTIL");
+    os << line;
+    for (const auto& r : rings)
+        for (const auto& v : r.versions) {
+            if (!shown(v, r)) continue;
+            std::string ver = std::to_string(v.version) + (v.current ? "*" : "");
+            std::snprintf(line, sizeof line, "%-40s %-17s %7s %-12s %-20s %-20s\n",
+                          r.key_id.c_str(), ring_kind_name(r.kind), ver.c_str(),
+                          key_state_name(v.state), format_time(v.valid_from).c_str(),
+                          opt_time(v.valid_until).c_str());
+            os << line;
+        }
+    std::cout << os.str();
+    std::cerr << rings.size() << " key ring" << (rings.size() == 1 ? "" : "s")
+              << " (* marks the current version" << (o.rotated ? "" : "; --rotated shows all")
+              << ")\n";
+    return 0;
+}
+
+int run_read(const GlobalOptions& g, const ReadOptions& o) {
+    KeyId id = KeyId::parse(o.key_id);
+    if (o.public_half == o.private_half)
+        throw UsageError("say which half to read: --public or --private",
+                         "private and symmetric material is only written with --private");
+    bool keypair = has_public(id.kind);
+    if (o.public_half && !keypair)
+        throw UsageError(id.str() + " is a symmetric key: it has no public half",
+                         "use --private to read it");
+    if (o.format == "pem" && !keypair)
+        throw UsageError("--format pem is only for keypairs", "use raw or base64");
+    auto s = with_store(g, false);
+    if (o.public_half) {
+        Bytes pub = s.store->read_public(id, o.version);
+        if (o.format == "raw") std::cout.write(reinterpret_cast<const char*>(pub.data()),
+                                               static_cast<std::streamsize>(pub.size()));
+        else if (o.format == "base64") std::cout << to_base64(pub) << "\n";
+        else std::cout << p256_public_pem(pub);
+        return 0;
+    }
+    SecureBytes secret = s.store->read_secret(id, o.version);
+    if (o.format == "raw") {
+        std::cout.write(reinterpret_cast<const char*>(secret.data()),
+                        static_cast<std::streamsize>(secret.size()));
+    } else if (o.format == "base64") {
+        SecureBytes b = base64_secret(secret);
+        std::cout.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
+        std::cout << "\n";
+    } else {
+        // The PEM text passes through a std::string: wiped before it is freed.
+        std::string pem = p256_private_pem(secret);
+        std::cout << pem;
+        wipe(pem.data(), pem.size());
+    }
+    std::cout.flush();
+    return 0;
+}
+
+int run_destroy(const GlobalOptions& g, const DestroyOptions& o) {
+    KeyId id = KeyId::parse(o.key_id);
+    if (!o.version && !o.all_versions)
+        throw UsageError("say which version of " + id.str() + " to destroy",
+                         "pass --version N (see 'keywarden list --rotated'), or --all-versions");
+    if (o.version && o.all_versions) throw UsageError("--version and --all-versions exclude each other");
+    auto s = with_store(g, true);
+    s.store->destroy(id, o.version);
+    std::cerr << "destroyed " << id.str()
+              << (o.version ? " version " + std::to_string(*o.version) : std::string(" (every version)"))
+              << "\n";
+    return 0;
+}
+
+int run_keystore_verify(const GlobalOptions& g) {
+    auto s = with_store(g, false, false);
+    Progress bar("verifying", s.store->list().size());
+    auto rep = s.store->verify(std::ref(bar));
+    if (g.json) {
+        nlohmann::json problems = nlohmann::json::array();
+        for (const auto& p : rep.problems) problems.push_back({{"key_id", p.key_id}, {"problem", p.problem}});
+        std::cout << nlohmann::json{{"ok", rep.ok()},
+                                    {"rings", rep.rings},
+                                    {"keys_checked", rep.keys_checked},
+                                    {"generation", s.store->generation()},
+                                    {"problems", problems}}
+                         .dump(2)
+                  << "\n";
+    } else {
+        for (const auto& p : rep.problems) std::cout << "PROBLEM " << p.key_id << ": " << p.problem << "\n";
+        std::cout << (rep.ok() ? "OK" : "FAILED") << ": " << rep.rings << " key rings, "
+                  << rep.keys_checked << " keys unwrapped and checked in the token, "
+                  << rep.problems.size() << " problem" << (rep.problems.size() == 1 ? "" : "s") << "\n";
+    }
+    return rep.ok() ? 0 : static_cast<int>(ExitCode::integrity);
+}
+
+}  // namespace keywarden::cli

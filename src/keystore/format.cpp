@@ -1,0 +1,266 @@
+// SPDX-License-Identifier: Apache-2.0
+#include <cstring>
+
+#include "detail/format.hpp"
+#include "keywarden/encoding.hpp"
+#include "keywarden/error.hpp"
+
+namespace keywarden::keystore::detail {
+
+using nlohmann::json;
+
+Bytes mac_input(std::string_view domain, std::string_view binding,
+                std::span<const std::uint8_t> signed_part) {
+    Bytes out;
+    out.reserve(domain.size() + binding.size() + 2 + signed_part.size());
+    out.insert(out.end(), domain.begin(), domain.end());
+    out.push_back(0);
+    out.insert(out.end(), binding.begin(), binding.end());
+    out.push_back(0);
+    out.insert(out.end(), signed_part.begin(), signed_part.end());
+    return out;
+}
+
+Bytes frame(const char* magic, std::uint16_t format, const std::string& body) {
+    Bytes out(magic, magic + 8);
+    put_u16(out, format);
+    put_u32(out, static_cast<std::uint32_t>(body.size()));
+    out.insert(out.end(), body.begin(), body.end());
+    return out;
+}
+
+std::size_t check_frame(std::span<const std::uint8_t> file, const char* magic,
+                        std::uint16_t format, const std::string& what) {
+    if (file.size() < kHeaderSize + kMacSize)
+        throw IntegrityError(what + " is truncated (" + std::to_string(file.size()) + " bytes)");
+    if (std::memcmp(file.data(), magic, 8) != 0)
+        throw FormatError(what + " is not a keywarden " +
+                          (std::strcmp(magic, kRingMagic) == 0 ? "key ring" : "manifest") +
+                          " file (bad magic)");
+    std::uint16_t f = get_u16(file.data() + 8);
+    if (f != format)
+        throw FormatError(what + " has format version " + std::to_string(f) +
+                              ", this keywarden reads version " + std::to_string(format),
+                          f > format ? "upgrade keywarden" : "");
+    std::uint32_t n = get_u32(file.data() + 10);
+    if (static_cast<std::uint64_t>(n) + kHeaderSize + kMacSize != file.size())
+        throw IntegrityError(what + " has a length that does not match its header (truncated or "
+                                    "extended)");
+    return kHeaderSize + n;
+}
+
+json parse_body(std::span<const std::uint8_t> file, const std::string& what) {
+    std::uint32_t n = get_u32(file.data() + 10);
+    try {
+        return json::parse(file.begin() + kHeaderSize, file.begin() + kHeaderSize + n);
+    } catch (const json::exception& e) {
+        // Only reachable with a valid MAC, i.e. a file keywarden itself wrote wrongly.
+        throw FormatError(what + ": authenticated body is not valid JSON: " + e.what());
+    }
+}
+
+namespace {
+
+json opt_int(const std::optional<std::int64_t>& v) { return v ? json(*v) : json(nullptr); }
+
+std::optional<std::int64_t> get_opt_int(const json& j) {
+    if (j.is_null()) return std::nullopt;
+    return j.get<std::int64_t>();
+}
+
+Bytes unb64(const json& j, const std::string& what) {
+    auto v = from_base64(j.get<std::string>());
+    if (!v) throw FormatError(what + ": bad base64");
+    return *v;
+}
+
+}  // namespace
+
+json ring_to_json(const KeyRing& r, const std::string& store_id) {
+    json versions = json::array();
+    for (const auto& v : r.versions) {
+        json jv = {{"version", v.version},
+                   {"state", key_state_name(v.state)},
+                   {"created", v.created},
+                   {"valid_from", v.valid_from},
+                   {"valid_until", opt_int(v.valid_until)},
+                   {"key_type", key_kind_name(v.key_type)},
+                   {"key_length", v.key_length},
+                   {"protection", v.protection},
+                   {"wrapped", v.wrapped.empty() ? json(nullptr) : json(to_base64(v.wrapped))},
+                   {"kcv", to_hex(v.kcv)}};
+        if (!v.public_key.empty()) jv["public"] = to_base64(v.public_key);
+        versions.push_back(std::move(jv));
+    }
+    return {{"format", kRingFormat},
+            {"store_id", store_id},
+            {"key_id", r.id.str()},
+            {"kind", ring_kind_name(r.id.kind)},
+            {"client_id", r.id.client_id.empty() ? json(nullptr) : json(r.id.client_id)},
+            {"current", r.current ? json(*r.current) : json(nullptr)},
+            {"versions", std::move(versions)}};
+}
+
+KeyRing ring_from_json(const json& j, const std::string& store_id) {
+    try {
+        if (j.at("store_id") != store_id)
+            throw IntegrityError("key ring belongs to another store");
+        KeyRing r;
+        r.id = KeyId::parse(j.at("key_id").get<std::string>());
+        auto kind = ring_kind_from_name(j.at("kind").get<std::string>());
+        if (!kind || *kind != r.id.kind)
+            throw IntegrityError("key ring kind does not match its key id");
+        if (!j.at("current").is_null()) r.current = j.at("current").get<std::uint32_t>();
+        for (const auto& jv : j.at("versions")) {
+            KeyVersion v;
+            v.version = jv.at("version").get<std::uint32_t>();
+            auto st = key_state_from_name(jv.at("state").get<std::string>());
+            if (!st) throw FormatError("unknown key state");
+            v.state = *st;
+            v.created = jv.at("created").get<std::int64_t>();
+            v.valid_from = jv.at("valid_from").get<std::int64_t>();
+            v.valid_until = get_opt_int(jv.at("valid_until"));
+            std::string kt = jv.at("key_type").get<std::string>();
+            v.key_type = key_kind_of(r.id.kind);
+            if (kt != key_kind_name(v.key_type))
+                throw IntegrityError("key type " + kt + " does not match the ring's kind");
+            v.key_length = jv.at("key_length").get<std::uint32_t>();
+            v.protection = jv.at("protection").get<std::string>();
+            if (!jv.at("wrapped").is_null()) v.wrapped = unb64(jv.at("wrapped"), "wrapped key");
+            auto kcv = from_hex(jv.at("kcv").get<std::string>());
+            if (!kcv) throw FormatError("bad key check value");
+            v.kcv = *kcv;
+            if (jv.contains("public")) v.public_key = unb64(jv.at("public"), "public key");
+            r.versions.push_back(std::move(v));
+        }
+        return r;
+    } catch (const json::exception& e) {
+        throw FormatError(std::string("key ring: missing or mistyped field: ") + e.what());
+    }
+}
+
+RingSummary summarize(const KeyRing& r) {
+    RingSummary s{r.id.str(), r.id.kind, r.id.client_id, {}};
+    for (const auto& v : r.versions)
+        s.versions.push_back({v.version, v.state, v.created, v.valid_from, v.valid_until,
+                              r.current && *r.current == v.version});
+    return s;
+}
+
+bool same_summary(const RingSummary& a, const RingSummary& b) {
+    if (a.key_id != b.key_id || a.kind != b.kind || a.client_id != b.client_id ||
+        a.versions.size() != b.versions.size())
+        return false;
+    for (std::size_t i = 0; i < a.versions.size(); ++i) {
+        const auto &x = a.versions[i], &y = b.versions[i];
+        if (x.version != y.version || x.state != y.state || x.created != y.created ||
+            x.valid_from != y.valid_from || x.valid_until != y.valid_until ||
+            x.current != y.current)
+            return false;
+    }
+    return true;
+}
+
+json manifest_to_json(const ManifestData& m) {
+    json rings = json::object();
+    for (const auto& [id, e] : m.rings) {
+        json versions = json::array();
+        for (const auto& v : e.summary.versions)
+            versions.push_back({{"version", v.version},
+                                {"state", key_state_name(v.state)},
+                                {"created", v.created},
+                                {"valid_from", v.valid_from},
+                                {"valid_until", opt_int(v.valid_until)},
+                                {"current", v.current}});
+        rings[id] = {{"file", e.file},
+                     {"sha256", e.sha256},
+                     {"kind", ring_kind_name(e.summary.kind)},
+                     {"versions", std::move(versions)}};
+    }
+    return {{"format", kManifestFormat},
+            {"store_id", m.store_id},
+            {"generation", m.generation},
+            {"meta_sha256", m.meta_sha256},
+            {"rings", std::move(rings)}};
+}
+
+ManifestData manifest_from_json(const json& j) {
+    try {
+        ManifestData m;
+        m.store_id = j.at("store_id").get<std::string>();
+        m.generation = j.at("generation").get<std::uint64_t>();
+        m.meta_sha256 = j.at("meta_sha256").get<std::string>();
+        for (const auto& [id, e] : j.at("rings").items()) {
+            ManifestEntry me;
+            KeyId kid = KeyId::parse(id);
+            me.file = e.at("file").get<std::string>();
+            if (me.file != kid.file()) throw IntegrityError("manifest names a wrong file for " + id);
+            me.sha256 = e.at("sha256").get<std::string>();
+            me.summary.key_id = id;
+            me.summary.kind = kid.kind;
+            me.summary.client_id = kid.client_id;
+            for (const auto& v : e.at("versions")) {
+                auto st = key_state_from_name(v.at("state").get<std::string>());
+                if (!st) throw FormatError("unknown key state in manifest");
+                me.summary.versions.push_back({v.at("version").get<std::uint32_t>(), *st,
+                                               v.at("created").get<std::int64_t>(),
+                                               v.at("valid_from").get<std::int64_t>(),
+                                               get_opt_int(v.at("valid_until")),
+                                               v.at("current").get<bool>()});
+            }
+            m.rings.emplace(id, std::move(me));
+        }
+        return m;
+    } catch (const json::exception& e) {
+        throw FormatError(std::string("manifest: missing or mistyped field: ") + e.what());
+    }
+}
+
+json meta_to_json(const StoreMeta& m) {
+    auto key = [](const MasterKeyRecord& k) {
+        return json{{"label", k.label}, {"id", to_hex(k.id)}, {"kcv", to_hex(k.kcv)}};
+    };
+    return {{"format", m.format},
+            {"store_version", 2},
+            {"store_id", m.store_id},
+            {"created", m.created},
+            {"token", {{"serial", m.token_serial}, {"label", m.token_label}, {"model", m.token_model}}},
+            {"protection", m.protection},
+            {"master_keys", {{"encryption", key(m.encryption)}, {"signature", key(m.signature)}}}};
+}
+
+StoreMeta meta_from_json(const json& j) {
+    try {
+        StoreMeta m;
+        m.format = j.at("format").get<int>();
+        if (m.format != 1)
+            throw FormatError("store.json has format " + std::to_string(m.format) +
+                                  "; this keywarden reads format 1",
+                              "upgrade keywarden");
+        m.store_id = j.at("store_id").get<std::string>();
+        if (m.store_id.size() != 32 || !from_hex(m.store_id))
+            throw FormatError("store.json has a malformed store id");
+        m.created = j.at("created").get<std::int64_t>();
+        m.token_serial = j.at("token").at("serial").get<std::string>();
+        m.token_label = j.at("token").at("label").get<std::string>();
+        m.token_model = j.at("token").at("model").get<std::string>();
+        m.protection = j.at("protection").get<std::string>();
+        auto key = [](const json& k) {
+            MasterKeyRecord r;
+            r.label = k.at("label").get<std::string>();
+            auto id = from_hex(k.at("id").get<std::string>());
+            auto kcv = from_hex(k.at("kcv").get<std::string>());
+            if (!id || !kcv) throw FormatError("store.json: bad master key id or check value");
+            r.id = *id;
+            r.kcv = *kcv;
+            return r;
+        };
+        m.encryption = key(j.at("master_keys").at("encryption"));
+        m.signature = key(j.at("master_keys").at("signature"));
+        return m;
+    } catch (const json::exception& e) {
+        throw FormatError(std::string("store.json: missing or mistyped field: ") + e.what());
+    }
+}
+
+}  // namespace keywarden::keystore::detail

@@ -1,0 +1,446 @@
+// SPDX-License-Identifier: Apache-2.0
+// Key store v2 operations: init, open, generate, read, destroy, verify.
+#include "keywarden/keystore.hpp"
+
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
+
+#include <algorithm>
+#include <set>
+
+#include "detail/format.hpp"
+#include "keywarden/encoding.hpp"
+#include "keywarden/error.hpp"
+
+namespace keywarden::keystore {
+
+using nlohmann::json;
+using namespace detail;
+
+const char* const kVersionFile = "version";
+const char* const kMetaFile = "store.json";
+const char* const kManifestFile = "manifest";
+
+namespace {
+
+constexpr std::string_view kRingDomain = "keywarden-keyring-v1";
+constexpr std::string_view kManifestDomain = "keywarden-manifest-v1";
+constexpr const char* kPending = ".pending";
+constexpr const char* kVersion2Text = "keywarden-keystore 2\n";
+
+std::string hex_digest(std::span<const std::uint8_t> b) { return to_hex(sha256(b)); }
+
+Bytes to_bytes(const std::string& s) { return Bytes(s.begin(), s.end()); }
+
+bool same_bytes(std::span<const std::uint8_t> a, std::span<const std::uint8_t> b) {
+    return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
+std::string ring_binding(const std::string& store_id, const KeyId& id) {
+    return store_id + "/" + id.str();
+}
+
+// A signed file: MAC verified before a single byte of the body is parsed.
+json open_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* magic,
+                 std::uint16_t format, std::string_view domain, const std::string& binding,
+                 const std::string& what) {
+    std::size_t n = check_frame(file, magic, format, what);
+    auto signed_part = file.first(n);
+    auto tag = file.subspan(n);
+    if (!mac.verify(mac_input(domain, binding, signed_part), tag))
+        throw IntegrityError(what + " does not verify (MAC mismatch)",
+                             "the file was changed, copied from elsewhere, or the master "
+                             "signature key is not the one that signed it");
+    return parse_body(file, what);
+}
+
+Bytes seal(MacKey& mac, const char* magic, std::uint16_t format, std::string_view domain,
+           const std::string& binding, const json& body) {
+    Bytes file = frame(magic, format, body.dump());
+    auto tag = mac.mac(mac_input(domain, binding, file));
+    file.insert(file.end(), tag.begin(), tag.end());
+    return file;
+}
+
+}  // namespace
+
+struct KeyStore::Manifest {
+    ManifestData data;
+    std::set<std::string> pending;  // rings whose current bytes are in "<file>.pending"
+};
+
+std::optional<int> detect_store_version(const Storage& storage) {
+    auto v = storage.read(kVersionFile);
+    if (!v) return std::nullopt;
+    std::string s(v->begin(), v->end());
+    if (s == kVersion2Text) return 2;
+    if (s == "keywarden-keystore 1\n") return 1;
+    throw FormatError(storage.describe() + "/version is not a keywarden store version file");
+}
+
+StoreMeta read_store_meta(const Storage& storage) {
+    storage.check_permissions();
+    auto version = detect_store_version(storage);
+    if (!version)
+        throw NotFoundError("no key store at " + storage.describe() + " (no version file)",
+                            "create one with 'keywarden init', or point --keystore / "
+                            "KEYWARDEN_KEYSTORE at an existing store");
+    if (*version != 2)
+        throw FormatError("the store at " + storage.describe() + " is a version " +
+                              std::to_string(*version) + " store",
+                          "this command needs a version 2 store");
+    auto raw = storage.read(kMetaFile);
+    if (!raw) throw IntegrityError("store.json is missing from " + storage.describe());
+    try {
+        return meta_from_json(json::parse(*raw));
+    } catch (const json::exception& e) {
+        throw IntegrityError(std::string("store.json is not valid JSON: ") + e.what());
+    }
+}
+
+// ---- init -----------------------------------------------------------------------------------
+
+void KeyStore::init(Storage& storage, MasterKeys& keys, StoreMeta meta) {
+    storage.create();
+    auto lock = storage.lock(true);
+    if (meta.store_id.empty()) {
+        std::uint8_t id[16];
+        if (RAND_bytes(id, sizeof id) != 1) throw OpenSslError("RAND_bytes");
+        meta.store_id = to_hex(id);
+    }
+    if (meta.created == 0) meta.created = now_seconds();
+    meta.protection = keys.protector->method();
+    meta.encryption.kcv = keys.protector->key_check_value();
+    meta.signature.kcv = keys.mac->key_check_value();
+    Bytes meta_bytes = to_bytes(meta_to_json(meta).dump(2) + "\n");
+
+    ManifestData m;
+    m.store_id = meta.store_id;
+    m.generation = 1;
+    m.meta_sha256 = hex_digest(meta_bytes);
+    // The version file goes last: until it exists the directory is not a store.
+    storage.write(kMetaFile, meta_bytes, true);
+    storage.write(kManifestFile,
+                  seal(*keys.mac, kManifestMagic, kManifestFormat, kManifestDomain, m.store_id,
+                       manifest_to_json(m)),
+                  true);
+    storage.write(kVersionFile, to_bytes(kVersion2Text), true);
+}
+
+// ---- open -----------------------------------------------------------------------------------
+
+KeyStore::KeyStore(std::unique_ptr<Storage> storage, MasterKeys keys, bool writable)
+    : m_storage(std::move(storage)), m_keys(std::move(keys)), m_writable(writable) {}
+
+KeyStore::~KeyStore() = default;
+
+std::unique_ptr<KeyStore> KeyStore::open(std::unique_ptr<Storage> storage, MasterKeys keys,
+                                         bool writable, bool strict) {
+    std::unique_ptr<KeyStore> ks(new KeyStore(std::move(storage), std::move(keys), writable));
+    ks->m_meta = read_store_meta(*ks->m_storage);
+    // Readers share the lock, writers hold it alone: a reader sees the old or the new state.
+    ks->m_lock = ks->m_storage->lock(writable);
+    auto enc_kcv = ks->m_keys.protector->key_check_value();
+    if (!same_bytes(enc_kcv, ks->m_meta.encryption.kcv))
+        throw TokenError("the master encryption key found is not this store's: expected '" +
+                             ks->m_meta.encryption.label + "' with check value " +
+                             to_hex(ks->m_meta.encryption.kcv) + ", found " + to_hex(enc_kcv),
+                         "select the token this store was created on (serial " +
+                             ks->m_meta.token_serial + ")");
+    auto sig_kcv = ks->m_keys.mac->key_check_value();
+    if (!same_bytes(sig_kcv, ks->m_meta.signature.kcv))
+        throw TokenError("the master signature key found is not this store's: expected '" +
+                             ks->m_meta.signature.label + "' with check value " +
+                             to_hex(ks->m_meta.signature.kcv) + ", found " + to_hex(sig_kcv),
+                         "select the token this store was created on (serial " +
+                             ks->m_meta.token_serial + ")");
+    if (ks->m_meta.protection != ks->m_keys.protector->method())
+        throw TokenError("the store was written with " + ks->m_meta.protection +
+                         " but this token would use " + ks->m_keys.protector->method());
+    ks->load_manifest();
+    ks->recover_pending();
+    ks->check_files(strict);
+    return ks;
+}
+
+void KeyStore::load_manifest() {
+    auto raw = m_storage->read(kManifestFile);
+    if (!raw) throw IntegrityError("the signed manifest is missing from " + m_storage->describe());
+    auto body = open_signed(*m_keys.mac, *raw, kManifestMagic, kManifestFormat, kManifestDomain,
+                            m_meta.store_id, "manifest");
+    m_manifest = std::make_unique<Manifest>();
+    m_manifest->data = manifest_from_json(body);
+    if (m_manifest->data.store_id != m_meta.store_id)
+        throw IntegrityError("the manifest belongs to another store");
+    auto meta_raw = m_storage->read(kMetaFile);
+    if (!meta_raw || hex_digest(*meta_raw) != m_manifest->data.meta_sha256)
+        throw IntegrityError("store.json does not match the signed manifest");
+}
+
+// A write puts every changed ring in "<file>.pending", then commits the manifest, then renames.
+// After a crash, the manifest's digests say which copy is the committed one.
+void KeyStore::recover_pending() {
+    for (const auto& name : m_storage->list("keys")) {
+        if (!name.ends_with(kPending)) continue;
+        std::string final_name = name.substr(0, name.size() - std::strlen(kPending));
+        const ManifestEntry* entry = nullptr;
+        for (const auto& [id, e] : m_manifest->data.rings)
+            if (e.file == final_name) entry = &e;
+        auto pending = m_storage->read(name);
+        bool committed = entry && pending && hex_digest(*pending) == entry->sha256;
+        if (!m_writable) {
+            if (committed) m_manifest->pending.insert(final_name);
+            continue;
+        }
+        if (committed) m_storage->rename(name, final_name);
+        else m_storage->remove(name);  // written but never committed
+    }
+}
+
+void KeyStore::check_files(bool strict) {
+    std::set<std::string> expected;
+    for (const auto& [id, e] : m_manifest->data.rings) expected.insert(e.file);
+    std::set<std::string> present;
+    for (const auto& name : m_storage->list("keys")) {
+        if (name.ends_with(kPending)) continue;
+        present.insert(name);
+        if (!expected.count(name))
+            m_file_problems.push_back({name, "unexpected file, not in the signed manifest"});
+    }
+    for (const auto& [id, e] : m_manifest->data.rings)
+        if (!present.count(e.file) && !m_manifest->pending.count(e.file))
+            m_file_problems.push_back({id, "key ring file " + e.file + " is missing"});
+    if (!strict || m_file_problems.empty()) return;
+    const auto& p = m_file_problems.front();
+    std::string more = m_file_problems.size() > 1
+                           ? " (and " + std::to_string(m_file_problems.size() - 1) + " more)"
+                           : "";
+    throw IntegrityError(p.key_id + ": " + p.problem + more,
+                         "run 'keywarden keystore verify' for the full list; restore missing "
+                         "rings from a backup and move unexpected files out");
+}
+
+std::uint64_t KeyStore::generation() const { return m_manifest->data.generation; }
+
+// ---- reading --------------------------------------------------------------------------------
+
+std::vector<RingSummary> KeyStore::list() const {
+    std::vector<RingSummary> out;
+    out.reserve(m_manifest->data.rings.size());
+    for (const auto& [id, e] : m_manifest->data.rings) out.push_back(e.summary);
+    return out;
+}
+
+std::vector<KeyId> KeyStore::key_ids() const {
+    std::vector<KeyId> out;
+    for (const auto& [id, e] : m_manifest->data.rings) out.push_back(KeyId::parse(id));
+    return out;
+}
+
+bool KeyStore::contains(const KeyId& id) const {
+    return m_manifest->data.rings.count(id.str()) != 0;
+}
+
+KeyRing KeyStore::load(const KeyId& id) const {
+    auto it = m_manifest->data.rings.find(id.str());
+    if (it == m_manifest->data.rings.end())
+        throw NotFoundError("no key ring " + id.str() + " in the store",
+                            "see 'keywarden list', or create it with 'keywarden generate'");
+    const auto& e = it->second;
+    std::string name = m_manifest->pending.count(e.file) ? e.file + kPending : e.file;
+    auto raw = m_storage->read(name);
+    if (!raw) throw IntegrityError("key ring file " + e.file + " is missing");
+    // The digest check catches an older signed copy put back; the MAC catches everything else.
+    if (hex_digest(*raw) != e.sha256)
+        throw IntegrityError("key ring " + id.str() + " does not match the signed manifest",
+                             "the file was replaced (an older copy?) or changed");
+    auto body = open_signed(*m_keys.mac, *raw, kRingMagic, kRingFormat, kRingDomain,
+                            ring_binding(m_meta.store_id, id), "key ring " + id.str());
+    KeyRing r = ring_from_json(body, m_meta.store_id);
+    if (!(r.id == id)) throw IntegrityError("key ring " + id.str() + " names another key id");
+    return r;
+}
+
+const KeyVersion& KeyStore::pick(const KeyRing& r, std::optional<std::uint32_t> version) const {
+    std::uint32_t v = 0;
+    if (version) v = *version;
+    else if (r.current) v = *r.current;
+    else
+        throw NotFoundError(r.id.str() + " has no current version (it was destroyed)",
+                            "generate a new version, or name an older one with --version");
+    const KeyVersion* kv = r.find(v);
+    if (!kv) throw NotFoundError(r.id.str() + " has no version " + std::to_string(v));
+    return *kv;
+}
+
+SecureBytes KeyStore::read_secret(const KeyId& id, std::optional<std::uint32_t> version) const {
+    KeyRing r = load(id);
+    const KeyVersion& v = pick(r, version);
+    if (v.state == KeyState::destroyed || v.wrapped.empty())
+        throw NotFoundError(id.str() + " version " + std::to_string(v.version) +
+                            " was destroyed; its key material is gone");
+    auto key = m_keys.protector->unprotect(v.wrapped, {v.key_type, v.key_length},
+                                           Exposure::readable);
+    if (!same_bytes(m_keys.backend->check_value(*key, v.public_key), v.kcv))
+        throw IntegrityError(id.str() + " version " + std::to_string(v.version) +
+                             " unwrapped to a key whose check value differs from the record");
+    return key->value();
+}
+
+Bytes KeyStore::read_public(const KeyId& id, std::optional<std::uint32_t> version) const {
+    if (!has_public(id.kind))
+        throw UsageError(id.str() + " is a symmetric key: it has no public half",
+                         "use --private to read it");
+    KeyRing r = load(id);
+    return pick(r, version).public_key;
+}
+
+// ---- writing --------------------------------------------------------------------------------
+
+KeyVersion KeyStore::make_version(const KeyId& id, std::uint32_t number, std::int64_t now) {
+    KeyVersion v;
+    v.version = number;
+    v.state = KeyState::active;
+    v.created = now;
+    v.valid_from = now;
+    v.key_type = key_kind_of(id.kind);
+    v.key_length = 32;
+    auto key = m_keys.backend->generate(v.key_type, has_public(id.kind) ? &v.public_key : nullptr);
+    v.kcv = m_keys.backend->check_value(*key, v.public_key);
+    v.protection = m_keys.protector->method();
+    v.wrapped = m_keys.protector->protect(*key);
+    return v;
+}
+
+void KeyStore::generate(const std::vector<KeyId>& ids,
+                        const std::function<void(std::size_t)>& progress) {
+    if (!m_writable) throw Error("internal: store opened read-only");
+    std::set<std::string> seen;
+    for (const auto& id : ids)
+        if (!seen.insert(id.str()).second)
+            throw UsageError("key id " + id.str() + " appears twice in one request");
+    std::vector<KeyRing> rings;
+    rings.reserve(ids.size());
+    std::int64_t now = now_seconds();
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+        const KeyId& id = ids[i];
+        KeyRing r;
+        if (contains(id)) {
+            r = load(id);
+        } else {
+            r.id = id;
+        }
+        std::uint32_t next = 1;
+        for (const auto& v : r.versions) next = std::max(next, v.version + 1);
+        if (r.current) {
+            KeyVersion* cur = r.find(*r.current);
+            if (cur && cur->state == KeyState::active) {
+                cur->state = KeyState::deactivated;
+                cur->valid_until = now;
+            }
+        }
+        r.versions.push_back(make_version(id, next, now));
+        r.current = next;
+        rings.push_back(std::move(r));
+        if (progress) progress(i + 1);
+    }
+    commit(rings);
+}
+
+void KeyStore::put_rings(const std::vector<KeyRing>& rings) {
+    if (!m_writable) throw Error("internal: store opened read-only");
+    commit(rings);
+}
+
+void KeyStore::destroy(const KeyId& id, std::optional<std::uint32_t> version) {
+    if (!m_writable) throw Error("internal: store opened read-only");
+    KeyRing r = load(id);
+    std::int64_t now = now_seconds();
+    bool changed = false;
+    for (auto& v : r.versions) {
+        if (version && v.version != *version) continue;
+        if (v.state == KeyState::destroyed) continue;
+        // Only the wrapped copy exists; dropping it destroys the key (the token never held it
+        // as a persistent object).
+        v.wrapped.clear();
+        v.state = KeyState::destroyed;
+        if (!v.valid_until || *v.valid_until > now) v.valid_until = now;
+        if (r.current && *r.current == v.version) r.current.reset();
+        changed = true;
+    }
+    if (version && !r.find(*version))
+        throw NotFoundError(id.str() + " has no version " + std::to_string(*version));
+    if (!changed)
+        throw NotFoundError(id.str() + (version ? " version " + std::to_string(*version) : "") +
+                            " is already destroyed");
+    commit({r});
+}
+
+void KeyStore::commit(const std::vector<KeyRing>& rings) {
+    ManifestData next = m_manifest->data;
+    std::vector<std::string> files;
+    files.reserve(rings.size());
+    // 1. Every changed ring into "<file>.pending", without a sync per file.
+    for (const auto& r : rings) {
+        Bytes file = seal(*m_keys.mac, kRingMagic, kRingFormat, kRingDomain,
+                          ring_binding(m_meta.store_id, r.id), ring_to_json(r, m_meta.store_id));
+        std::string name = r.id.file();
+        m_storage->write_unsynced(name + kPending, file);
+        next.rings[r.id.str()] = {name, hex_digest(file), summarize(r)};
+        files.push_back(name);
+    }
+    // 2. One sync makes them all durable before the manifest can name them.
+    m_storage->sync();
+    // 3. The commit point: the signed manifest, written atomically.
+    next.generation += 1;
+    m_storage->write(kManifestFile, seal(*m_keys.mac, kManifestMagic, kManifestFormat,
+                                         kManifestDomain, m_meta.store_id, manifest_to_json(next)));
+    m_manifest->data = std::move(next);
+    // 4. Move the pending files into place. A crash here is finished by the next writer.
+    for (const auto& f : files) {
+        m_storage->rename(f + kPending, f);
+        m_manifest->pending.erase(f);
+    }
+}
+
+// ---- verify ---------------------------------------------------------------------------------
+
+VerifyReport KeyStore::verify(const std::function<void(std::size_t)>& progress) const {
+    VerifyReport rep;
+    rep.problems = m_file_problems;
+    std::size_t i = 0;
+    for (const auto& [idstr, entry] : m_manifest->data.rings) {
+        ++rep.rings;
+        KeyId id = KeyId::parse(idstr);
+        try {
+            KeyRing r = load(id);
+            if (!same_summary(summarize(r), entry.summary))
+                throw IntegrityError("the ring differs from its summary in the manifest");
+            for (const auto& v : r.versions) {
+                if (v.state == KeyState::destroyed) {
+                    if (!v.wrapped.empty())
+                        rep.problems.push_back({idstr, "version " + std::to_string(v.version) +
+                                                           " is marked destroyed but still "
+                                                           "holds key material"});
+                    continue;
+                }
+                try {
+                    auto key = m_keys.protector->unprotect(v.wrapped, {v.key_type, v.key_length},
+                                                           Exposure::sensitive);
+                    if (!same_bytes(m_keys.backend->check_value(*key, v.public_key), v.kcv))
+                        throw IntegrityError("key check value differs from the record");
+                    ++rep.keys_checked;
+                } catch (const Error& e) {
+                    rep.problems.push_back(
+                        {idstr, "version " + std::to_string(v.version) + ": " + e.what()});
+                }
+            }
+        } catch (const Error& e) {
+            rep.problems.push_back({idstr, e.what()});
+        }
+        if (progress) progress(++i);
+    }
+    return rep;
+}
+
+}  // namespace keywarden::keystore

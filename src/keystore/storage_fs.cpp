@@ -1,0 +1,297 @@
+// SPDX-License-Identifier: Apache-2.0
+// The filesystem storage backend.
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include "keywarden/error.hpp"
+#include "keywarden/storage.hpp"
+
+namespace keywarden::keystore {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string errno_text() { return std::strerror(errno); }
+
+// Reports ENOSPC and EDQUOT so an operator knows what to do; nothing was replaced.
+[[noreturn]] void io_fail(const std::string& what, const std::string& path) {
+    int e = errno;
+    std::string hint;
+    if (e == ENOSPC || e == EDQUOT || e == EFBIG)
+        hint = "the disk (or a file size limit) is full: free space and run the command again; "
+               "nothing was replaced";
+    else if (e == EACCES || e == EPERM)
+        hint = "check the owner and permissions of the key store";
+    throw Error(what + " " + path + ": " + std::strerror(e), hint);
+}
+
+class Fd {
+public:
+    explicit Fd(int fd) : m_fd(fd) {}
+    ~Fd() {
+        if (m_fd >= 0) ::close(m_fd);
+    }
+    Fd(const Fd&) = delete;
+    Fd& operator=(const Fd&) = delete;
+    int get() const { return m_fd; }
+    int release() {
+        int f = m_fd;
+        m_fd = -1;
+        return f;
+    }
+
+private:
+    int m_fd;
+};
+
+void fsync_dir(const std::string& dir) {
+    Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (fd.get() < 0 || ::fsync(fd.get()) != 0) io_fail("cannot sync directory", dir);
+}
+
+void write_all(int fd, const Bytes& data, const std::string& path) {
+    std::size_t off = 0;
+    while (off < data.size()) {
+        ssize_t n = ::write(fd, data.data() + off, data.size() - off);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) io_fail("cannot write", path);
+        off += static_cast<std::size_t>(n);
+    }
+}
+
+class FileLock : public StorageLock {
+public:
+    explicit FileLock(int fd) : m_fd(fd) {}
+    ~FileLock() override {
+        ::flock(m_fd, LOCK_UN);
+        ::close(m_fd);
+    }
+
+private:
+    int m_fd;
+};
+
+class FileStorage : public Storage {
+public:
+    explicit FileStorage(std::string root) : m_root(std::move(root)) {
+        while (m_root.size() > 1 && m_root.back() == '/') m_root.pop_back();
+    }
+
+    std::string describe() const override { return m_root; }
+
+    bool exists() const override {
+        struct stat st {};
+        return ::stat(m_root.c_str(), &st) == 0;
+    }
+
+    std::string path(const std::string& name) const {
+        // Names come from the key store, which builds them from validated ids; this is a
+        // second line of defence against a name reaching outside the store.
+        if (name.empty() || name.front() == '/' || name.find("..") != std::string::npos ||
+            name.find('\0') != std::string::npos)
+            throw Error("refusing a storage name that could leave the store: " + name);
+        return m_root + "/" + name;
+    }
+
+    std::optional<Bytes> read(const std::string& name) const override {
+        std::string p = path(name);
+        Fd fd(::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+        if (fd.get() < 0) {
+            if (errno == ENOENT) return std::nullopt;
+            io_fail("cannot open", p);
+        }
+        Bytes out;
+        struct stat st {};
+        if (::fstat(fd.get(), &st) == 0 && st.st_size > 0)
+            out.reserve(static_cast<std::size_t>(st.st_size));
+        std::uint8_t buf[65536];
+        for (;;) {
+            ssize_t n = ::read(fd.get(), buf, sizeof buf);
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0) io_fail("cannot read", p);
+            if (n == 0) break;
+            out.insert(out.end(), buf, buf + n);
+        }
+        return out;
+    }
+
+    void make_parents(const std::string& p) {
+        std::string dir = p.substr(0, p.rfind('/'));
+        if (dir.size() <= m_root.size()) return;
+        std::string cur = m_root;
+        std::string rest = dir.substr(m_root.size() + 1);
+        std::size_t start = 0;
+        while (start <= rest.size()) {
+            std::size_t slash = rest.find('/', start);
+            std::string part = rest.substr(start, slash == std::string::npos ? std::string::npos
+                                                                              : slash - start);
+            cur += "/" + part;
+            if (::mkdir(cur.c_str(), 0700) != 0 && errno != EEXIST)
+                io_fail("cannot create directory", cur);
+            if (slash == std::string::npos) break;
+            start = slash + 1;
+        }
+    }
+
+    std::string temp_name(const std::string& p) {
+        static thread_local std::mt19937_64 rng{std::random_device{}()};
+        char buf[32];
+        std::snprintf(buf, sizeof buf, ".tmp-%016llx",
+                      static_cast<unsigned long long>(rng()));
+        std::string dir = p.substr(0, p.rfind('/'));
+        return dir + "/" + buf;
+    }
+
+    void put(const std::string& name, const Bytes& data, bool exclusive, bool durable) {
+        std::string p = path(name);
+        make_parents(p);
+        std::string tmp = temp_name(p);
+        Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
+        if (fd.get() < 0) io_fail("cannot create", tmp);
+        try {
+            write_all(fd.get(), data, p);
+            if (durable && ::fsync(fd.get()) != 0) io_fail("cannot sync", p);
+            if (::close(fd.release()) != 0) io_fail("cannot close", p);
+            if (exclusive) {
+                // link() fails with EEXIST instead of replacing: no window where an existing
+                // file could be overwritten.
+                if (::link(tmp.c_str(), p.c_str()) != 0) {
+                    if (errno == EEXIST)
+                        throw ConflictError(p + " already exists", "choose another path");
+                    io_fail("cannot create", p);
+                }
+                ::unlink(tmp.c_str());
+            } else if (::rename(tmp.c_str(), p.c_str()) != 0) {
+                io_fail("cannot rename into place", p);
+            }
+        } catch (...) {
+            ::unlink(tmp.c_str());
+            throw;
+        }
+        if (durable) fsync_dir(p.substr(0, p.rfind('/')));
+    }
+
+    void write(const std::string& name, const Bytes& data, bool exclusive) override {
+        put(name, data, exclusive, true);
+    }
+
+    void write_unsynced(const std::string& name, const Bytes& data) override {
+        put(name, data, false, false);
+    }
+
+    void sync() override {
+        Fd fd(::open(m_root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+        if (fd.get() < 0 || ::syncfs(fd.get()) != 0) io_fail("cannot sync", m_root);
+    }
+
+    void rename(const std::string& from, const std::string& to) override {
+        std::string a = path(from), b = path(to);
+        make_parents(b);
+        if (::rename(a.c_str(), b.c_str()) != 0) io_fail("cannot rename", a);
+    }
+
+    void remove(const std::string& name) override {
+        std::string p = path(name);
+        if (::unlink(p.c_str()) != 0 && errno != ENOENT) io_fail("cannot remove", p);
+    }
+
+    void list_dir(const std::string& dir, const std::string& rel,
+                  std::vector<std::string>& out) const {
+        DIR* d = ::opendir(dir.c_str());
+        if (!d) {
+            if (errno == ENOENT) return;
+            io_fail("cannot list", dir);
+        }
+        while (dirent* e = ::readdir(d)) {
+            std::string n = e->d_name;
+            if (n == "." || n == "..") continue;
+            std::string child = rel.empty() ? n : rel + "/" + n;
+            bool is_dir = e->d_type == DT_DIR;
+            if (e->d_type == DT_UNKNOWN) {
+                struct stat st {};
+                is_dir = ::lstat((dir + "/" + n).c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+            }
+            if (is_dir) list_dir(dir + "/" + n, child, out);
+            else if (!n.starts_with(".tmp-") && n != ".lock") out.push_back(child);
+        }
+        ::closedir(d);
+    }
+
+    std::vector<std::string> list(const std::string& prefix) const override {
+        std::vector<std::string> out;
+        std::string dir = prefix.empty() ? m_root : path(prefix);
+        list_dir(dir, prefix, out);
+        return out;
+    }
+
+    std::unique_ptr<StorageLock> lock(bool exclusive) override {
+        std::string p = m_root + "/.lock";
+        int fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (fd < 0) {
+            // A reader without write access to the directory can still lock an existing file.
+            fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+            if (fd < 0) io_fail("cannot open lock file", p);
+        }
+        while (::flock(fd, exclusive ? LOCK_EX : LOCK_SH) != 0) {
+            if (errno == EINTR) continue;
+            ::close(fd);
+            io_fail("cannot lock", p);
+        }
+        return std::make_unique<FileLock>(fd);
+    }
+
+    void create() override {
+        if (::mkdir(m_root.c_str(), 0700) != 0) {
+            if (errno != EEXIST) {
+                if (errno == ENOENT) {
+                    std::error_code ec;
+                    fs::create_directories(fs::path(m_root).parent_path(), ec);
+                    if (!ec && ::mkdir(m_root.c_str(), 0700) == 0) return;
+                }
+                io_fail("cannot create key store directory", m_root);
+            }
+            std::error_code ec;
+            if (!fs::is_directory(m_root, ec))
+                throw ConflictError(m_root + " exists and is not a directory",
+                                    "choose another --keystore path");
+            if (!fs::is_empty(m_root, ec))
+                throw ConflictError("refusing to initialise " + m_root +
+                                        ": the directory is not empty",
+                                    "keywarden init never touches an existing store; choose an "
+                                    "empty or new directory");
+            ::chmod(m_root.c_str(), 0700);
+        }
+    }
+
+    void check_permissions() const override {
+        struct stat st {};
+        if (::stat(m_root.c_str(), &st) != 0)
+            throw NotFoundError("no key store at " + m_root + ": " + errno_text(),
+                                "create one with 'keywarden init --keystore " + m_root +
+                                    "', or point --keystore / KEYWARDEN_KEYSTORE at it");
+        if (!S_ISDIR(st.st_mode)) throw NotFoundError(m_root + " is not a directory");
+        if (st.st_mode & 022)
+            throw Error("key store directory " + m_root + " is writable by group or others",
+                        "run: chmod 700 '" + m_root + "'");
+    }
+
+private:
+    std::string m_root;
+};
+
+}  // namespace
+
+std::unique_ptr<Storage> open_file_storage(const std::string& root) {
+    return std::make_unique<FileStorage>(root);
+}
+
+}  // namespace keywarden::keystore
