@@ -174,3 +174,50 @@ CliResult run_cli(const std::vector<std::string>& args,
 }
 
 }  // namespace kwtest
+
+#include <openssl/evp.h>
+
+#include <algorithm>
+
+namespace kwtest {
+
+std::string read_text(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+std::string tree_digest(const std::string& dir) {
+    std::vector<std::string> entries;
+    std::error_code ec;
+    if (!fs::exists(dir, ec)) return "absent";
+    for (const auto& e : fs::recursive_directory_iterator(dir, ec)) {
+        struct stat st {};
+        ::lstat(e.path().c_str(), &st);
+        std::string rel = fs::relative(e.path(), dir).string();
+        std::string line = rel + " " + std::to_string(st.st_mode & 07777) + " ";
+        if (e.is_regular_file()) line += read_text(e.path().string());
+        entries.push_back(std::move(line));
+    }
+    std::sort(entries.begin(), entries.end());
+    EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+    for (const auto& l : entries) {
+        EVP_DigestUpdate(ctx, l.data(), l.size());
+        EVP_DigestUpdate(ctx, "\n", 1);
+    }
+    unsigned char md[32];
+    unsigned int n = 0;
+    EVP_DigestFinal_ex(ctx, md, &n);
+    EVP_MD_CTX_free(ctx);
+    static const char* d = "0123456789abcdef";
+    std::string out;
+    for (unsigned i = 0; i < n; ++i) {
+        out.push_back(d[md[i] >> 4]);
+        out.push_back(d[md[i] & 15]);
+    }
+    return out + " (" + std::to_string(entries.size()) + " entries)";
+}
+
+}  // namespace kwtest

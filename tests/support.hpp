@@ -64,3 +64,10 @@ std::string make_temp_dir(const std::string& prefix = "kwtest");
 void write_file(const std::string& path, const std::string& content, int mode = 0600);
 
 }  // namespace kwtest
+
+namespace kwtest {
+// A digest of every file under dir: relative path, mode and bytes. Equal digests mean the
+// tree is unchanged.
+std::string tree_digest(const std::string& dir);
+std::string read_text(const std::string& path);
+}  // namespace kwtest

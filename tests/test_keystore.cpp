@@ -1,0 +1,257 @@
+// SPDX-License-Identifier: Apache-2.0
+// The key store on the software key protector: no token needed.
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+
+#include "keywarden/encoding.hpp"
+#include "keywarden/error.hpp"
+#include "keywarden/keystore.hpp"
+#include "support.hpp"
+
+using namespace keywarden;
+using namespace keywarden::keystore;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct SoftStore {
+    std::string root = kwtest::make_temp_dir("kw-store");
+    std::string dir = root + "/ks";
+    SecureBytes enc = SecureBytes(32, 0x0e), sig = SecureBytes(32, 0x51);
+
+    MasterKeys keys() const {
+        MasterKeys k;
+        k.protector = std::make_unique<SoftwareKeyProtector>(enc);
+        k.mac = std::make_unique<SoftwareMacKey>(sig);
+        k.backend = std::make_unique<SoftwareKeyBackend>();
+        return k;
+    }
+    SoftStore() {
+        auto st = open_file_storage(dir);
+        auto k = keys();
+        StoreMeta meta;
+        meta.token_serial = "soft";
+        meta.encryption.label = "enc";
+        meta.signature.label = "sig";
+        KeyStore::init(*st, k, meta);
+    }
+    ~SoftStore() {
+        std::error_code ec;
+        fs::remove_all(root, ec);
+    }
+    std::unique_ptr<KeyStore> open(bool writable = false, bool strict = true) const {
+        return KeyStore::open(open_file_storage(dir), keys(), writable, strict);
+    }
+    std::string path(const KeyId& id) const { return dir + "/" + id.file(); }
+};
+
+void flip(const std::string& path, std::size_t offset) {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(offset));
+    char c = 0;
+    f.read(&c, 1);
+    c ^= 0x01;
+    f.seekp(static_cast<std::streamoff>(offset));
+    f.write(&c, 1);
+}
+
+const KeyId kAliceSym = {RingKind::symmetric, "alice01"};
+const KeyId kAliceStorage = {RingKind::storage_keypair, "alice01"};
+const KeyId kBobSym = {RingKind::symmetric, "bob-the-client"};
+
+}  // namespace
+
+TEST_CASE("client ids follow Acra's rule and never reach outside the store", "[unit]") {
+    for (const char* good : {"alice", "client_01", "a b c d", "UPPER-lower_09"})
+        CHECK_NOTHROW(validate_client_id(good));
+    CHECK_NOTHROW(validate_client_id(std::string(256, 'x')));
+    const std::string bad[] = {"", "abcd", "../x", "../../etc", "a/b/c/d", "alice.bob",
+                               std::string(257, 'x'), std::string(300, 'y'), "tab\there",
+                               std::string("nul\0byte", 8), "caf\xc3\xa9s"};
+    for (const auto& id : bad) {
+        INFO(id);
+        try {
+            validate_client_id(id);
+            FAIL("accepted");
+        } catch (const UsageError& e) {
+            CHECK_THAT(e.hint(), Catch::Contains("5 to 256 characters"));
+        }
+    }
+    // A 256-character id still gives a file name that fits in one path component.
+    KeyId long_id{RingKind::hmac, std::string(256, 'z')};
+    CHECK(long_id.file().size() < 200);
+    CHECK_THAT(long_id.file(), Catch::StartsWith("keys/client/~"));
+    CHECK(KeyId::parse("client/alice01/storage").kind == RingKind::storage_keypair);
+    CHECK(KeyId::parse("audit/log").kind == RingKind::audit_log);
+    CHECK_THROWS_AS(KeyId::parse("client/../x/storage"), UsageError);
+    CHECK_THROWS_AS(KeyId::parse("client/alice01/other"), UsageError);
+    CHECK_THROWS_AS(KeyId::parse("poison/other"), UsageError);
+}
+
+TEST_CASE("store life cycle on the software protector", "[unit]") {
+    SoftStore s;
+    {
+        auto ks = s.open(true);
+        CHECK(ks->list().empty());
+        ks->generate({kAliceSym, kAliceStorage, KeyId::global(RingKind::audit_log)});
+    }
+    auto ks = s.open(true);
+    auto rings = ks->list();
+    REQUIRE(rings.size() == 3);
+    CHECK(rings[0].key_id == "audit/log");
+    SecureBytes v1 = ks->read_secret(kAliceSym);
+    CHECK(v1.size() == 32);
+    auto pub = ks->read_public(kAliceStorage);
+    CHECK(pub.size() == 65);
+    CHECK(p256_public_from_private(ks->read_secret(kAliceStorage)) == pub);
+
+    SECTION("rotation keeps the old version readable") {
+        ks->generate({kAliceSym});
+        auto r = ks->load(kAliceSym);
+        REQUIRE(r.versions.size() == 2);
+        CHECK(r.current == 2u);
+        CHECK(r.versions[0].state == KeyState::deactivated);
+        CHECK(r.versions[0].valid_until.has_value());
+        CHECK(ks->read_secret(kAliceSym, 1) == v1);
+        CHECK(ks->read_secret(kAliceSym) != v1);
+    }
+    SECTION("destroy wipes one version and keeps the others") {
+        ks->generate({kAliceSym});
+        SecureBytes v2 = ks->read_secret(kAliceSym);
+        ks->destroy(kAliceSym, 1);
+        CHECK_THROWS_WITH(ks->read_secret(kAliceSym, 1), Catch::Contains("was destroyed"));
+        CHECK(ks->read_secret(kAliceSym) == v2);
+        CHECK(ks->load(kAliceSym).versions[0].wrapped.empty());
+        ks->destroy(kAliceSym, 2);
+        CHECK_THROWS_WITH(ks->read_secret(kAliceSym), Catch::Contains("no current version"));
+        CHECK_THROWS_WITH(ks->destroy(kAliceSym, 2), Catch::Contains("already destroyed"));
+        CHECK(ks->verify().ok());
+    }
+    SECTION("verify passes on an intact store") {
+        auto rep = ks->verify();
+        CHECK(rep.ok());
+        CHECK(rep.rings == 3);
+        CHECK(rep.keys_checked == 3);
+    }
+    SECTION("a batch with a duplicate id is refused") {
+        CHECK_THROWS_AS(ks->generate({kBobSym, kBobSym}), UsageError);
+        CHECK_FALSE(ks->contains(kBobSym));
+    }
+}
+
+TEST_CASE("tampering is detected, and nothing is changed by the failed operation", "[unit]") {
+    SoftStore s;
+    s.open(true)->generate({kAliceSym, kBobSym, kAliceStorage});
+    const std::string alice = s.path(kAliceSym), bob = s.path(kBobSym);
+
+    SECTION("every single-byte flip of a key ring file") {
+        auto size = fs::file_size(alice);
+        for (std::size_t i = 0; i < size; ++i) {
+            INFO("offset " << i);
+            flip(alice, i);
+            auto before = kwtest::tree_digest(s.dir);
+            auto ks = s.open();
+            CHECK_THROWS_AS(ks->read_secret(kAliceSym), Error);
+            CHECK_FALSE(ks->verify().ok());
+            ks.reset();
+            CHECK(kwtest::tree_digest(s.dir) == before);
+            flip(alice, i);
+        }
+        CHECK(s.open()->verify().ok());
+    }
+    SECTION("every single-byte flip of the manifest") {
+        std::string m = s.dir + "/manifest";
+        auto size = fs::file_size(m);
+        for (std::size_t i = 0; i < size; ++i) {
+            INFO("offset " << i);
+            flip(m, i);
+            CHECK_THROWS_AS(s.open(), Error);
+            flip(m, i);
+        }
+        CHECK(s.open()->verify().ok());
+    }
+    SECTION("a ring copied under another client id") {
+        fs::copy_file(alice, bob, fs::copy_options::overwrite_existing);
+        auto ks = s.open(false, false);
+        CHECK_THROWS_AS(ks->read_secret(kBobSym), IntegrityError);
+        auto rep = ks->verify();
+        REQUIRE(rep.problems.size() == 1);
+        CHECK(rep.problems[0].key_id == kBobSym.str());
+    }
+    SECTION("a ring deleted") {
+        fs::remove(bob);
+        CHECK_THROWS_WITH(s.open(), Catch::Contains("missing"));
+        CHECK_FALSE(s.open(false, false)->verify().ok());
+    }
+    SECTION("an older signed copy of a ring put back") {
+        auto old = kwtest::read_text(alice);
+        s.open(true)->generate({kAliceSym});
+        kwtest::write_file(alice, old);
+        auto ks = s.open();
+        CHECK_THROWS_WITH(ks->read_secret(kAliceSym), Catch::Contains("does not match the signed manifest"));
+    }
+    SECTION("an extra key ring file") {
+        fs::create_directories(s.dir + "/keys/client/mallory");
+        fs::copy_file(alice, s.dir + "/keys/client/mallory/symmetric.keyring");
+        CHECK_THROWS_WITH(s.open(), Catch::Contains("not in the signed manifest"));
+    }
+    SECTION("store.json changed") {
+        auto meta = kwtest::read_text(s.dir + "/store.json");
+        meta.replace(meta.find("\"soft\""), 6, "\"sofx\"");
+        kwtest::write_file(s.dir + "/store.json", meta);
+        CHECK_THROWS_WITH(s.open(), Catch::Contains("store.json does not match"));
+    }
+    SECTION("other master keys") {
+        s.enc = SecureBytes(32, 0x77);
+        CHECK_THROWS_WITH(s.open(), Catch::Contains("master encryption key found is not this store's"));
+        s.enc = SecureBytes(32, 0x0e);
+        s.sig = SecureBytes(32, 0x78);
+        CHECK_THROWS_WITH(s.open(), Catch::Contains("master signature key found is not this store's"));
+    }
+    SECTION("group-writable store directory") {
+        fs::permissions(s.dir, fs::perms::group_write, fs::perm_options::add);
+        CHECK_THROWS_WITH(s.open(), Catch::Contains("writable by group or others"));
+    }
+}
+
+TEST_CASE("an interrupted write is finished or rolled back by the next writer", "[unit]") {
+    SoftStore s;
+    s.open(true)->generate({kAliceSym});
+    SecureBytes before = s.open()->read_secret(kAliceSym);
+    const std::string alice = s.path(kAliceSym);
+
+    SECTION("crash after the pending file, before the manifest: rolled back") {
+        auto old_manifest = kwtest::read_text(s.dir + "/manifest");
+        auto old_ring = kwtest::read_text(alice);
+        s.open(true)->generate({kAliceSym});
+        // Rebuild the pre-commit state: new ring only as pending, old manifest and ring.
+        fs::rename(alice, alice + ".pending");
+        kwtest::write_file(alice, old_ring);
+        kwtest::write_file(s.dir + "/manifest", old_manifest);
+        CHECK(s.open()->read_secret(kAliceSym) == before);  // readers ignore it
+        CHECK(s.open(true)->read_secret(kAliceSym) == before);
+        CHECK_FALSE(fs::exists(alice + ".pending"));  // the writer removed it
+        CHECK(s.open()->verify().ok());
+    }
+    SECTION("crash after the manifest, before the rename: rolled forward") {
+        s.open(true)->generate({kAliceSym});
+        SecureBytes after = s.open()->read_secret(kAliceSym);
+        auto old_ring = kwtest::read_text(alice);
+        fs::rename(alice, alice + ".pending");
+        kwtest::write_file(alice, "stale bytes");
+        CHECK(s.open()->read_secret(kAliceSym) == after);  // a reader uses the pending copy
+        CHECK(s.open(true)->read_secret(kAliceSym) == after);
+        CHECK_FALSE(fs::exists(alice + ".pending"));
+        CHECK(kwtest::read_text(alice) == old_ring);
+    }
+}
+
+TEST_CASE("init refuses an existing store", "[unit]") {
+    SoftStore s;
+    auto before = kwtest::tree_digest(s.dir);
+    auto st = open_file_storage(s.dir);
+    auto k = s.keys();
+    CHECK_THROWS_AS(KeyStore::init(*st, k, StoreMeta{}), ConflictError);
+    CHECK(kwtest::tree_digest(s.dir) == before);
+}
