@@ -149,10 +149,16 @@ Module::Module(CK_FUNCTION_LIST* fn, std::string path, std::optional<std::string
     if (rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED) {
         p11_kit_module_release(m_fn);
         Pkcs11Error e("C_Initialize", rv, m_path);
-        throw Error(e.what(),
-                    rv == CKR_ARGUMENTS_BAD
-                        ? "this module may need an init-args string: pass --module-init-args"
-                        : e.hint(),
+        std::string hint = e.hint();
+        if (rv == CKR_ARGUMENTS_BAD)
+            hint = m_init_args ? "the module refused the string given with --module-init-args; "
+                                 "check it, or leave it out"
+                               : "this module may need an init-args string: pass "
+                                 "--module-init-args";
+        else if (rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED)
+            hint = "the module could not start: check its configuration (for SoftHSM, the file "
+                   "SOFTHSM2_CONF names and its directories.tokendir)";
+        throw Error(e.what(), hint,
                     ExitCode::token);
     }
 }
