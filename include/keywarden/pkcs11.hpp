@@ -116,6 +116,8 @@ struct TokenInfo {
 
 // C_GetSlotList + C_GetSlotInfo + C_GetTokenInfo for every slot.
 std::vector<TokenInfo> list_tokens(const Module& m);
+// C_GetTokenInfo, asked again on CKR_GENERAL_ERROR (a SoftHSM race with other processes).
+void get_token_info(CK_FUNCTION_LIST* fn, CK_SLOT_ID slot, CK_TOKEN_INFO& out);
 TokenInfo token_info(const Module& m, CK_SLOT_ID slot);
 // Names of the set CKF_* token flags, e.g. {"LOGIN_REQUIRED", "USER_PIN_INITIALIZED"}.
 std::vector<std::string> token_flag_names(CK_FLAGS flags);

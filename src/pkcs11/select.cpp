@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Token enumeration, RFC 7512 URIs and token selection.
 #include <cstring>
+#include <ctime>
 
 #include "keywarden/pkcs11.hpp"
 
@@ -13,6 +14,21 @@ std::optional<CK_ULONG> known(CK_ULONG v) {
 }
 }  // namespace
 
+void get_token_info(CK_FUNCTION_LIST* fn, CK_SLOT_ID slot, CK_TOKEN_INFO& out) {
+    // SoftHSM 2.6.1 workaround: while another process logs in or changes objects, SoftHSM may
+    // be re-reading the token's files and answer CKR_GENERAL_ERROR (seen with two processes
+    // generating keys at once). C_GetTokenInfo changes nothing, so asking again is safe; the
+    // same is never done for C_Login.
+    CK_RV rv = CKR_OK;
+    for (int attempt = 0; attempt < 8; ++attempt) {
+        rv = try_call("C_GetTokenInfo", fn->C_GetTokenInfo, slot, &out);
+        if (rv != CKR_GENERAL_ERROR) break;
+        struct timespec ts {0, 25'000'000L * (attempt + 1)};
+        nanosleep(&ts, nullptr);
+    }
+    if (rv != CKR_OK) throw Pkcs11Error("C_GetTokenInfo", rv);
+}
+
 TokenInfo token_info(const Module& m, CK_SLOT_ID slot) {
     TokenInfo t;
     t.slot = slot;
@@ -22,7 +38,7 @@ TokenInfo token_info(const Module& m, CK_SLOT_ID slot) {
     t.slot_flags = t.raw_slot.flags;
     t.token_present = (t.raw_slot.flags & CKF_TOKEN_PRESENT) != 0;
     if (!t.token_present) return t;
-    KW_P11_CALL(m.fn(), C_GetTokenInfo, slot, &t.raw);
+    get_token_info(m.fn(), slot, t.raw);
     t.label = trim_field(t.raw.label, sizeof t.raw.label);
     t.manufacturer = trim_field(t.raw.manufacturerID, sizeof t.raw.manufacturerID);
     t.model = trim_field(t.raw.model, sizeof t.raw.model);

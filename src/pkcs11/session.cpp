@@ -83,7 +83,7 @@ Session::~Session() {
 
 void Session::login(const SecureBytes& pin) {
     CK_TOKEN_INFO ti{};
-    KW_P11_CALL(fn(), C_GetTokenInfo, m_slot, &ti);
+    get_token_info(fn(), m_slot, ti);
     check_login_allowed(ti.flags, trim_field(ti.label, sizeof ti.label));
     // One attempt only: a retry after CKR_PIN_INCORRECT would burn another try of the
     // token's counter (pkcs11-provider's session.c does the same).
