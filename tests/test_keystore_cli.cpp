@@ -218,15 +218,21 @@ TEST_CASE("cli: a master key deleted from the token", "[cli]") {
 
 TEST_CASE("cli: two processes generating at once lose nothing", "[cli]") {
     StoreFixture f;
-    auto worker = [&](const std::string& prefix, int* failures) {
-        for (int i = 0; i < 100; ++i)
-            if (f.run({"generate", "--client-id", prefix + std::to_string(i), "--symmetric"}).code != 0)
+    std::string errors[2];
+    auto worker = [&](const std::string& prefix, int* failures, std::string* err) {
+        for (int i = 0; i < 100; ++i) {
+            auto r = f.run({"generate", "--client-id", prefix + std::to_string(i), "--symmetric"});
+            if (r.code != 0) {
                 ++*failures;
+                *err += r.err;
+            }
+        }
     };
     int fa = 0, fb = 0;
-    std::thread a(worker, "proc-a-", &fa), b(worker, "proc-b-", &fb);
+    std::thread a(worker, "proc-a-", &fa, &errors[0]), b(worker, "proc-b-", &fb, &errors[1]);
     a.join();
     b.join();
+    INFO(errors[0] << errors[1]);
     CHECK(fa == 0);
     CHECK(fb == 0);
     auto doc = nlohmann::json::parse(f.must({"list", "--json"}).out);

@@ -155,8 +155,11 @@ public:
     // the manifest MAC and that the files on disk are exactly those it names.
     // strict=false (for `keystore verify`) records missing and extra files as problems for
     // verify() instead of throwing.
+    // `lock`, if given, is a lock the caller already holds (taken before the token was opened,
+    // so that writers of one store never touch the token at the same time).
     static std::unique_ptr<KeyStore> open(std::unique_ptr<Storage> storage, MasterKeys keys,
-                                          bool writable, bool strict = true);
+                                          bool writable, bool strict = true,
+                                          std::unique_ptr<StorageLock> lock = nullptr);
     ~KeyStore();
 
     const StoreMeta& meta() const { return m_meta; }

@@ -1,4 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
+#include <ctime>
+
 #include "keywarden/log.hpp"
 #include "keywarden/pin.hpp"
 #include "options.hpp"
@@ -21,7 +23,21 @@ std::shared_ptr<pkcs11::Module> load_module(const GlobalOptions& g) {
 TokenContext with_token(const GlobalOptions& g, bool login) {
     TokenContext c;
     c.module = load_module(g);
-    c.token = pkcs11::select_token(pkcs11::list_tokens(*c.module), g.token);
+    // SoftHSM 2.6.1 workaround: it reads its token files at C_Initialize, and a token another
+    // process is writing at that moment is left out of the slot list. When the named token is
+    // missing, start the module again (up to three times) before reporting it missing.
+    for (int attempt = 0;; ++attempt) {
+        try {
+            c.token = pkcs11::select_token(pkcs11::list_tokens(*c.module), g.token);
+            break;
+        } catch (const TokenError&) {
+            if (attempt == 3 || g.token.empty()) throw;
+            c.module.reset();
+            struct timespec ts {0, 50'000'000L * (attempt + 1)};
+            nanosleep(&ts, nullptr);
+            c.module = load_module(g);
+        }
+    }
     log::info("using token '" + c.token.label + "' (serial " + c.token.serial + ")");
     c.session = pkcs11::Session::open(c.module, c.token.slot, true);
     if (!login) return c;

@@ -75,6 +75,9 @@ OpenStore with_store(const GlobalOptions& g, bool writable, bool strict) {
     OpenStore s;
     auto storage = open_file_storage(keystore_path(g));
     s.meta = read_store_meta(*storage);
+    // Lock first: writers of one store then never use the token at the same time, which also
+    // keeps clear of SoftHSM's races between processes.
+    auto lock = storage->lock(writable);
     GlobalOptions tg = g;
     // Without --token, the store names its own token.
     if (tg.token.empty()) tg.token = "serial:" + s.meta.token_serial;
@@ -97,7 +100,7 @@ OpenStore with_store(const GlobalOptions& g, bool writable, bool strict) {
     CK_OBJECT_HANDLE sig = find(s.meta.signature, "signature");
     s.store = KeyStore::open(std::move(storage),
                              token_master_keys(s.token, enc, sig, mechanism_for(s.meta.protection)),
-                             writable, strict);
+                             writable, strict, std::move(lock));
     return s;
 }
 

@@ -135,11 +135,12 @@ KeyStore::KeyStore(std::unique_ptr<Storage> storage, MasterKeys keys, bool writa
 KeyStore::~KeyStore() = default;
 
 std::unique_ptr<KeyStore> KeyStore::open(std::unique_ptr<Storage> storage, MasterKeys keys,
-                                         bool writable, bool strict) {
+                                         bool writable, bool strict,
+                                         std::unique_ptr<StorageLock> lock) {
     std::unique_ptr<KeyStore> ks(new KeyStore(std::move(storage), std::move(keys), writable));
     ks->m_meta = read_store_meta(*ks->m_storage);
     // Readers share the lock, writers hold it alone: a reader sees the old or the new state.
-    ks->m_lock = ks->m_storage->lock(writable);
+    ks->m_lock = lock ? std::move(lock) : ks->m_storage->lock(writable);
     auto enc_kcv = ks->m_keys.protector->key_check_value();
     if (!same_bytes(enc_kcv, ks->m_meta.encryption.kcv))
         throw TokenError("the master encryption key found is not this store's: expected '" +
