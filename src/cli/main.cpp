@@ -23,16 +23,16 @@ Commands build_cli(CLI::App& app, Options& o) {
     // Global options may follow the subcommand: `keywarden token list --json`.
     app.fallthrough();
 
-    app.add_option("--module", g.module,
+    app.add_option("--module", g.tok.module,
                    "PKCS#11 module: a file path, or the name p11-kit registers it under")
         ->envname("KEYWARDEN_MODULE");
-    app.add_option("--module-init-args", g.module_init_args,
+    app.add_option("--module-init-args", g.tok.module_init_args,
                    "String passed as CK_C_INITIALIZE_ARGS.pReserved (p11-kit x-init-reserved)");
-    app.add_option("--token", g.token,
+    app.add_option("--token", g.tok.token,
                    "Token: a pkcs11: URI (RFC 7512), label:NAME, serial:NUMBER, or a bare label "
                    "or serial")
         ->envname("KEYWARDEN_TOKEN");
-    app.add_option("--pin-source", g.pin_source,
+    app.add_option("--pin-source", g.tok.pin_source,
                    "Where the PIN comes from: env:VAR, file:PATH or prompt (default: "
                    "$KEYWARDEN_PIN, then a prompt on a terminal). Never the PIN itself.")
         ->envname("KEYWARDEN_PIN_SOURCE");

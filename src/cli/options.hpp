@@ -6,15 +6,14 @@
 #include <optional>
 #include <string>
 
-#include "keywarden/pkcs11.hpp"
+#include "keywarden/token_context.hpp"
 
 namespace keywarden::cli {
 
 struct GlobalOptions {
-    std::string module;                          // --module / KEYWARDEN_MODULE
-    std::optional<std::string> module_init_args; // --module-init-args
-    std::string token;                           // --token / KEYWARDEN_TOKEN
-    std::string pin_source;                      // --pin-source / KEYWARDEN_PIN_SOURCE
+    // --module / KEYWARDEN_MODULE, --module-init-args, --token / KEYWARDEN_TOKEN,
+    // --pin-source / KEYWARDEN_PIN_SOURCE
+    pkcs11::TokenOptions tok;
     std::string keystore;                        // --keystore / KEYWARDEN_KEYSTORE
     bool json = false;
     int verbose = 0;
@@ -81,16 +80,7 @@ struct Commands {
 // Builds the whole command tree on `app`, binding into `o`. No side effects.
 Commands build_cli(CLI::App& app, Options& o);
 
-// What a command needs from the token, opened as the options say.
-struct TokenContext {
-    std::shared_ptr<pkcs11::Module> module;
-    pkcs11::TokenInfo token;
-    std::shared_ptr<pkcs11::Session> session;
-};
-
-std::shared_ptr<pkcs11::Module> load_module(const GlobalOptions& g);
-// Selects the token, opens a R/W session and, if `login`, reads the PIN and logs in once.
-TokenContext with_token(const GlobalOptions& g, bool login);
+using pkcs11::TokenContext;
 
 int run_token_list(const GlobalOptions& g);
 int run_token_check(const GlobalOptions& g);

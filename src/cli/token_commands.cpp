@@ -35,7 +35,7 @@ std::string joined(const std::vector<std::string>& v) {
 }  // namespace
 
 int run_token_list(const GlobalOptions& g) {
-    auto module = load_module(g);
+    auto module = pkcs11::load_module(g.tok);
     auto info = module->info();
     auto tokens = pkcs11::list_tokens(*module);
     if (g.json) {
@@ -96,7 +96,7 @@ int run_token_list(const GlobalOptions& g) {
 }
 
 int run_token_check(const GlobalOptions& g) {
-    auto ctx = with_token(g, true);
+    auto ctx = pkcs11::open_token(g.tok, true);
     auto r = pkcs11::check_token(ctx.session);
     if (g.json) {
         nlohmann::json out;

@@ -3,24 +3,24 @@
 
 #include "keywarden/log.hpp"
 #include "keywarden/pin.hpp"
-#include "options.hpp"
+#include "keywarden/token_context.hpp"
 
-namespace keywarden::cli {
+namespace keywarden::pkcs11 {
 
-std::shared_ptr<pkcs11::Module> load_module(const GlobalOptions& g) {
+std::shared_ptr<Module> load_module(const TokenOptions& g) {
     std::string spec = g.module;
     if (spec.empty() && g.token.starts_with("pkcs11:")) {
         // RFC 7512 lets the URI name the module: module-path=... or module-name=...
-        auto uri = pkcs11::Uri::parse(g.token);
+        auto uri = Uri::parse(g.token);
         if (auto p = uri.module_path()) spec = *p;
         else if (auto n = uri.module_name()) spec = *n;
     }
-    auto m = pkcs11::Module::load(spec, g.module_init_args);
+    auto m = Module::load(spec, g.module_init_args);
     log::info("loaded PKCS#11 module " + m->path());
     return m;
 }
 
-TokenContext with_token(const GlobalOptions& g, bool login) {
+TokenContext open_token(const TokenOptions& g, bool login) {
     TokenContext c;
     c.module = load_module(g);
     // SoftHSM 2.6.1 workaround: it reads its token files at C_Initialize, and a token another
@@ -28,7 +28,7 @@ TokenContext with_token(const GlobalOptions& g, bool login) {
     // missing, start the module again (up to three times) before reporting it missing.
     for (int attempt = 0;; ++attempt) {
         try {
-            c.token = pkcs11::select_token(pkcs11::list_tokens(*c.module), g.token);
+            c.token = select_token(list_tokens(*c.module), g.token);
             break;
         } catch (const TokenError&) {
             if (attempt == 3 || g.token.empty()) throw;
@@ -39,14 +39,14 @@ TokenContext with_token(const GlobalOptions& g, bool login) {
         }
     }
     log::info("using token '" + c.token.label + "' (serial " + c.token.serial + ")");
-    c.session = pkcs11::Session::open(c.module, c.token.slot, true);
+    c.session = Session::open(c.module, c.token.slot, true);
     if (!login) return c;
 
     std::optional<PinSource> src;
     if (!g.pin_source.empty()) {
         src = parse_pin_source(g.pin_source);
     } else if (g.token.starts_with("pkcs11:")) {
-        if (auto ps = pkcs11::Uri::parse(g.token).pin_source()) src = parse_pin_source(*ps);
+        if (auto ps = Uri::parse(g.token).pin_source()) src = parse_pin_source(*ps);
     }
     if (!src) src = default_pin_source();
     if (!src)
@@ -59,4 +59,4 @@ TokenContext with_token(const GlobalOptions& g, bool login) {
     return c;
 }
 
-}  // namespace keywarden::cli
+}  // namespace keywarden::pkcs11
