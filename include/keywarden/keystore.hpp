@@ -183,6 +183,11 @@ public:
 
     // Replaces or adds whole rings as given (import). One manifest update.
     void put_rings(const std::vector<KeyRing>& rings);
+    // Streaming form of put_rings: each staged ring is written (as a pending file) right away,
+    // so memory does not grow with the ring count; commit_staged() makes them all visible with
+    // one manifest update. Nothing staged is visible before that.
+    void stage(const KeyRing& ring);
+    void commit_staged();
 
     // The key material of a version (the current one by default): unwrapped in the token as a
     // non-sensitive session object, read, and destroyed. Throws for destroyed versions.
@@ -214,6 +219,8 @@ private:
     std::unique_ptr<StorageLock> m_lock;
     StoreMeta m_meta;
     std::unique_ptr<Manifest> m_manifest;
+    std::unique_ptr<Manifest> m_staged;  // the next manifest while rings are being staged
+    std::vector<std::string> m_staged_files;
     std::vector<VerifyProblem> m_file_problems;
 };
 

@@ -20,13 +20,33 @@ struct OpenStore {
     pkcs11::TokenContext token;
     StoreMeta meta;
     std::unique_ptr<KeyStore> store;
+    // The master keys as found in the token, to build a second MasterKeys (import staging).
+    CK_OBJECT_HANDLE encryption = CK_INVALID_HANDLE, signature = CK_INVALID_HANDLE;
+    CK_MECHANISM_TYPE mechanism = 0;
 };
+
+struct InitParams {
+    std::string master_encryption_key, master_signature_key;  // pkcs11: URIs; empty: generate
+    bool allow_extractable_master = false;
+};
+
+// Throws ConflictError when path exists and is not an empty directory.
+void refuse_existing_store(const std::string& path);
+
+// Creates an empty v2 store at path with master keys generated in the token (or named by URI).
+// Generated master keys are deleted again if anything fails; named ones are never touched.
+StoreMeta init_store(pkcs11::TokenContext& ctx, const std::string& path, const InitParams& p);
 
 // Reads store.json, takes the store lock (before the token, so writers of one store never use
 // the token at the same time), selects the store's token (by its recorded serial unless
 // options.token says otherwise), logs in, finds the master keys and opens the store.
 OpenStore open_store(const pkcs11::TokenOptions& options, const std::string& path, bool writable,
                      bool strict = true);
+
+// The same on a token that is already open, for a storage the caller chose (import staging).
+// `lock`, if given, is a lock on the store the caller already holds.
+OpenStore open_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> storage, bool writable,
+                        bool strict = true, std::unique_ptr<StorageLock> lock = nullptr);
 
 // The key-protection method name recorded in store.json -> the token mechanism.
 CK_MECHANISM_TYPE mechanism_for(const std::string& method);

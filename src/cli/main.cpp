@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The CLI boundary: parse, dispatch, and map every error to a documented exit code.
+#include <csignal>
 #include <cstdio>
 #include <iostream>
 
@@ -105,8 +106,40 @@ Commands build_cli(CLI::App& app, Options& o) {
     c.keystore_verify = c.keystore->add_subcommand(
         "verify", "Check every MAC, the manifest, and that every live key unwraps in the token");
 
+    auto bundle_paths = [](CLI::App* sub, std::string& bundle, std::string& secret) {
+        sub->add_option("--key-bundle-file,--key_bundle_file", bundle, "The key bundle file")->required();
+        sub->add_option("--key-bundle-secret,--key_bundle_secret", secret,
+                        "The secret file with the backup keys (keep it apart from the bundle)")
+            ->required();
+    };
+    c.exp = app.add_subcommand("export", "Back up keys into a bundle under fresh backup keys made in the token");
+    bundle_paths(c.exp, o.exp.bundle, o.exp.secret);
+    c.exp->add_flag("--all", o.exp.all, "Every key ring");
+    c.exp->add_flag("--private-keys,--private_keys", o.exp.private_keys,
+                    "Include private and symmetric keys (without it: public halves only, as Acra)");
+    c.exp->add_option("key-id", o.exp.key_ids, "Key ids to export (instead of --all)");
+
+    c.imp = app.add_subcommand("import", "Restore a bundle into an empty store, all or nothing");
+    bundle_paths(c.imp, o.imp.bundle, o.imp.secret);
+    c.imp->add_flag("--init", o.imp.init, "Create the store and its master keys first");
+    c.imp->add_flag("--merge", o.imp.merge, "Import into a store that already holds keys");
+    c.imp->add_option("--on-conflict", o.imp.on_conflict, "With --merge: abort, skip or overwrite")
+        ->check(CLI::IsMember({"abort", "skip", "overwrite"}));
+    c.imp->add_flag("--dry-run", o.imp.dry_run, "Verify and list what would be imported; write nothing");
+    c.imp->add_option("--master-encryption-key", o.imp.init_options.master_encryption_key,
+                      "With --init: use this existing token key (pkcs11: URI)");
+    c.imp->add_option("--master-signature-key", o.imp.init_options.master_signature_key,
+                      "With --init: use this existing token key (pkcs11: URI)");
+    c.imp->add_flag("--allow-extractable-master", o.imp.init_options.allow_extractable_master,
+                    "With --init: accept extractable master keys");
+
+    c.verify = app.add_subcommand("verify", "Check a bundle without restoring it (a restore drill)");
+    bundle_paths(c.verify, o.verify.bundle, o.verify.secret);
+    c.verify->add_flag("--against-store", o.verify.against_store,
+                       "Also compare the bundle with the live store (by key check values)");
+
     for (CLI::App* sub : {c.init, c.generate, c.rotate, c.list, c.read, c.destroy, c.keystore,
-                          c.keystore_verify})
+                          c.keystore_verify, c.exp, c.imp, c.verify})
         sub->footer(kExitCodes);
     return c;
 }
@@ -143,6 +176,9 @@ int run(int argc, char** argv) {
     if (c.read->parsed()) return run_read(g, o.read);
     if (c.destroy->parsed()) return run_destroy(g, o.destroy);
     if (c.keystore_verify->parsed()) return run_keystore_verify(g);
+    if (c.exp->parsed()) return run_export(g, o.exp);
+    if (c.imp->parsed()) return run_import(g, o.imp);
+    if (c.verify->parsed()) return run_verify_bundle(g, o.verify);
     std::cerr << "error: no command given\n";
     return static_cast<int>(ExitCode::usage);
 }
@@ -153,6 +189,8 @@ int main(int argc, char** argv) {
     using namespace keywarden;
     // Before any key or PIN is in memory: no core dumps, and a locked heap for secrets.
     if (!disable_core_dumps()) log::warn("could not disable core dumps");
+    // A file size limit (ulimit -f) must give a write error to clean up after, not a kill.
+    std::signal(SIGXFSZ, SIG_IGN);
     init_secure_heap();
     try {
         return cli::run(argc, argv);

@@ -53,6 +53,24 @@ struct RotateOptions {
     std::vector<std::string> key_ids;
 };
 
+struct ExportOptions {
+    std::string bundle, secret;
+    bool all = false, private_keys = false;
+    std::vector<std::string> key_ids;
+};
+
+struct ImportOptions {
+    std::string bundle, secret;
+    bool init = false, merge = false, dry_run = false;
+    std::string on_conflict = "abort";
+    InitOptions init_options;
+};
+
+struct VerifyBundleOptions {
+    std::string bundle, secret;
+    bool against_store = false;
+};
+
 struct Options {
     GlobalOptions g;
     InitOptions init;
@@ -61,6 +79,9 @@ struct Options {
     ReadOptions read;
     DestroyOptions destroy;
     RotateOptions rotate;
+    ExportOptions exp;
+    ImportOptions imp;
+    VerifyBundleOptions verify;
 };
 
 struct Commands {
@@ -75,6 +96,9 @@ struct Commands {
     CLI::App* rotate = nullptr;
     CLI::App* keystore = nullptr;
     CLI::App* keystore_verify = nullptr;
+    CLI::App* exp = nullptr;
+    CLI::App* imp = nullptr;
+    CLI::App* verify = nullptr;
 };
 
 // Builds the whole command tree on `app`, binding into `o`. No side effects.
@@ -96,5 +120,8 @@ int run_list(const GlobalOptions& g, const ListOptions& o);
 int run_read(const GlobalOptions& g, const ReadOptions& o);
 int run_destroy(const GlobalOptions& g, const DestroyOptions& o);
 int run_keystore_verify(const GlobalOptions& g);
+int run_export(const GlobalOptions& g, const ExportOptions& o);
+int run_import(const GlobalOptions& g, const ImportOptions& o);
+int run_verify_bundle(const GlobalOptions& g, const VerifyBundleOptions& o);
 
 }  // namespace keywarden::cli

@@ -56,73 +56,14 @@ OpenStore with_store(const GlobalOptions& g, bool writable, bool strict) {
 
 int run_init(const GlobalOptions& g, const InitOptions& o) {
     std::string path = keystore_path(g);
-    auto storage = open_file_storage(path);
-    // Refuse before touching the token: init never touches an existing store.
-    if (storage->exists()) {
-        std::error_code ec;
-        if (!std::filesystem::is_directory(path, ec) || !std::filesystem::is_empty(path, ec))
-            throw ConflictError("refusing to initialise " + path + ": it already exists and is "
-                                "not an empty directory",
-                                "keywarden init never touches an existing store; choose another "
-                                "--keystore path");
-    }
+    keystore::refuse_existing_store(path);  // before touching the token
     auto ctx = pkcs11::open_token(g.tok, true);
-    auto mech = pkcs11::AesWrapProtector::choose_mechanism(*ctx.session);
-    if (!mech)
-        throw TokenError("token '" + ctx.token.label + "' offers no AES key wrap mechanism",
-                         "run 'keywarden token check'; tokens without AES (smartcards) are not "
-                         "supported by this version");
-
-    StoreMeta meta;
-    std::uint8_t id[16];
-    ctx.session->random(id);
-    meta.store_id = to_hex(id);
-    meta.token_serial = ctx.token.serial;
-    meta.token_label = ctx.token.label;
-    meta.token_model = ctx.token.model;
-
-    // Master keys we generate are deleted again if init fails; named ones are never touched.
-    std::vector<CK_OBJECT_HANDLE> created;
-    auto cleanup = [&] {
-        for (auto h : created) pkcs11::destroy_object(*ctx.session, h);
-    };
-    try {
-        auto obtain = [&](const std::string& uri, pkcs11::MasterRole role, const char* suffix) {
-            pkcs11::MasterKeyInfo info;
-            if (uri.empty()) {
-                info = pkcs11::generate_master_key(*ctx.session, role,
-                                                   "keywarden-" + meta.store_id.substr(0, 8) + suffix);
-                created.push_back(info.handle);
-                log::info("generated master key '" + info.label + "' in the token");
-            } else {
-                auto found = pkcs11::find_key_by_uri(*ctx.session, uri);
-                info = pkcs11::describe_master_key(*ctx.session, found.handle, role);
-                if (info.label.empty() || info.id.empty())
-                    throw TokenError("the key named by " + uri + " has no label or no CKA_ID",
-                                     "give it both, so the store can find it again");
-                if (info.extractable) {
-                    if (!o.allow_extractable_master)
-                        throw TokenError("master key '" + info.label +
-                                             "' is extractable (CKA_EXTRACTABLE=true): it could "
-                                             "leave the token",
-                                         "use a non-extractable key, or pass "
-                                         "--allow-extractable-master if you accept the risk");
-                    log::warn("master key '" + info.label +
-                              "' is extractable: its value can leave the token");
-                }
-            }
-            return info;
-        };
-        auto enc = obtain(o.master_encryption_key, pkcs11::MasterRole::encryption, "-enc");
-        auto sig = obtain(o.master_signature_key, pkcs11::MasterRole::signature, "-sig");
-        meta.encryption = {enc.label, enc.id, {}};
-        meta.signature = {sig.label, sig.id, {}};
-        auto keys = token_master_keys(ctx, enc.handle, sig.handle, *mech);
-        KeyStore::init(*storage, keys, meta);
-    } catch (...) {
-        cleanup();
-        throw;
-    }
+    keystore::InitParams params;
+    params.master_encryption_key = o.master_encryption_key;
+    params.master_signature_key = o.master_signature_key;
+    params.allow_extractable_master = o.allow_extractable_master;
+    keystore::init_store(ctx, path, params);
+    auto storage = open_file_storage(path);
     auto written = read_store_meta(*storage);
     if (g.json) {
         nlohmann::json out = {{"keystore", path},

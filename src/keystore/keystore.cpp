@@ -277,9 +277,13 @@ const KeyVersion& KeyStore::pick(const KeyRing& r, std::optional<std::uint32_t> 
 SecureBytes KeyStore::read_secret(const KeyId& id, std::optional<std::uint32_t> version) const {
     KeyRing r = load(id);
     const KeyVersion& v = pick(r, version);
-    if (v.state == KeyState::destroyed || v.wrapped.empty())
+    if (v.state == KeyState::destroyed)
         throw NotFoundError(id.str() + " version " + std::to_string(v.version) +
                             " was destroyed; its key material is gone");
+    if (v.wrapped.empty())
+        throw NotFoundError(id.str() + " version " + std::to_string(v.version) +
+                                " holds only its public half",
+                            "it was restored from a backup made without --private-keys");
     auto key = m_keys.protector->unprotect(v.wrapped, {v.key_type, v.key_length},
                                            Exposure::readable);
     if (!same_bytes(m_keys.backend->check_value(*key, v.public_key), v.kcv))
@@ -377,31 +381,43 @@ void KeyStore::destroy(const KeyId& id, std::optional<std::uint32_t> version) {
     commit({r});
 }
 
-void KeyStore::commit(const std::vector<KeyRing>& rings) {
-    ManifestData next = m_manifest->data;
-    std::vector<std::string> files;
-    files.reserve(rings.size());
-    // 1. Every changed ring into "<file>.pending", without a sync per file.
-    for (const auto& r : rings) {
-        Bytes file = seal(*m_keys.mac, kRingMagic, kRingFormat, kRingDomain,
-                          ring_binding(m_meta.store_id, r.id), ring_to_json(r, m_meta.store_id));
-        std::string name = r.id.file();
-        m_storage->write_unsynced(name + kPending, file);
-        next.rings[r.id.str()] = {name, hex_digest(file), summarize(r)};
-        files.push_back(name);
+void KeyStore::stage(const KeyRing& r) {
+    if (!m_writable) throw Error("internal: store opened read-only");
+    if (!m_staged) {
+        m_staged = std::make_unique<Manifest>(*m_manifest);
+        m_staged_files.clear();
     }
-    // 2. One sync makes them all durable before the manifest can name them.
+    // Every changed ring goes into "<file>.pending", without a sync per file.
+    Bytes file = seal(*m_keys.mac, kRingMagic, kRingFormat, kRingDomain,
+                      ring_binding(m_meta.store_id, r.id), ring_to_json(r, m_meta.store_id));
+    std::string name = r.id.file();
+    m_storage->write_unsynced(name + kPending, file);
+    m_staged->data.rings[r.id.str()] = {name, hex_digest(file), summarize(r)};
+    m_staged_files.push_back(name);
+}
+
+void KeyStore::commit_staged() {
+    if (!m_staged) return;
+    ManifestData next = std::move(m_staged->data);
+    m_staged.reset();
+    // One sync makes every pending file durable before the manifest can name it.
     m_storage->sync();
-    // 3. The commit point: the signed manifest, written atomically.
+    // The commit point: the signed manifest, written atomically.
     next.generation += 1;
     m_storage->write(kManifestFile, seal(*m_keys.mac, kManifestMagic, kManifestFormat,
                                          kManifestDomain, m_meta.store_id, manifest_to_json(next)));
     m_manifest->data = std::move(next);
-    // 4. Move the pending files into place. A crash here is finished by the next writer.
-    for (const auto& f : files) {
+    // Move the pending files into place. A crash here is finished by the next writer.
+    for (const auto& f : m_staged_files) {
         m_storage->rename(f + kPending, f);
         m_manifest->pending.erase(f);
     }
+    m_staged_files.clear();
+}
+
+void KeyStore::commit(const std::vector<KeyRing>& rings) {
+    for (const auto& r : rings) stage(r);
+    commit_staged();
 }
 
 // ---- verify ---------------------------------------------------------------------------------
@@ -423,6 +439,15 @@ VerifyReport KeyStore::verify(const std::function<void(std::size_t)>& progress) 
                         rep.problems.push_back({idstr, "version " + std::to_string(v.version) +
                                                            " is marked destroyed but still "
                                                            "holds key material"});
+                    continue;
+                }
+                if (v.wrapped.empty()) {
+                    // A public half restored from a public-only backup: check what is there.
+                    auto h = sha256(v.public_key);
+                    h.resize(8);
+                    if (v.public_key.empty() || !same_bytes(h, v.kcv))
+                        rep.problems.push_back({idstr, "version " + std::to_string(v.version) +
+                                                           " has no key material"});
                     continue;
                 }
                 try {

@@ -2,7 +2,10 @@
 // Opening a v2 store with its token: the path every command and application takes.
 #include "keywarden/open_store.hpp"
 
+#include <filesystem>
+
 #include "keywarden/encoding.hpp"
+#include "keywarden/log.hpp"
 #include "keywarden/error.hpp"
 #include "keywarden/token_protector.hpp"
 
@@ -34,16 +37,23 @@ std::string master_key_hint(const StoreMeta& meta) {
 
 OpenStore open_store(const pkcs11::TokenOptions& options, const std::string& path, bool writable,
                      bool strict) {
-    OpenStore s;
     auto storage = open_file_storage(path);
-    s.meta = read_store_meta(*storage);
+    StoreMeta meta = read_store_meta(*storage);
     // Lock first: writers of one store then never use the token at the same time, which also
     // keeps clear of SoftHSM's races between processes.
     auto lock = storage->lock(writable);
     pkcs11::TokenOptions tok = options;
     // Without --token, the store names its own token.
-    if (tok.token.empty()) tok.token = "serial:" + s.meta.token_serial;
-    s.token = pkcs11::open_token(tok, true);
+    if (tok.token.empty()) tok.token = "serial:" + meta.token_serial;
+    return open_store_on(pkcs11::open_token(tok, true), std::move(storage), writable, strict,
+                         std::move(lock));
+}
+
+OpenStore open_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> storage,
+                        bool writable, bool strict, std::unique_ptr<StorageLock> lock) {
+    OpenStore s;
+    s.meta = read_store_meta(*storage);
+    s.token = std::move(token);
     if (s.token.token.serial != s.meta.token_serial)
         throw TokenError("the selected token (serial " + s.token.token.serial +
                              ") is not the one holding this store's master keys",
@@ -58,13 +68,82 @@ OpenStore open_store(const pkcs11::TokenOptions& options, const std::string& pat
                              "the store from a backup (keywarden import)");
         return k->handle;
     };
-    CK_OBJECT_HANDLE enc = find(s.meta.encryption, "encryption");
-    CK_OBJECT_HANDLE sig = find(s.meta.signature, "signature");
+    s.encryption = find(s.meta.encryption, "encryption");
+    s.signature = find(s.meta.signature, "signature");
+    s.mechanism = mechanism_for(s.meta.protection);
     s.store = KeyStore::open(std::move(storage),
-                             token_master_keys(s.token, enc, sig, mechanism_for(s.meta.protection)),
+                             token_master_keys(s.token, s.encryption, s.signature, s.mechanism),
                              writable, strict, std::move(lock));
     return s;
 }
 
+
+void refuse_existing_store(const std::string& path) {
+    std::error_code ec;
+    if (!std::filesystem::exists(path, ec)) return;
+    if (!std::filesystem::is_directory(path, ec) || !std::filesystem::is_empty(path, ec))
+        throw ConflictError("refusing to initialise " + path +
+                                ": it already exists and is not an empty directory",
+                            "keywarden init never touches an existing store; choose another "
+                            "--keystore path");
+}
+
+StoreMeta init_store(pkcs11::TokenContext& ctx, const std::string& path, const InitParams& p) {
+    refuse_existing_store(path);
+    auto storage = open_file_storage(path);
+    auto mech = pkcs11::AesWrapProtector::choose_mechanism(*ctx.session);
+    if (!mech)
+        throw TokenError("token '" + ctx.token.label + "' offers no AES key wrap mechanism",
+                         "run 'keywarden token check'; tokens without AES (smartcards) are not "
+                         "supported by this version");
+    StoreMeta meta;
+    std::uint8_t id[16];
+    ctx.session->random(id);
+    meta.store_id = to_hex(id);
+    meta.token_serial = ctx.token.serial;
+    meta.token_label = ctx.token.label;
+    meta.token_model = ctx.token.model;
+
+    std::vector<CK_OBJECT_HANDLE> created;
+    try {
+        auto obtain = [&](const std::string& uri, pkcs11::MasterRole role, const char* suffix) {
+            pkcs11::MasterKeyInfo info;
+            if (uri.empty()) {
+                info = pkcs11::generate_master_key(*ctx.session, role,
+                                                   "keywarden-" + meta.store_id.substr(0, 8) + suffix);
+                created.push_back(info.handle);
+                log::info("generated master key '" + info.label + "' in the token");
+                return info;
+            }
+            auto found = pkcs11::find_key_by_uri(*ctx.session, uri);
+            info = pkcs11::describe_master_key(*ctx.session, found.handle, role);
+            if (info.label.empty() || info.id.empty())
+                throw TokenError("the key named by " + uri + " has no label or no CKA_ID",
+                                 "give it both, so the store can find it again");
+            if (info.extractable) {
+                if (!p.allow_extractable_master)
+                    throw TokenError("master key '" + info.label +
+                                         "' is extractable (CKA_EXTRACTABLE=true): it could leave "
+                                         "the token",
+                                     "use a non-extractable key, or pass "
+                                     "--allow-extractable-master if you accept the risk");
+                log::warn("master key '" + info.label +
+                          "' is extractable: its value can leave the token");
+            }
+            return info;
+        };
+        auto enc = obtain(p.master_encryption_key, pkcs11::MasterRole::encryption, "-enc");
+        auto sig = obtain(p.master_signature_key, pkcs11::MasterRole::signature, "-sig");
+        meta.encryption = {enc.label, enc.id, {}};
+        meta.signature = {sig.label, sig.id, {}};
+        auto keys = token_master_keys(ctx, enc.handle, sig.handle, *mech);
+        KeyStore::init(*storage, keys, meta);
+    } catch (...) {
+        // Generated master keys are deleted again; named ones are never touched.
+        for (auto h : created) pkcs11::destroy_object(*ctx.session, h);
+        throw;
+    }
+    return read_store_meta(*storage);
+}
 
 }  // namespace keywarden::keystore

@@ -1,0 +1,95 @@
+// SPDX-License-Identifier: Apache-2.0
+// Backups of key store v2: export under fresh token backup keys, import into a fresh store,
+// verify without restoring. Format: docs/bundle-format.md.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "keywarden/bundle.hpp"
+#include "keywarden/keystore.hpp"
+#include "keywarden/open_store.hpp"
+
+namespace keywarden::backup {
+
+using Progress = std::function<void(std::size_t done, std::size_t total)>;
+
+struct ExportOptions {
+    std::string bundle_path, secret_path;
+    bool all = false;
+    std::vector<keystore::KeyId> ids;  // when not all
+    bool private_keys = false;
+    Progress progress;
+};
+
+struct ExportSummary {
+    std::string bundle_id;
+    std::size_t rings = 0, entries = 0, wrapped_keys = 0;
+    std::uint64_t bytes = 0;
+    double seconds = 0;
+};
+
+// Generates a backup encryption key (AES-256) and a backup signature key (HMAC) in the store's
+// token as session objects, wraps every selected key under the first inside the token, writes
+// the bundle and the secret file (0600, O_EXCL), and verifies the bundle back before it returns.
+// Refuses existing paths and bundle == secret; a failure leaves no file behind.
+ExportSummary export_bundle(keystore::OpenStore& store, const ExportOptions& o);
+
+struct BundleProblem {
+    std::string key_id;  // or "bundle"
+    std::string problem;
+};
+
+struct BundleEntrySummary {
+    std::string key_id;
+    std::uint32_t version;
+    keystore::KeyState state;
+    bool wrapped;
+    Bytes kcv;
+};
+
+struct VerifyReport {
+    BundleHeader header;
+    std::size_t entries = 0, unwrapped = 0;
+    std::vector<BundleProblem> problems;  // integrity, unwrap and comparison problems
+    // With a store: keys missing from the bundle, extra in it, or different (by check value).
+    std::vector<std::string> missing, extra, different;
+    bool ok() const { return problems.empty() && different.empty(); }
+};
+
+// Checks the secret against the header, the whole-file MAC, the counts and every entry's
+// metadata; unwraps every wrapped key in `token` (session objects, destroyed) and checks its key
+// check value there. With `against`, compares the bundle with the live store by check value.
+VerifyReport verify_bundle(const std::string& bundle_path, const std::string& secret_path,
+                           pkcs11::TokenContext& token, const keystore::KeyStore* against,
+                           const Progress& progress = {});
+
+enum class OnConflict { abort, skip, overwrite };
+
+struct ImportOptions {
+    std::string bundle_path, secret_path;
+    std::string keystore_path;
+    bool init = false;  // create the store and its master keys
+    keystore::InitParams init_params;
+    bool merge = false;
+    OnConflict on_conflict = OnConflict::abort;
+    bool dry_run = false;
+    Progress progress;
+};
+
+struct ImportSummary {
+    std::string bundle_id;
+    std::size_t rings = 0, entries = 0, wrapped_keys = 0;
+    std::vector<std::string> imported, conflicts, skipped;  // key ids
+    bool dry_run = false;
+    double seconds = 0;
+};
+
+// Verifies the whole bundle first, then builds the result in a staging directory beside the
+// store, then switches it in with one atomic rename (RENAME_EXCHANGE). A failure or a kill at
+// any point leaves the target exactly as it was. Keys are unwrapped under the backup key in the
+// destination token and wrapped again under its master key there.
+ImportSummary import_bundle(const pkcs11::TokenOptions& token, const ImportOptions& o);
+
+}  // namespace keywarden::backup

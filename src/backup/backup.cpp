@@ -1,0 +1,544 @@
+// SPDX-License-Identifier: Apache-2.0
+// export, verify and import of key bundles.
+#include "keywarden/backup.hpp"
+
+#include <fcntl.h>
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <set>
+
+#include "bundle_io.hpp"
+#include "keywarden/encoding.hpp"
+#include "keywarden/error.hpp"
+#include "keywarden/log.hpp"
+#include "keywarden/token_protector.hpp"
+
+namespace keywarden::backup {
+
+namespace fs = std::filesystem;
+using keystore::KeyId;
+using keystore::KeyRing;
+using keystore::KeyState;
+using keystore::KeyVersion;
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+bool same(const Bytes& a, const Bytes& b) {
+    return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
+[[noreturn]] void io_fail(const std::string& what, const std::string& path) {
+    int e = errno;
+    std::string hint;
+    if (e == ENOSPC || e == EDQUOT || e == EFBIG)
+        hint = "the disk (or a file size limit) is full: free space and run the command again";
+    throw Error(what + " " + path + ": " + std::strerror(e), hint);
+}
+
+void fsync_dir_of(const std::string& path) {
+    std::string dir = fs::absolute(path).parent_path().string();
+    int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 || ::fsync(fd) != 0) {
+        if (fd >= 0) ::close(fd);
+        io_fail("cannot sync directory", dir);
+    }
+    ::close(fd);
+}
+
+// A file written in full or not at all: created beside its target with O_EXCL, linked into
+// place at the end (link() refuses to replace an existing file), removed on any failure.
+class ExclusiveFile {
+public:
+    explicit ExclusiveFile(std::string target) : m_target(std::move(target)) {
+        fs::path t = fs::absolute(m_target);
+        m_temp = (t.parent_path() / ("." + t.filename().string() + ".tmp-XXXXXX")).string();
+        int fd = ::mkstemp(m_temp.data());
+        if (fd < 0) io_fail("cannot create a file beside", m_target);
+        ::fchmod(fd, 0600);
+        m_fd = fd;
+    }
+    ~ExclusiveFile() {
+        if (m_fd >= 0) ::close(m_fd);
+        if (!m_temp.empty()) ::unlink(m_temp.c_str());
+    }
+    void write(const void* p, std::size_t n) {
+        const auto* b = static_cast<const std::uint8_t*>(p);
+        // Buffered: many small lines become few system calls.
+        m_buf.insert(m_buf.end(), b, b + n);
+        if (m_buf.size() >= (1u << 16)) flush();
+    }
+    void write(std::string_view s) { write(s.data(), s.size()); }
+    void flush() {
+        std::size_t off = 0;
+        while (off < m_buf.size()) {
+            ssize_t n = ::write(m_fd, m_buf.data() + off, m_buf.size() - off);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) io_fail("cannot write", m_target);
+            off += static_cast<std::size_t>(n);
+        }
+        m_bytes += m_buf.size();
+        wipe(m_buf.data(), m_buf.size());
+        m_buf.clear();
+    }
+    // fsync, then link into place; EEXIST means someone created the target meanwhile.
+    void commit() {
+        flush();
+        if (::fsync(m_fd) != 0) io_fail("cannot sync", m_target);
+        if (::close(m_fd) != 0) {
+            m_fd = -1;
+            io_fail("cannot close", m_target);
+        }
+        m_fd = -1;
+        if (::link(m_temp.c_str(), m_target.c_str()) != 0) {
+            if (errno == EEXIST)
+                throw ConflictError(m_target + " already exists", "choose another path; nothing was overwritten");
+            io_fail("cannot create", m_target);
+        }
+        ::unlink(m_temp.c_str());
+        m_temp.clear();
+        fsync_dir_of(m_target);
+    }
+    std::uint64_t bytes() const { return m_bytes + m_buf.size(); }
+
+private:
+    std::string m_target, m_temp;
+    int m_fd = -1;
+    std::vector<std::uint8_t> m_buf;
+    std::uint64_t m_bytes = 0;
+};
+
+std::string canonical_target(const std::string& p) {
+    fs::path a = fs::absolute(p);
+    std::error_code ec;
+    fs::path parent = fs::weakly_canonical(a.parent_path(), ec);
+    return (parent / a.filename()).string();
+}
+
+void refuse_outputs(const std::string& bundle, const std::string& secret) {
+    if (bundle.empty() || secret.empty())
+        throw UsageError("both --key-bundle-file and --key-bundle-secret are needed");
+    if (canonical_target(bundle) == canonical_target(secret))
+        throw UsageError("the bundle and the secret must be different files",
+                         "keep them apart: whoever holds both holds every key");
+    for (const auto& p : {bundle, secret}) {
+        std::error_code ec;
+        if (fs::exists(fs::symlink_status(p, ec)))
+            throw ConflictError(p + " already exists", "choose another path; keywarden never overwrites a backup");
+        if (!fs::is_directory(fs::absolute(p).parent_path(), ec))
+            throw UsageError("the directory for " + p + " does not exist");
+    }
+}
+
+// A readable AES or HMAC session key made in the token: the backup keys. Extractable only
+// because their values must go into the secret file, and never a token object.
+pkcs11::SessionObject make_backup_key(pkcs11::Session& s, bool encryption) {
+    pkcs11::Template t;
+    t.add_ulong(CKA_CLASS, CKO_SECRET_KEY);
+    t.add_ulong(CKA_KEY_TYPE, encryption ? CKK_AES : CKK_GENERIC_SECRET);
+    t.add_ulong(CKA_VALUE_LEN, 32).add_bool(CKA_TOKEN, false).add_bool(CKA_PRIVATE, true);
+    t.add_bool(CKA_SENSITIVE, false).add_bool(CKA_EXTRACTABLE, true);
+    if (encryption) t.add_bool(CKA_WRAP, true).add_bool(CKA_UNWRAP, true);
+    else t.add_bool(CKA_SIGN, true).add_bool(CKA_VERIFY, true);
+    return s.generate_key(encryption ? CKM_AES_KEY_GEN : CKM_GENERIC_SECRET_KEY_GEN, t);
+}
+
+// The backup encryption key from a secret file, as a session object that can only unwrap.
+pkcs11::SessionObject load_backup_key(pkcs11::Session& s, const SecureBytes& value) {
+    pkcs11::Template t;
+    t.add_ulong(CKA_CLASS, CKO_SECRET_KEY).add_ulong(CKA_KEY_TYPE, CKK_AES);
+    t.add_bool(CKA_TOKEN, false).add_bool(CKA_PRIVATE, true).add_bool(CKA_SENSITIVE, true);
+    t.add_bool(CKA_EXTRACTABLE, false).add_bool(CKA_UNWRAP, true).add_bool(CKA_WRAP, false);
+    t.add_bytes(CKA_VALUE, value);
+    return s.create_object(t);
+}
+
+// The wrap mechanism for bundles: RFC 5649, so that `openssl enc -id-aes256-wrap-pad` can undo it.
+CK_MECHANISM_TYPE bundle_mechanism(pkcs11::Session& s) {
+    for (CK_MECHANISM_TYPE m : {CKM_AES_KEY_WRAP_KWP, CKM_AES_KEY_WRAP_PAD})
+        if (s.has_mechanism(m)) return m;
+    throw TokenError("the token has no AES key wrap with padding (RFC 5649)",
+                     "run 'keywarden token check'");
+}
+
+CK_MECHANISM_TYPE mechanism_of(const std::string& method) {
+    for (CK_MECHANISM_TYPE m : {CKM_AES_KEY_WRAP_KWP, CKM_AES_KEY_WRAP_PAD})
+        if (pkcs11::AesWrapProtector::method_name(m) == method) return m;
+    throw FormatError("the bundle uses wrap method '" + method + "', which this keywarden does not know");
+}
+
+}  // namespace
+
+// ---- export ---------------------------------------------------------------------------------
+
+ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
+    auto t0 = std::chrono::steady_clock::now();
+    refuse_outputs(o.bundle_path, o.secret_path);
+    keystore::KeyStore& store = *os.store;
+    pkcs11::Session& session = *os.token.session;
+
+    // What goes in: every ring, or the ones named; without private keys only keypairs.
+    std::vector<KeyId> ids = o.all ? store.key_ids() : o.ids;
+    if (!o.all) {
+        std::set<std::string> seen;
+        for (const auto& id : ids) {
+            if (!store.contains(id)) throw NotFoundError("no key ring " + id.str() + " in the store");
+            if (!seen.insert(id.str()).second) throw UsageError(id.str() + " is named twice");
+        }
+    }
+    if (!o.private_keys) {
+        std::erase_if(ids, [](const KeyId& id) { return !keystore::has_public(id.kind); });
+        if (ids.empty())
+            throw UsageError("nothing to export: without --private-keys only public halves of "
+                             "keypairs are exported, and none was selected");
+    }
+    std::map<std::string, std::size_t> versions;
+    for (const auto& s : store.list()) versions[s.key_id] = s.versions.size();
+    BundleHeader h;
+    std::uint8_t bid[16];
+    session.random(bid);
+    h.bundle_id = to_hex(bid);
+    h.created = keystore::now_seconds();
+    h.private_keys = o.private_keys;
+    h.rings = ids.size();
+    for (const auto& id : ids) h.entries += versions.at(id.str());
+
+    // Fresh backup keys for this export only, made in the token.
+    CK_MECHANISM_TYPE mech = bundle_mechanism(session);
+    auto bek = make_backup_key(session, true);
+    auto bsk = make_backup_key(session, false);
+    SecretFile secret;
+    secret.bundle_id = h.bundle_id;
+    secret.encryption = session.get_secret(bek.handle(), CKA_VALUE);
+    secret.signature = session.get_secret(bsk.handle(), CKA_VALUE);
+    secret.wrap_method = h.wrap_method = pkcs11::AesWrapProtector::method_name(mech);
+    secret.wrap_mechanism = h.wrap_mechanism = pkcs11::mechanism_name(mech);
+    secret.kcv_encryption = h.kcv_encryption = encryption_kcv(secret.encryption);
+    secret.kcv_signature = h.kcv_signature = signature_kcv(secret.signature);
+    pkcs11::AesWrapProtector under_backup(os.token.session, bek.handle(), mech);
+    // The token's wrap must be the RFC 5649 the bundle promises: its check value says so.
+    if (!same(under_backup.key_check_value(), secret.kcv_encryption))
+        throw TokenError("the token's " + secret.wrap_mechanism +
+                         " is not RFC 5649, so a bundle could not be opened with openssl",
+                         "report the token model");
+    SecureBytes meta_key = metadata_key(secret.signature);
+
+    ExportSummary sum;
+    sum.bundle_id = h.bundle_id;
+    {
+        ExclusiveFile out(o.bundle_path);
+        HmacStream mac(secret.signature);
+        auto line = [&](std::string_view s) {
+            out.write(s);
+            out.write("\n");
+            mac.update(s);
+            mac.update("\n");
+        };
+        line(kMagicLine);
+        line(encode_header(h));
+        std::size_t done = 0;
+        for (const auto& id : ids) {
+            KeyRing r = store.load(id);
+            ++sum.rings;
+            for (const auto& v : r.versions) {
+                EntryMeta m{id.str(), v.version, v.state, v.created, v.valid_from, v.valid_until,
+                            r.current && *r.current == v.version, v.key_type, v.key_length, v.kcv,
+                            v.public_key, false};
+                EntryLine el;
+                if (o.private_keys && !v.wrapped.empty()) {
+                    // Unwrapped under the master key into a sensitive session object, wrapped
+                    // under the backup key, destroyed: never in host memory in the clear.
+                    auto key = store.keys().protector->unprotect(v.wrapped, {v.key_type, v.key_length},
+                                                                 Exposure::sensitive);
+                    el.wrapped = under_backup.protect(*key);
+                    m.wrapped = true;
+                    ++sum.wrapped_keys;
+                }
+                el.sealed_meta = seal_metadata(meta_key, m);
+                line(encode_entry(el));
+                ++sum.entries;
+                if (o.progress) o.progress(++done, h.entries);
+            }
+        }
+        if (sum.entries != h.entries)
+            throw Error("internal: the store changed during export");
+        std::string tag = "mac " + to_hex(mac.final()) + "\n";
+        out.write(tag);
+        out.commit();
+        sum.bytes = out.bytes();
+    }
+    // The secret file: 0600, O_EXCL. If it cannot be written, the bundle goes too.
+    try {
+        SecureBytes text = encode_secret_file(secret);
+        ExclusiveFile sf(o.secret_path);
+        sf.write(text.data(), text.size());
+        sf.commit();
+    } catch (...) {
+        ::unlink(o.bundle_path.c_str());
+        throw;
+    }
+    // Self-check: read the bundle back and verify it completely before reporting success.
+    try {
+        auto rep = verify_bundle(o.bundle_path, o.secret_path, os.token, nullptr);
+        if (!rep.ok() || rep.entries != sum.entries || rep.unwrapped != sum.wrapped_keys)
+            throw IntegrityError("the bundle just written does not verify" +
+                                 (rep.problems.empty() ? std::string() : ": " + rep.problems.front().problem));
+    } catch (...) {
+        ::unlink(o.bundle_path.c_str());
+        ::unlink(o.secret_path.c_str());
+        throw;
+    }
+    sum.seconds = seconds_since(t0);
+    return sum;
+}
+
+// ---- verify ---------------------------------------------------------------------------------
+
+VerifyReport verify_bundle(const std::string& bundle_path, const std::string& secret_path,
+                           pkcs11::TokenContext& token, const keystore::KeyStore* against,
+                           const Progress& progress) {
+    VerifyReport rep;
+    SecretFile secret = parse_secret_file(detail::read_secret_file(secret_path));
+    detail::BundleReader reader(bundle_path, secret);
+    rep.header = reader.header();
+    auto bek = load_backup_key(*token.session, secret.encryption);
+    pkcs11::AesWrapProtector under_backup(token.session, bek.handle(), mechanism_of(rep.header.wrap_method));
+    pkcs11::TokenKeyBackend backend(token.session);
+
+    std::map<std::string, Bytes> store_kcv;  // "key id@version" -> check value, live keys only
+    std::set<std::string> store_rings;
+    if (against) {
+        for (const auto& id : against->key_ids()) {
+            KeyRing r = against->load(id);
+            store_rings.insert(id.str());
+            for (const auto& v : r.versions)
+                if (v.state != KeyState::destroyed)
+                    store_kcv[id.str() + "@" + std::to_string(v.version)] = v.kcv;
+        }
+    }
+    std::set<std::string> bundle_keys;
+    try {
+        while (auto e = reader.next()) {
+            ++rep.entries;
+            const auto& m = e->meta;
+            std::string key = m.key_id + "@" + std::to_string(m.version);
+            bundle_keys.insert(key);
+            if (!e->wrapped.empty()) {
+                try {
+                    auto k = under_backup.unprotect(e->wrapped, {m.key_type, m.key_length}, Exposure::sensitive);
+                    if (!same(backend.check_value(*k, m.public_key), m.kcv))
+                        throw IntegrityError("the key's check value differs from its record");
+                    ++rep.unwrapped;
+                } catch (const Error& err) {
+                    rep.problems.push_back({key, err.what()});
+                }
+            }
+            if (against && m.state != KeyState::destroyed) {
+                auto it = store_kcv.find(key);
+                if (it == store_kcv.end()) rep.extra.push_back(key);
+                else if (!same(it->second, m.kcv)) rep.different.push_back(key);
+            }
+            if (progress) progress(rep.entries, rep.header.entries);
+        }
+    } catch (const Error& e) {
+        rep.problems.push_back({"bundle", e.what()});
+    }
+    if (against) {
+        // Only rings the bundle covers are compared version by version; a selective export is
+        // not "missing" the rings it did not select, but the report lists them.
+        for (const auto& [key, kcv] : store_kcv)
+            if (!bundle_keys.count(key)) rep.missing.push_back(key);
+    }
+    return rep;
+}
+
+// ---- import ---------------------------------------------------------------------------------
+
+namespace {
+
+class HeldElsewhere : public keystore::StorageLock {};  // the caller holds the real lock
+
+void hardlink_clone(const fs::path& from, const fs::path& to) {
+    for (auto it = fs::recursive_directory_iterator(from); it != fs::recursive_directory_iterator(); ++it) {
+        fs::path dst = to / fs::relative(it->path(), from);
+        if (it->is_directory()) {
+            if (::mkdir(dst.c_str(), 0700) != 0 && errno != EEXIST) io_fail("cannot create", dst.string());
+        } else if (::link(it->path().c_str(), dst.c_str()) != 0) {
+            // Ring files are never changed in place (always replaced by rename), so sharing
+            // inodes between the live store and the staging copy is safe.
+            io_fail("cannot link", dst.string());
+        }
+    }
+}
+
+KeyVersion version_from(const EntryMeta& m) {
+    KeyVersion v;
+    v.version = m.version;
+    v.state = m.state;
+    v.created = m.created;
+    v.valid_from = m.valid_from;
+    v.valid_until = m.valid_until;
+    v.key_type = m.key_type;
+    v.key_length = m.key_length;
+    v.kcv = m.kcv;
+    v.public_key = m.public_key;
+    return v;
+}
+
+}  // namespace
+
+ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions& o) {
+    auto t0 = std::chrono::steady_clock::now();
+    ImportSummary sum;
+    sum.dry_run = o.dry_run;
+    SecretFile secret = parse_secret_file(detail::read_secret_file(o.secret_path));
+    detail::BundleReader reader(o.bundle_path, secret);
+    sum.bundle_id = reader.header().bundle_id;
+
+    // Pass 1: the whole bundle verifies before anything is written.
+    std::vector<std::string> rings;
+    {
+        std::string last;
+        while (auto e = reader.next()) {
+            if (e->meta.key_id != last) rings.push_back(last = e->meta.key_id);
+            ++sum.entries;
+            if (e->meta.wrapped) ++sum.wrapped_keys;
+        }
+    }
+    sum.rings = rings.size();
+
+    std::optional<keystore::OpenStore> target;
+    pkcs11::TokenContext ctx;
+    std::set<std::string> conflicts;
+    if (o.init) {
+        keystore::refuse_existing_store(o.keystore_path);
+        ctx = pkcs11::open_token(tok, true);
+    } else {
+        target.emplace(keystore::open_store(tok, o.keystore_path, !o.dry_run));
+        ctx = target->token;
+        auto existing = target->store->key_ids();
+        for (const auto& id : existing)
+            if (std::find(rings.begin(), rings.end(), id.str()) != rings.end()) conflicts.insert(id.str());
+        if (!existing.empty() && !o.merge && !o.dry_run)
+            throw ConflictError("the target store already holds " + std::to_string(existing.size()) +
+                                    " key rings",
+                                "import into an empty store (keywarden init, or import --init), or "
+                                "pass --merge --on-conflict abort|skip|overwrite");
+        if (o.merge && o.on_conflict == OnConflict::abort && !conflicts.empty() && !o.dry_run)
+            throw ConflictError(std::to_string(conflicts.size()) + " key rings of the bundle already exist in "
+                                    "the store, " + *conflicts.begin() + " first",
+                                "choose --on-conflict skip or overwrite");
+    }
+    for (const auto& r : rings) {
+        if (conflicts.count(r)) {
+            sum.conflicts.push_back(r);
+            if (o.on_conflict == OnConflict::skip || !o.merge) sum.skipped.push_back(r);
+            else sum.imported.push_back(r);
+        } else {
+            sum.imported.push_back(r);
+        }
+    }
+    if (o.dry_run) {
+        sum.seconds = seconds_since(t0);
+        return sum;
+    }
+
+    // Staging: a sibling directory holding the complete result, switched in at the end.
+    fs::path path = fs::absolute(o.keystore_path);
+    fs::path parent = path.parent_path();
+    std::error_code ec;
+    fs::create_directories(parent, ec);
+    // Leftovers of an import that was killed are removed (we hold the store's lock).
+    for (const auto& e : fs::directory_iterator(parent, ec))
+        if (e.path().filename().string().starts_with("." + path.filename().string() + ".import-"))
+            fs::remove_all(e.path(), ec);
+    std::string staging = (parent / ("." + path.filename().string() + ".import-XXXXXX")).string();
+    if (!::mkdtemp(staging.data())) io_fail("cannot create a staging directory in", parent.string());
+    bool switched = false;
+    try {
+        std::optional<keystore::OpenStore> stage;
+        if (o.init) {
+            ::rmdir(staging.c_str());  // init_store creates it
+            keystore::init_store(ctx, staging, o.init_params);
+            stage.emplace(keystore::open_store_on(ctx, keystore::open_file_storage(staging), true));
+        } else {
+            ::chmod(staging.c_str(), 0700);
+            hardlink_clone(path, staging);
+            stage.emplace(keystore::open_store_on(ctx, keystore::open_file_storage(staging), true, true,
+                                                  std::make_unique<HeldElsewhere>()));
+        }
+        keystore::KeyStore& dst = *stage->store;
+        std::set<std::string> skip(sum.skipped.begin(), sum.skipped.end());
+
+        // Pass 2: the backup key goes into the destination token; every key is unwrapped there
+        // and wrapped again under the destination master key.
+        auto bek = load_backup_key(*ctx.session, secret.encryption);
+        pkcs11::AesWrapProtector under_backup(ctx.session, bek.handle(), mechanism_of(reader.header().wrap_method));
+        pkcs11::TokenKeyBackend backend(ctx.session);
+        reader.rewind();
+        // (A plain KeyRing and a flag: g++ 12 warns falsely on std::optional<KeyRing> here.)
+        KeyRing ring_value;
+        KeyRing* ring = nullptr;
+        std::size_t done = 0;
+        auto flush = [&] {
+            if (ring && !skip.count(ring->id.str())) dst.stage(*ring);
+            ring = nullptr;
+        };
+        while (auto e = reader.next()) {
+            const auto& m = e->meta;
+            if (!ring || ring->id.str() != m.key_id) {
+                flush();
+                ring_value = KeyRing{};
+                ring_value.id = KeyId::parse(m.key_id);
+                ring = &ring_value;
+            }
+            if (!skip.count(m.key_id)) {
+                KeyVersion v = version_from(m);
+                v.protection = dst.keys().protector->method();
+                if (!e->wrapped.empty()) {
+                    auto k = under_backup.unprotect(e->wrapped, {m.key_type, m.key_length}, Exposure::sensitive);
+                    if (!same(backend.check_value(*k, m.public_key), m.kcv))
+                        throw IntegrityError(m.key_id + " version " + std::to_string(m.version) +
+                                             ": the key's check value differs from its record");
+                    v.wrapped = dst.keys().protector->protect(*k);
+                }
+                if (m.current) ring->current = m.version;
+                ring->versions.push_back(std::move(v));
+            }
+            if (o.progress) o.progress(++done, sum.entries);
+        }
+        flush();  // next() returned nullopt: the MAC verified again on this second read
+        dst.commit_staged();
+        stage.reset();
+
+        // The switch: one atomic rename.
+        if (o.init) {
+            if (::rename(staging.c_str(), path.c_str()) != 0) io_fail("cannot move the new store to", path.string());
+        } else if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, path.c_str(), RENAME_EXCHANGE) != 0) {
+            io_fail("cannot switch the imported store into", path.string());
+        }
+        switched = true;
+        fsync_dir_of(path.string());
+    } catch (...) {
+        if (!switched) fs::remove_all(staging, ec);
+        throw;
+    }
+    // After the exchange, the staging path holds the previous store: remove it.
+    if (!o.init) fs::remove_all(staging, ec);
+    sum.seconds = seconds_since(t0);
+    return sum;
+}
+
+}  // namespace keywarden::backup

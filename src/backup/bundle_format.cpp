@@ -1,0 +1,298 @@
+// SPDX-License-Identifier: Apache-2.0
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include <nlohmann/json.hpp>
+
+#include "keywarden/bundle.hpp"
+#include "keywarden/encoding.hpp"
+#include "keywarden/error.hpp"
+
+namespace keywarden::backup {
+
+using nlohmann::json;
+
+namespace {
+
+void append(SecureBytes& out, std::string_view s) { out.insert(out.end(), s.begin(), s.end()); }
+
+// Finds "name" : "value" in a JSON object's text and returns the value's position, for the two
+// key values only; everything else is read by the JSON parser from a copy with them blanked.
+std::pair<std::size_t, std::size_t> find_string_field(const SecureBytes& text, std::string_view name) {
+    std::string_view t(reinterpret_cast<const char*>(text.data()), text.size());
+    std::string quoted = "\"" + std::string(name) + "\"";
+    std::size_t at = t.find(quoted);
+    if (at == std::string_view::npos || t.find(quoted, at + 1) != std::string_view::npos)
+        throw FormatError("the secret file must have exactly one \"" + std::string(name) + "\" field",
+                          "is this a keywarden secret file (--key-bundle-secret)?");
+    std::size_t p = at + quoted.size();
+    while (p < t.size() && (t[p] == ' ' || t[p] == '\n' || t[p] == '\t' || t[p] == '\r')) ++p;
+    if (p >= t.size() || t[p] != ':') throw FormatError("secret file: malformed " + std::string(name));
+    ++p;
+    while (p < t.size() && (t[p] == ' ' || t[p] == '\n' || t[p] == '\t' || t[p] == '\r')) ++p;
+    if (p >= t.size() || t[p] != '"') throw FormatError("secret file: " + std::string(name) + " is not a string");
+    std::size_t start = ++p;
+    while (p < t.size() && t[p] != '"') {
+        char c = t[p];
+        bool b64 = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                   c == '+' || c == '/' || c == '=';
+        if (!b64) throw FormatError("secret file: " + std::string(name) + " is not base64");
+        ++p;
+    }
+    if (p >= t.size()) throw FormatError("secret file: unterminated " + std::string(name));
+    return {start, p - start};
+}
+
+json json_of_meta(const EntryMeta& m) {
+    return {{"key_id", m.key_id},
+            {"version", m.version},
+            {"state", keystore::key_state_name(m.state)},
+            {"created", m.created},
+            {"valid_from", m.valid_from},
+            {"valid_until", m.valid_until ? json(*m.valid_until) : json(nullptr)},
+            {"current", m.current},
+            {"key_type", key_kind_name(m.key_type)},
+            {"key_length", m.key_length},
+            {"kcv", to_hex(m.kcv)},
+            {"public", m.public_key.empty() ? json(nullptr) : json(to_base64(m.public_key))},
+            {"wrapped", m.wrapped}};
+}
+
+Bytes hex_field(const json& j, const char* what) {
+    auto v = from_hex(j.get<std::string>());
+    if (!v) throw FormatError(std::string(what) + " is not hex");
+    return *v;
+}
+
+template <typename Out>
+void ctr(const SecureBytes& key, std::span<const std::uint8_t> iv, std::span<const std::uint8_t> in,
+         Out& out) {
+    EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
+    out.resize(in.size());
+    int n = 0;
+    bool ok = ctx && EVP_EncryptInit_ex(ctx, EVP_aes_256_ctr(), nullptr, key.data(), iv.data()) == 1 &&
+              EVP_EncryptUpdate(ctx, reinterpret_cast<unsigned char*>(out.data()), &n, in.data(),
+                                static_cast<int>(in.size())) == 1;
+    EVP_CIPHER_CTX_free(ctx);
+    if (!ok) throw OpenSslError("AES-256-CTR");
+}
+
+}  // namespace
+
+SecureBytes encode_secret_file(const SecretFile& s) {
+    SecureBytes out;
+    SecureBytes enc = base64_secret(s.encryption), sig = base64_secret(s.signature);
+    append(out, "{\n  \"format\": " + std::to_string(s.format) + ",\n");
+    append(out, "  \"bundle_id\": \"" + s.bundle_id + "\",\n");
+    append(out, "  \"encryption\": \"");
+    out.insert(out.end(), enc.begin(), enc.end());
+    append(out, "\",\n  \"signature\": \"");
+    out.insert(out.end(), sig.begin(), sig.end());
+    append(out, "\",\n  \"wrap_method\": \"" + s.wrap_method + "\",\n");
+    append(out, "  \"wrap_mechanism\": \"" + s.wrap_mechanism + "\",\n");
+    append(out, "  \"kcv_encryption\": \"" + to_hex(s.kcv_encryption) + "\",\n");
+    append(out, "  \"kcv_signature\": \"" + to_hex(s.kcv_signature) + "\"\n}\n");
+    return out;
+}
+
+SecretFile parse_secret_file(const SecureBytes& text) {
+    SecretFile s;
+    auto [eo, en] = find_string_field(text, "encryption");
+    auto [so, sn] = find_string_field(text, "signature");
+    auto enc = secret_from_base64({reinterpret_cast<const char*>(text.data()) + eo, en});
+    auto sig = secret_from_base64({reinterpret_cast<const char*>(text.data()) + so, sn});
+    if (!enc || !sig) throw FormatError("secret file: a key is not valid base64");
+    s.encryption = std::move(*enc);
+    s.signature = std::move(*sig);
+    if (s.encryption.size() != 32 || s.signature.size() != 32)
+        throw FormatError("secret file: the backup keys must be 32 bytes each");
+    // The rest goes through the JSON parser with the key values blanked out.
+    std::string blanked(reinterpret_cast<const char*>(text.data()), text.size());
+    std::fill(blanked.begin() + static_cast<std::ptrdiff_t>(eo), blanked.begin() + static_cast<std::ptrdiff_t>(eo + en), 'A');
+    std::fill(blanked.begin() + static_cast<std::ptrdiff_t>(so), blanked.begin() + static_cast<std::ptrdiff_t>(so + sn), 'A');
+    try {
+        json j = json::parse(blanked);
+        s.format = j.at("format").get<int>();
+        if (s.format != kSecretFormat)
+            throw FormatError("secret file format " + std::to_string(s.format) +
+                                  " is not supported (this keywarden reads " +
+                                  std::to_string(kSecretFormat) + ")",
+                              s.format > kSecretFormat ? "upgrade keywarden" : "");
+        s.bundle_id = j.at("bundle_id").get<std::string>();
+        s.wrap_method = j.at("wrap_method").get<std::string>();
+        s.wrap_mechanism = j.at("wrap_mechanism").get<std::string>();
+        s.kcv_encryption = hex_field(j.at("kcv_encryption"), "kcv");
+        s.kcv_signature = hex_field(j.at("kcv_signature"), "kcv");
+    } catch (const json::exception& e) {
+        throw FormatError(std::string("the secret file is not a keywarden secret file: ") + e.what());
+    }
+    return s;
+}
+
+std::string encode_header(const BundleHeader& h) {
+    return json{{"format", h.format},
+                {"bundle_id", h.bundle_id},
+                {"created", h.created},
+                {"wrap_method", h.wrap_method},
+                {"wrap_mechanism", h.wrap_mechanism},
+                {"metadata_cipher", "aes-256-ctr"},
+                {"mac", "hmac-sha256"},
+                {"entries", h.entries},
+                {"rings", h.rings},
+                {"private_keys", h.private_keys},
+                {"kcv", {{"encryption", to_hex(h.kcv_encryption)}, {"signature", to_hex(h.kcv_signature)}}}}
+        .dump();
+}
+
+BundleHeader parse_header(std::string_view line) {
+    try {
+        json j = json::parse(line);
+        BundleHeader h;
+        h.format = j.at("format").get<int>();
+        if (h.format != kBundleFormat)
+            throw FormatError("bundle format " + std::to_string(h.format) + " is not supported",
+                              h.format > kBundleFormat ? "upgrade keywarden" : "");
+        h.bundle_id = j.at("bundle_id").get<std::string>();
+        h.created = j.at("created").get<std::int64_t>();
+        h.wrap_method = j.at("wrap_method").get<std::string>();
+        h.wrap_mechanism = j.at("wrap_mechanism").get<std::string>();
+        if (j.at("metadata_cipher") != "aes-256-ctr" || j.at("mac") != "hmac-sha256")
+            throw FormatError("bundle uses an unknown cipher or MAC");
+        h.entries = j.at("entries").get<std::uint64_t>();
+        h.rings = j.at("rings").get<std::uint64_t>();
+        h.private_keys = j.at("private_keys").get<bool>();
+        h.kcv_encryption = hex_field(j.at("kcv").at("encryption"), "kcv");
+        h.kcv_signature = hex_field(j.at("kcv").at("signature"), "kcv");
+        return h;
+    } catch (const json::exception& e) {
+        throw FormatError(std::string("bundle header is malformed: ") + e.what());
+    }
+}
+
+std::string encode_entry(const EntryLine& e) {
+    return to_base64(e.sealed_meta) + " " + (e.wrapped.empty() ? std::string("-") : to_base64(e.wrapped));
+}
+
+EntryLine parse_entry(std::string_view line) {
+    auto sp = line.find(' ');
+    if (sp == std::string_view::npos || line.find(' ', sp + 1) != std::string_view::npos)
+        throw FormatError("bundle entry is malformed");
+    EntryLine e;
+    auto meta = from_base64(line.substr(0, sp));
+    if (!meta || meta->size() < 17) throw FormatError("bundle entry metadata is malformed");
+    e.sealed_meta = std::move(*meta);
+    auto w = line.substr(sp + 1);
+    if (w != "-") {
+        auto wrapped = from_base64(w);
+        if (!wrapped || wrapped->empty()) throw FormatError("bundle entry key is malformed");
+        e.wrapped = std::move(*wrapped);
+    }
+    return e;
+}
+
+SecureBytes metadata_key(const SecureBytes& signature_key) {
+    auto k = hmac_sha256(signature_key, std::span<const std::uint8_t>(
+                                            reinterpret_cast<const std::uint8_t*>(kMetadataKeyLabel.data()),
+                                            kMetadataKeyLabel.size()));
+    SecureBytes out(k.begin(), k.end());
+    wipe(k.data(), k.size());
+    return out;
+}
+
+Bytes seal_metadata(const SecureBytes& meta_key, const EntryMeta& m) {
+    std::string plain = json_of_meta(m).dump();
+    Bytes out(16);
+    if (RAND_bytes(out.data(), 16) != 1) throw OpenSslError("RAND_bytes");
+    Bytes ct;
+    ctr(meta_key, std::span(out).first(16),
+        std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(plain.data()), plain.size()), ct);
+    out.insert(out.end(), ct.begin(), ct.end());
+    return out;
+}
+
+EntryMeta open_metadata(const SecureBytes& meta_key, std::span<const std::uint8_t> sealed) {
+    if (sealed.size() < 17) throw FormatError("bundle entry metadata is too short");
+    std::string plain;
+    ctr(meta_key, sealed.first(16), sealed.subspan(16), plain);
+    try {
+        json j = json::parse(plain);
+        EntryMeta m;
+        m.key_id = j.at("key_id").get<std::string>();
+        m.version = j.at("version").get<std::uint32_t>();
+        auto st = keystore::key_state_from_name(j.at("state").get<std::string>());
+        if (!st) throw FormatError("unknown key state in bundle");
+        m.state = *st;
+        m.created = j.at("created").get<std::int64_t>();
+        m.valid_from = j.at("valid_from").get<std::int64_t>();
+        if (!j.at("valid_until").is_null()) m.valid_until = j.at("valid_until").get<std::int64_t>();
+        m.current = j.at("current").get<bool>();
+        std::string kt = j.at("key_type").get<std::string>();
+        bool known = false;
+        for (KeyKind k : {KeyKind::aes, KeyKind::generic_secret, KeyKind::ec_p256_private})
+            if (kt == key_kind_name(k)) {
+                m.key_type = k;
+                known = true;
+            }
+        if (!known) throw FormatError("unknown key type in bundle: " + kt);
+        m.key_length = j.at("key_length").get<std::uint32_t>();
+        m.kcv = hex_field(j.at("kcv"), "kcv");
+        if (!j.at("public").is_null()) {
+            auto p = from_base64(j.at("public").get<std::string>());
+            if (!p) throw FormatError("bad public key in bundle");
+            m.public_key = *p;
+        }
+        m.wrapped = j.at("wrapped").get<bool>();
+        return m;
+    } catch (const json::exception& e) {
+        // Reachable only after the whole-file MAC verified, or while scanning before it does.
+        throw IntegrityError(std::string("bundle entry metadata does not decrypt: ") + e.what());
+    }
+}
+
+Bytes encryption_kcv(const SecureBytes& key) {
+    SecureBytes zeros(32, 0);
+    auto h = sha256(aes_wrap_pad(key, zeros));
+    h.resize(8);
+    return h;
+}
+
+Bytes signature_kcv(const SecureBytes& key) {
+    Bytes zeros(32, 0);
+    auto h = hmac_sha256(key, zeros);
+    h.resize(8);
+    return h;
+}
+
+HmacStream::HmacStream(std::span<const std::uint8_t> key) {
+    EVP_MAC* mac = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+    EVP_MAC_CTX* ctx = mac ? EVP_MAC_CTX_new(mac) : nullptr;
+    EVP_MAC_free(mac);
+    char digest[] = "SHA256";
+    OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
+                           OSSL_PARAM_construct_end()};
+    if (!ctx || EVP_MAC_init(ctx, key.data(), key.size(), params) != 1) {
+        EVP_MAC_CTX_free(ctx);
+        throw OpenSslError("EVP_MAC_init");
+    }
+    m_ctx = ctx;
+}
+
+HmacStream::~HmacStream() { EVP_MAC_CTX_free(static_cast<EVP_MAC_CTX*>(m_ctx)); }
+
+void HmacStream::update(std::span<const std::uint8_t> data) {
+    if (EVP_MAC_update(static_cast<EVP_MAC_CTX*>(m_ctx), data.data(), data.size()) != 1)
+        throw OpenSslError("EVP_MAC_update");
+}
+
+Bytes HmacStream::final() {
+    Bytes out(32);
+    std::size_t n = 0;
+    if (EVP_MAC_final(static_cast<EVP_MAC_CTX*>(m_ctx), out.data(), &n, out.size()) != 1)
+        throw OpenSslError("EVP_MAC_final");
+    out.resize(n);
+    return out;
+}
+
+}  // namespace keywarden::backup

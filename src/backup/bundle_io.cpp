@@ -1,0 +1,157 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "bundle_io.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <openssl/crypto.h>
+
+#include "keywarden/encoding.hpp"
+#include "keywarden/error.hpp"
+
+namespace keywarden::backup::detail {
+
+SecureBytes read_secret_file(const std::string& path) {
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        throw NotFoundError("cannot open secret file " + path + ": " + std::strerror(errno),
+                            "pass the file export wrote with --key-bundle-secret");
+    SecureBytes out(64 * 1024);
+    std::size_t got = 0;
+    for (;;) {
+        if (got == out.size()) {
+            ::close(fd);
+            throw FormatError(path + " is too large to be a keywarden secret file");
+        }
+        ssize_t n = ::read(fd, out.data() + got, out.size() - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+            int e = errno;
+            ::close(fd);
+            throw Error("cannot read " + path + ": " + std::strerror(e));
+        }
+        if (n == 0) break;
+        got += static_cast<std::size_t>(n);
+    }
+    ::close(fd);
+    out.resize(got);
+    return out;
+}
+
+namespace {
+bool same(const Bytes& a, const Bytes& b) {
+    return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+}  // namespace
+
+BundleReader::BundleReader(const std::string& path, const SecretFile& secret)
+    : m_path(path), m_secret(secret), m_meta_key(metadata_key(secret.signature)) {
+    m_in.open(path, std::ios::binary);
+    if (!m_in)
+        throw NotFoundError("cannot open bundle " + path + ": " + std::strerror(errno),
+                            "pass the file export wrote with --key-bundle-file");
+    start();
+}
+
+void BundleReader::start() {
+    m_mac.emplace(m_secret.signature);
+    m_entries = m_rings = m_bytes = 0;
+    m_ring.clear();
+    m_seen_versions.clear();
+    m_done = false;
+    std::string line;
+    if (!read_line(line) || line != kMagicLine) {
+        if (line.starts_with("keywarden-bundle "))
+            throw FormatError("bundle " + m_path + " has an unsupported format (" + line + ")",
+                              "upgrade keywarden");
+        throw FormatError(m_path + " is not a keywarden key bundle",
+                          "a v1 backup file is restored with 'keywarden backup --action=import'");
+    }
+    m_mac->update(line);
+    m_mac->update("\n");
+    if (!read_line(line)) throw IntegrityError("bundle " + m_path + " is truncated after its first line");
+    m_header = parse_header(line);
+    m_mac->update(line);
+    m_mac->update("\n");
+    // The secret must belong to this bundle: checked before any entry is read.
+    if (!same(encryption_kcv(m_secret.encryption), m_header.kcv_encryption) ||
+        !same(signature_kcv(m_secret.signature), m_header.kcv_signature)) {
+        bool swapped = same(encryption_kcv(m_secret.signature), m_header.kcv_encryption) &&
+                       same(signature_kcv(m_secret.encryption), m_header.kcv_signature);
+        throw IntegrityError(
+            swapped ? "the secret file has the encryption and signature keys swapped"
+                    : "the secret file does not belong to this bundle (its key check values differ)",
+            "use the secret file written by the same export as this bundle");
+    }
+    if (m_header.bundle_id != m_secret.bundle_id)
+        throw IntegrityError("the secret file names bundle " + m_secret.bundle_id +
+                             " but this bundle is " + m_header.bundle_id);
+    if (m_header.wrap_method != m_secret.wrap_method)
+        throw IntegrityError("the bundle and the secret file disagree on the wrap method");
+}
+
+void BundleReader::rewind() {
+    m_in.clear();
+    m_in.seekg(0);
+    start();
+}
+
+bool BundleReader::read_line(std::string& line) {
+    if (!std::getline(m_in, line)) return false;
+    // A last line without its newline means the file was cut.
+    if (m_in.eof()) throw IntegrityError("bundle " + m_path + " is truncated (no final newline)");
+    m_bytes += line.size() + 1;
+    return true;
+}
+
+std::optional<Entry> BundleReader::next() {
+    if (m_done) return std::nullopt;
+    std::string line;
+    if (!read_line(line))
+        throw IntegrityError("bundle " + m_path + " is truncated: it ends after " +
+                             std::to_string(m_entries) + " of " + std::to_string(m_header.entries) +
+                             " entries and has no MAC");
+    if (line.starts_with("mac ")) {
+        m_done = true;
+        auto tag = from_hex(line.substr(4));
+        auto want = m_mac->final();
+        if (!tag || !same(*tag, want))
+            throw IntegrityError("bundle " + m_path + " does not verify (MAC mismatch)",
+                                 "the bundle was changed, cut, or reordered after export");
+        std::string rest;
+        if (std::getline(m_in, rest) || !rest.empty())
+            throw IntegrityError("bundle " + m_path + " has data after its MAC");
+        if (m_entries != m_header.entries || m_rings != m_header.rings)
+            throw IntegrityError("bundle " + m_path + " has " + std::to_string(m_entries) +
+                                 " entries in " + std::to_string(m_rings) + " rings but its header says " +
+                                 std::to_string(m_header.entries) + " in " +
+                                 std::to_string(m_header.rings));
+        return std::nullopt;
+    }
+    // Lines before this one are already in the MAC; this one goes in too.
+    m_mac->update(line);
+    m_mac->update("\n");
+    if (++m_entries > m_header.entries)
+        throw IntegrityError("bundle " + m_path + " has more entries than its header says");
+    EntryLine el = parse_entry(line);
+    Entry e{open_metadata(m_meta_key, el.sealed_meta), std::move(el.wrapped)};
+    keystore::KeyId id = keystore::KeyId::parse(e.meta.key_id);
+    if (e.meta.key_type != keystore::key_kind_of(id.kind))
+        throw IntegrityError("bundle entry " + e.meta.key_id + " has a key type that does not fit its kind");
+    if (e.meta.wrapped != !e.wrapped.empty())
+        throw IntegrityError("bundle entry " + e.meta.key_id + " disagrees with itself on its key");
+    if (e.meta.key_id != m_ring) {
+        m_ring = e.meta.key_id;
+        m_seen_versions.clear();
+        ++m_rings;
+    }
+    std::string v = std::to_string(e.meta.version);
+    for (const auto& s : m_seen_versions)
+        if (s == v) throw IntegrityError("bundle entry " + e.meta.key_id + " version " + v + " appears twice");
+    m_seen_versions.push_back(v);
+    return e;
+}
+
+}  // namespace keywarden::backup::detail
