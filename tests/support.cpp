@@ -108,11 +108,17 @@ std::shared_ptr<keywarden::pkcs11::Session> SoftHsm::session(const std::string& 
 
 CliResult run_cli(const std::vector<std::string>& args,
                   const std::map<std::string, std::optional<std::string>>& env) {
+    std::vector<std::string> argv{binary_path()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run_program(argv, env);
+}
+
+CliResult run_program(const std::vector<std::string>& args,
+                      const std::map<std::string, std::optional<std::string>>& env) {
     int out_pipe[2], err_pipe[2];
     if (pipe2(out_pipe, O_CLOEXEC) != 0 || pipe2(err_pipe, O_CLOEXEC) != 0)
         throw std::runtime_error("pipe failed");
-    std::vector<std::string> argv_s{binary_path()};
-    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<std::string> argv_s = args;
     std::vector<char*> argv;
     for (auto& a : argv_s) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -141,7 +147,7 @@ CliResult run_cli(const std::vector<std::string>& args,
         dup2(devnull, 0);
         dup2(out_pipe[1], 1);
         dup2(err_pipe[1], 2);
-        execve(argv[0], argv.data(), envp.data());
+        execvpe(argv[0], argv.data(), envp.data());
         _exit(127);
     }
     ::close(out_pipe[1]);

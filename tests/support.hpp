@@ -56,6 +56,9 @@ struct CliResult {
 // /dev/null. env entries override the inherited environment; nullopt unsets a variable.
 CliResult run_cli(const std::vector<std::string>& args,
                   const std::map<std::string, std::optional<std::string>>& env = {});
+// The same for any program (argv[0] is looked up in PATH when it has no '/').
+CliResult run_program(const std::vector<std::string>& argv,
+                      const std::map<std::string, std::optional<std::string>>& env = {});
 
 // Runs a shell command; returns its exit status.
 int sh(const std::string& cmd);

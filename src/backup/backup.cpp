@@ -426,6 +426,10 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         keystore::refuse_existing_store(o.keystore_path);
         ctx = pkcs11::open_token(tok, true);
     } else {
+        if (!keystore::open_file_storage(o.keystore_path)->exists())
+            throw NotFoundError("no key store at " + o.keystore_path,
+                                "pass --init to create it (with new master keys) as part of the "
+                                "import, or create it first with 'keywarden init'");
         target.emplace(keystore::open_store(tok, o.keystore_path, !o.dry_run));
         ctx = target->token;
         auto existing = target->store->key_ids();

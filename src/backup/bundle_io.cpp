@@ -135,9 +135,18 @@ std::optional<Entry> BundleReader::next() {
     m_mac->update("\n");
     if (++m_entries > m_header.entries)
         throw IntegrityError("bundle " + m_path + " has more entries than its header says");
-    EntryLine el = parse_entry(line);
-    Entry e{open_metadata(m_meta_key, el.sealed_meta), std::move(el.wrapped)};
-    keystore::KeyId id = keystore::KeyId::parse(e.meta.key_id);
+    Entry e;
+    keystore::KeyId id;
+    try {
+        EntryLine el = parse_entry(line);
+        e = Entry{open_metadata(m_meta_key, el.sealed_meta), std::move(el.wrapped)};
+        id = keystore::KeyId::parse(e.meta.key_id);
+    } catch (const Error& err) {
+        // Entries are read before the MAC at the end can vouch for them: anything malformed
+        // is an integrity failure of the bundle, not a usage error.
+        throw IntegrityError("bundle " + m_path + ", entry " + std::to_string(m_entries) +
+                             ": " + err.what(), "the bundle was changed after export");
+    }
     if (e.meta.key_type != keystore::key_kind_of(id.kind))
         throw IntegrityError("bundle entry " + e.meta.key_id + " has a key type that does not fit its kind");
     if (e.meta.wrapped != !e.wrapped.empty())

@@ -117,7 +117,17 @@ int run_verify_bundle(const GlobalOptions& g, const VerifyBundleOptions& o) {
         store.emplace(with_store(g, false));
         token = store->token;
     } else {
-        token = pkcs11::open_token(g.tok, true);
+        pkcs11::TokenOptions tok = g.tok;
+        // Without --token, the trial unwrap runs on the token of the store at --keystore, if any.
+        if (tok.token.empty()) {
+            try {
+                auto storage = keystore::open_file_storage(keystore_path(g));
+                if (storage->exists()) tok.token = "serial:" + keystore::read_store_meta(*storage).token_serial;
+            } catch (const Error&) {
+                // No usable store there: fall back to the only token, or ask for --token.
+            }
+        }
+        token = pkcs11::open_token(tok, true);
     }
     auto rep = backup::verify_bundle(o.bundle, o.secret, token, store ? store->store.get() : nullptr,
                                      progress_bar("verifying"));

@@ -1,0 +1,48 @@
+#!/bin/sh
+# SPDX-License-Identifier: Apache-2.0
+# Decrypts a keywarden key bundle with the openssl command line and the secret file only.
+# It is the step-by-step procedure of docs/bundle-format.md as a script; CI runs it.
+#
+#   docs/decrypt-bundle.sh BUNDLE SECRET OUTDIR
+#
+# For entry N (counting from 1) it writes OUTDIR/N.json (the key's metadata) and, when the entry
+# carries a key, OUTDIR/N.key (the key: 32 raw bytes for AES and HMAC keys, PKCS#8 DER for EC
+# private keys, possibly followed by zero padding). Exit 4 if the bundle does not verify.
+set -eu
+bundle=$1 secret=$2 out=$3
+mkdir -p "$out"
+chmod 700 "$out"
+
+# The secret file's fields, as hex.
+field() { sed -n "s/^ *\"$1\": *\"\([^\"]*\)\".*/\1/p" "$secret"; }
+hexof() { base64 -d | od -An -v -tx1 | tr -d ' \n'; }
+ENC=$(field encryption | hexof)
+SIG=$(field signature | hexof)
+
+# 1. The first line names the format.
+[ "$(head -n 1 "$bundle")" = "keywarden-bundle 1" ] || { echo "not a keywarden bundle, format 1" >&2; exit 4; }
+
+# 2. The last line is "mac " and the HMAC-SHA256, under the signature key, of every byte before it.
+lines=$(wc -l < "$bundle")
+want=$(tail -n 1 "$bundle" | sed -n 's/^mac //p')
+got=$(head -n $((lines - 1)) "$bundle" | openssl mac -digest SHA256 -macopt "hexkey:$SIG" HMAC | tr 'A-F' 'a-f')
+[ -n "$want" ] && [ "$got" = "$want" ] || { echo "the bundle does not verify (MAC mismatch)" >&2; exit 4; }
+
+# 3. The metadata key is HMAC-SHA256(signature key, "keywarden bundle v1 metadata key").
+META=$(printf %s "keywarden bundle v1 metadata key" | openssl mac -digest SHA256 -macopt "hexkey:$SIG" HMAC)
+
+# 4. Entries are lines 3 .. last-1: "base64(IV || AES-256-CTR(metadata))" and the wrapped key or "-".
+n=0
+sed -n "3,$((lines - 1))p" "$bundle" | while read -r meta wrapped; do
+  n=$((n + 1))
+  printf %s "$meta" | base64 -d > "$out/$n.meta"
+  iv=$(head -c 16 "$out/$n.meta" | od -An -v -tx1 | tr -d ' \n')
+  tail -c +17 "$out/$n.meta" | openssl enc -d -aes-256-ctr -K "$META" -iv "$iv" > "$out/$n.json"
+  rm "$out/$n.meta"
+  if [ "$wrapped" != "-" ]; then
+    # RFC 5649 key wrap with padding; A65959A6 is its alternative initial value.
+    printf %s "$wrapped" | base64 -d |
+      openssl enc -d -id-aes256-wrap-pad -K "$ENC" -iv A65959A6 > "$out/$n.key"
+  fi
+done
+echo "decrypted $((lines - 3)) entries into $out"

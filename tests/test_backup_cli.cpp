@@ -1,0 +1,417 @@
+// SPDX-License-Identifier: Apache-2.0
+// Backups end to end: export from store A on token 1, import into store B on token 2.
+#include <sys/stat.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "support.hpp"
+
+using kwtest::run_cli;
+using Env = std::map<std::string, std::optional<std::string>>;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct BackupFixture {
+    kwtest::SoftHsm hsm{"softhsm2.conf.in", {"kw-src", "kw-dst"}};
+    std::string dir = hsm.dir();
+    std::string a = dir + "/A", b = dir + "/B";
+    Env env{{"KEYWARDEN_MODULE", kwtest::module_path()},
+            {"KEYWARDEN_PIN", kwtest::SoftHsm::user_pin},
+            {"KEYWARDEN_PIN_SOURCE", std::nullopt},
+            {"KEYWARDEN_TOKEN", std::nullopt},
+            {"KEYWARDEN_KEYSTORE", std::nullopt}};
+
+    explicit BackupFixture(bool populate = true) {
+        hsm.unload();
+        if (!populate) return;
+        must({"--keystore", a, "--token", "kw-src", "init"});
+        // All six kinds, a rotated ring, and a destroyed version.
+        must({"--keystore", a, "generate", "--client-id", "alice01", "--poison-record-keys", "--audit-log-key"});
+        must({"--keystore", a, "generate", "--client-id", "bob the client"});
+        must({"--keystore", a, "rotate", "client/alice01/symmetric", "client/alice01/storage"});
+        must({"--keystore", a, "destroy", "client/bob the client/hmac", "--version", "1"});
+    }
+    kwtest::CliResult run(const std::vector<std::string>& args, const Env& more = {}) const {
+        Env e = env;
+        for (const auto& [k, v] : more) e[k] = v;
+        return run_cli(args, e);
+    }
+    kwtest::CliResult must(const std::vector<std::string>& args, const Env& more = {}) const {
+        auto r = run(args, more);
+        INFO(args.back() << ": " << r.err);
+        REQUIRE(r.code == 0);
+        return r;
+    }
+    std::vector<std::string> exp(const std::string& bundle, const std::string& secret) const {
+        return {"--keystore", a, "export", "--key-bundle-file", bundle, "--key-bundle-secret", secret};
+    }
+    std::vector<std::string> imp(const std::string& store, const std::string& bundle,
+                                 const std::string& secret) const {
+        return {"--keystore", store, "--token", "kw-dst", "import", "--key-bundle-file", bundle,
+                "--key-bundle-secret", secret};
+    }
+    // Every key id and version of a store with its state.
+    std::vector<std::tuple<std::string, std::string, std::string>> versions(const std::string& store) const {
+        auto doc = nlohmann::json::parse(must({"--keystore", store, "list", "--rotated", "--json"}).out);
+        std::vector<std::tuple<std::string, std::string, std::string>> out;
+        for (const auto& r : doc)
+            for (const auto& v : r["versions"])
+                out.emplace_back(r["key_id"], std::to_string(v["version"].get<int>()), v["state"]);
+        return out;
+    }
+};
+
+bool keypair(const std::string& id) {
+    return id.ends_with("/storage") || id == "poison/keypair";
+}
+
+std::string hex(const std::string& bytes) {
+    static const char* d = "0123456789abcdef";
+    std::string out;
+    for (unsigned char c : bytes) {
+        out.push_back(d[c >> 4]);
+        out.push_back(d[c & 15]);
+    }
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("backup: --all --private-keys round trip across tokens", "[cli]") {
+    BackupFixture f;
+    std::string bundle = f.dir + "/bundle.dat", secret = f.dir + "/secret.json";
+    auto e = f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys", "--json"}); return v; }());
+    auto doc = nlohmann::json::parse(e.out);
+    CHECK(doc["key_rings"] == 9);
+    CHECK(doc["entries"] == 11);
+    CHECK(doc["wrapped_keys"] == 10);
+    CHECK(doc["verified"] == true);
+    CHECK_THAT(e.err, Catch::Contains("different places"));
+    for (const auto& p : {bundle, secret}) {
+        struct stat st {};
+        ::stat(p.c_str(), &st);
+        CHECK((st.st_mode & 0777) == 0600);
+    }
+    // Key ids and client ids are not readable without the secret.
+    std::string text = kwtest::read_text(bundle);
+    CHECK(text.find("alice01") == std::string::npos);
+    CHECK(text.find("audit/log") == std::string::npos);
+
+    f.must({"--keystore", f.a, "verify", "--key-bundle-file", bundle, "--key-bundle-secret", secret,
+            "--against-store"});
+    auto no_store = f.run(f.imp(f.b, bundle, secret));
+    CHECK(no_store.code == 1);
+    CHECK_THAT(no_store.err, Catch::Contains("pass --init"));
+    f.must([&] { auto v = f.imp(f.b + "x", bundle, secret); v.push_back("--init"); return v; }());
+    auto va = f.versions(f.a), vb = f.versions(f.b + "x");
+    REQUIRE(va.size() == 11);
+    CHECK(va == vb);  // every version and state
+    for (const auto& [id, version, state] : va) {
+        INFO(id << " v" << version);
+        std::vector<std::string> base = {"read", id, "--version", version};
+        auto pa = f.run([&] { auto v = base; v.insert(v.begin(), {"--keystore", f.a}); v.push_back("--private"); return v; }());
+        auto pb = f.run([&] { auto v = base; v.insert(v.begin(), {"--keystore", f.b + "x"}); v.push_back("--private"); return v; }());
+        CHECK(pa.code == pb.code);
+        CHECK(pa.out == pb.out);
+        if (state == "destroyed") CHECK(pa.code == 1);
+        else CHECK(pa.out.size() == 45);
+        if (keypair(id)) {
+            auto qa = f.run({"--keystore", f.a, "read", id, "--version", version, "--public"});
+            auto qb = f.run({"--keystore", f.b + "x", "read", id, "--version", version, "--public"});
+            CHECK(qa.out == qb.out);
+        }
+    }
+    // The restored store is on the other token, under other master keys.
+    auto ma = nlohmann::json::parse(kwtest::read_text(f.a + "/store.json"));
+    auto mb = nlohmann::json::parse(kwtest::read_text(f.b + "x/store.json"));
+    CHECK(ma["token"]["label"] == "kw-src");
+    CHECK(mb["token"]["label"] == "kw-dst");
+    CHECK(ma["master_keys"]["encryption"]["kcv"] != mb["master_keys"]["encryption"]["kcv"]);
+    f.must({"--keystore", f.b + "x", "keystore", "verify"});
+}
+
+TEST_CASE("backup: public-only and selected key ids", "[cli]") {
+    BackupFixture f;
+    std::string bundle = f.dir + "/pub.dat", secret = f.dir + "/pub.json";
+    f.must([&] { auto v = f.exp(bundle, secret); v.push_back("--all"); return v; }());
+    f.must([&] { auto v = f.imp(f.b, bundle, secret); v.push_back("--init"); return v; }());
+    auto vb = f.versions(f.b);
+    for (const auto& [id, version, state] : vb) CHECK(keypair(id));
+    CHECK(vb.size() == 4);  // alice storage v1 v2, bob storage, poison keypair
+    auto pub_a = f.must({"--keystore", f.a, "read", "client/alice01/storage", "--public"});
+    auto pub_b = f.must({"--keystore", f.b, "read", "client/alice01/storage", "--public"});
+    CHECK(pub_a.out == pub_b.out);
+    auto priv = f.run({"--keystore", f.b, "read", "client/alice01/storage", "--private"});
+    CHECK(priv.code == 1);
+    CHECK_THAT(priv.err, Catch::Contains("only its public half"));
+    f.must({"--keystore", f.b, "keystore", "verify"});
+
+    std::string sb = f.dir + "/sel.dat", ss = f.dir + "/sel.json";
+    f.must([&] { auto v = f.exp(sb, ss); v.insert(v.end(), {"--private-keys", "client/alice01/symmetric", "audit/log"}); return v; }());
+    f.must([&] { auto v = f.imp(f.dir + "/C", sb, ss); v.push_back("--init"); return v; }());
+    auto vc = f.versions(f.dir + "/C");
+    CHECK(vc.size() == 3);
+    CHECK(f.must({"--keystore", f.dir + "/C", "read", "audit/log", "--private"}).out ==
+          f.must({"--keystore", f.a, "read", "audit/log", "--private"}).out);
+    // --against-store on a selective bundle lists what it does not hold.
+    auto cmp = f.run({"--keystore", f.a, "verify", "--key-bundle-file", sb, "--key-bundle-secret", ss, "--against-store", "--json"});
+    CHECK(cmp.code == 1);
+    auto cdoc = nlohmann::json::parse(cmp.out);
+    CHECK(cdoc["ok"] == true);
+    CHECK(cdoc["against_store"]["different"].empty());
+    CHECK_FALSE(cdoc["against_store"]["missing"].empty());
+}
+
+TEST_CASE("backup: the openssl command line alone decrypts a bundle", "[cli]") {
+    BackupFixture f;
+    std::string bundle = f.dir + "/b.dat", secret = f.dir + "/s.json", out = f.dir + "/plain";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    REQUIRE(kwtest::sh(kwtest::source_root() + "/docs/decrypt-bundle.sh " + bundle + " " + secret + " " + out +
+                       " >/dev/null") == 0);
+    int compared = 0;
+    for (int n = 1;; ++n) {
+        std::string js = out + "/" + std::to_string(n) + ".json";
+        if (!fs::exists(js)) break;
+        auto m = nlohmann::json::parse(kwtest::read_text(js));
+        std::string id = m["key_id"], version = std::to_string(m["version"].get<int>());
+        INFO(id << " v" << version);
+        std::string keyfile = out + "/" + std::to_string(n) + ".key";
+        if (m["state"] == "destroyed") {
+            CHECK_FALSE(fs::exists(keyfile));
+            continue;
+        }
+        auto raw = f.must({"--keystore", f.a, "read", id, "--private", "--format", "raw", "--version", version});
+        if (m["key_type"] == "ec-p256-private") {
+            // The private scalar, as openssl prints it from the PKCS#8 DER: the hex lines
+            // between "priv:" and "pub:".
+            REQUIRE(kwtest::sh("openssl pkey -inform DER -in " + keyfile + " -text -noout 2>/dev/null | "
+                               "sed -n '/^priv:/,/^pub:/p' | sed '1d;$d' | tr -d ' :\\n' > " + keyfile + ".hex") == 0);
+            std::string printed = kwtest::read_text(keyfile + ".hex");
+            std::string want = hex(raw.out);
+            // openssl drops a leading zero byte of the scalar
+            while (want.size() > printed.size() && want.starts_with("00")) want = want.substr(2);
+            CHECK(printed == want);
+        } else {
+            CHECK(kwtest::read_text(keyfile) == raw.out);
+        }
+        ++compared;
+    }
+    CHECK(compared == 10);
+}
+
+TEST_CASE("backup: bad input is refused with a clear error and changes nothing", "[cli]") {
+    BackupFixture f;
+    const std::string bundle = f.dir + "/b.dat", secret = f.dir + "/s.json";
+    const std::string other_b = f.dir + "/o.dat", other_s = f.dir + "/o.json";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    f.must([&] { auto v = f.exp(other_b, other_s); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    f.must({"--keystore", f.b, "--token", "kw-dst", "init"});  // the empty target
+    const std::string good_bundle = kwtest::read_text(bundle), good_secret = kwtest::read_text(secret);
+    auto lines = [&] {
+        std::vector<std::string> v;
+        std::istringstream in(good_bundle);
+        for (std::string l; std::getline(in, l);) v.push_back(l + "\n");
+        return v;
+    }();
+    auto join = [](const std::vector<std::string>& v) {
+        std::string s;
+        for (const auto& l : v) s += l;
+        return s;
+    };
+    const std::string tb = f.dir + "/t.dat", ts = f.dir + "/t.json";
+    auto swapped_secret = [&] {
+        auto j = good_secret;
+        auto e = j.find("\"encryption\": \"") + 15, s = j.find("\"signature\": \"") + 14;
+        std::string ev = j.substr(e, 44), sv = j.substr(s, 44);
+        j.replace(e, 44, sv);
+        j.replace(s, 44, ev);
+        return j;
+    }();
+
+    struct Row {
+        const char* name;
+        std::string bundle_text, secret_text;
+        int code;
+        const char* message;
+    };
+    std::vector<Row> rows = {
+        {"wrong secret file (not a secret file)", good_bundle, "{\"hello\": 1}\n", 4, "secret file"},
+        {"a secret from another export", good_bundle, kwtest::read_text(other_s), 4, "does not belong to this bundle"},
+        {"encryption and signature keys swapped", good_bundle, swapped_secret, 4, "swapped"},
+        {"entries reordered", join({lines[0], lines[1], lines[3], lines[2], lines[4], lines[5], lines[6], lines[7],
+                                    lines[8], lines[9], lines[10], lines[11], lines[12], lines[13]}),
+         good_secret, 4, "MAC mismatch"},
+        {"an entry duplicated", [&] { auto v = lines; v.insert(v.begin() + 3, lines[2]); return join(v); }(), good_secret, 4, ""},
+        {"an entry removed", [&] { auto v = lines; v.erase(v.begin() + 4); return join(v); }(), good_secret, 4, ""},
+        {"a header from another bundle", [&] { auto v = lines; std::istringstream in(kwtest::read_text(other_b)); std::string l; std::getline(in, l); std::getline(in, l); v[1] = l + "\n"; return join(v); }(),
+         good_secret, 4, "does not belong to this bundle"},
+        {"a future format version", [&] { auto v = lines; v[0] = "keywarden-bundle 2\n"; return join(v); }(), good_secret, 4, "upgrade keywarden"},
+        {"not a bundle at all", "hello\n", good_secret, 4, "not a keywarden key bundle"},
+        {"data after the MAC", good_bundle + "extra\n", good_secret, 4, "after its MAC"},
+    };
+    for (std::size_t cut : {0ul, 10ul, 200ul, good_bundle.size() / 2, good_bundle.size() - 40, good_bundle.size() - 1})
+        rows.push_back({"truncated", good_bundle.substr(0, cut), good_secret, 4, ""});
+
+    auto check_row = [&](const std::string& name, const std::string& btext, const std::string& stext, int code,
+                         const std::string& message) {
+        INFO(name);
+        kwtest::write_file(tb, btext);
+        kwtest::write_file(ts, stext);
+        auto before_b = kwtest::tree_digest(f.b);
+        auto r = f.run(f.imp(f.b, tb, ts));
+        INFO(r.err);
+        CHECK(r.code == code);
+        if (!message.empty()) CHECK_THAT(r.err, Catch::Contains(message));
+        CHECK_THAT(r.err, Catch::StartsWith("error: "));
+        CHECK(kwtest::tree_digest(f.b) == before_b);
+        auto v = f.run({"--keystore", f.a, "verify", "--key-bundle-file", tb, "--key-bundle-secret", ts});
+        CHECK(v.code == code);
+    };
+    for (const auto& row : rows) check_row(row.name, row.bundle_text, row.secret_text, row.code, row.message);
+
+    SECTION("every single-byte flip of a small bundle") {
+        std::string sb = f.dir + "/small.dat", ss = f.dir + "/small.json";
+        f.must([&] { auto v = f.exp(sb, ss); v.insert(v.end(), {"--private-keys", "audit/log"}); return v; }());
+        std::string small = kwtest::read_text(sb), small_secret = kwtest::read_text(ss);
+        auto before_b = kwtest::tree_digest(f.b);
+        int refused = 0;
+        for (std::size_t i = 0; i < small.size(); ++i) {
+            std::string t = small;
+            t[i] = static_cast<char>(t[i] ^ 0x01);
+            kwtest::write_file(tb, t);
+            kwtest::write_file(ts, small_secret);
+            auto r = f.run(f.imp(f.b, tb, ts));
+            INFO("offset " << i << ": " << r.err);
+            CHECK(r.code == 4);
+            refused += r.code == 4;
+        }
+        CHECK(refused == static_cast<int>(small.size()));
+        CHECK(kwtest::tree_digest(f.b) == before_b);
+    }
+    SECTION("import into a non-empty store without --merge") {
+        f.must(f.imp(f.b, bundle, secret));
+        auto before = kwtest::tree_digest(f.b);
+        auto r = f.run(f.imp(f.b, other_b, other_s));
+        CHECK(r.code == 1);
+        CHECK_THAT(r.err, Catch::Contains("--merge"));
+        CHECK(kwtest::tree_digest(f.b) == before);
+        auto abort = f.run([&] { auto v = f.imp(f.b, other_b, other_s); v.insert(v.end(), {"--merge"}); return v; }());
+        CHECK(abort.code == 1);
+        CHECK_THAT(abort.err, Catch::Contains("already exist"));
+        CHECK(kwtest::tree_digest(f.b) == before);
+        auto dry = f.must([&] { auto v = f.imp(f.b, other_b, other_s); v.insert(v.end(), {"--merge", "--dry-run", "--json"}); return v; }());
+        CHECK(nlohmann::json::parse(dry.out)["conflicts"].size() == 9);
+        CHECK(kwtest::tree_digest(f.b) == before);
+        f.must([&] { auto v = f.imp(f.b, other_b, other_s); v.insert(v.end(), {"--merge", "--on-conflict", "skip"}); return v; }());
+        CHECK(kwtest::tree_digest(f.b) == before);  // every ring conflicted and was skipped
+        CHECK(f.versions(f.b) == f.versions(f.a));
+        f.must([&] { auto v = f.imp(f.b, other_b, other_s); v.insert(v.end(), {"--merge", "--on-conflict", "overwrite"}); return v; }());
+        f.must({"--keystore", f.b, "keystore", "verify"});
+    }
+    SECTION("export refusals leave no files and no change") {
+        // The source store and the set of files beside it (the token's own files may change).
+        auto state = [&] {
+            std::set<std::string> names;
+            for (const auto& e : fs::directory_iterator(f.dir)) names.insert(e.path().filename().string());
+            std::string s = kwtest::tree_digest(f.a);
+            for (const auto& n : names) s += " " + n;
+            return s;
+        };
+        auto before = state();
+        auto same = f.run([&] { auto v = f.exp(f.dir + "/x.dat", f.dir + "/x.dat"); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+        CHECK(same.code == 2);
+        CHECK_THAT(same.err, Catch::Contains("different files"));
+        auto exists = f.run([&] { auto v = f.exp(f.dir + "/new.dat", secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+        CHECK(exists.code == 1);
+        CHECK_THAT(exists.err, Catch::Contains("already exists"));
+        auto exists2 = f.run([&] { auto v = f.exp(bundle, f.dir + "/new.json"); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+        CHECK(exists2.code == 1);
+        auto neither = f.run(f.exp(f.dir + "/n.dat", f.dir + "/n.json"));
+        CHECK(neither.code == 2);
+        // A full disk (a 1 KiB file size limit) during export.
+        auto full = kwtest::run_program({"/bin/sh", "-c", "ulimit -f 1; exec \"$0\" \"$@\"", kwtest::binary_path(),
+                                         "--keystore", f.a, "export", "--all", "--private-keys",
+                                         "--key-bundle-file", f.dir + "/full.dat", "--key-bundle-secret",
+                                         f.dir + "/full.json"},
+                                        f.env);
+        INFO(full.err);
+        CHECK(full.code == 1);
+        CHECK_THAT(full.err, Catch::Contains("full"));
+        CHECK(state() == before);
+    }
+}
+
+TEST_CASE("backup: a full disk or a kill during import leaves the target as it was", "[cli]") {
+    BackupFixture f(false);
+    f.must({"--keystore", f.a, "--token", "kw-src", "init"});
+    // Enough keys that an import takes a while: 150 clients, 450 keys.
+    std::string ids;
+    for (int i = 0; i < 150; ++i) ids += "bulk-client-" + std::to_string(i) + "\n";
+    kwtest::write_file(f.dir + "/ids.txt", ids);
+    f.must({"--keystore", f.a, "generate", "--client-ids-from", f.dir + "/ids.txt"});
+    std::string bundle = f.dir + "/b.dat", secret = f.dir + "/s.json";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    f.must({"--keystore", f.b, "--token", "kw-dst", "init"});
+    auto before = kwtest::tree_digest(f.b);
+
+    auto full = kwtest::run_program([&] {
+        std::vector<std::string> v = {"/bin/sh", "-c", "ulimit -f 8; exec \"$0\" \"$@\"", kwtest::binary_path()};
+        auto i = f.imp(f.b, bundle, secret);
+        v.insert(v.end(), i.begin(), i.end());
+        return v;
+    }(), f.env);
+    INFO(full.err);
+    CHECK(full.code == 1);
+    CHECK_THAT(full.err, Catch::Contains("full"));
+    CHECK(kwtest::tree_digest(f.b) == before);
+
+    int kills = 0;
+    for (const char* delay : {"0.05", "0.1", "0.15", "0.2", "0.3", "0.4", "0.5", "0.8"}) {
+        INFO("killed after " << delay << " s");
+        std::vector<std::string> v = {"timeout", "-s", "KILL", delay, kwtest::binary_path()};
+        auto i = f.imp(f.b, bundle, secret);
+        v.insert(v.end(), i.begin(), i.end());
+        auto r = kwtest::run_program(v, f.env);
+        if (r.code == 0) break;  // finished before the kill: nothing more to learn
+        CHECK(r.code == 128 + 9);
+        ++kills;
+        CHECK(kwtest::tree_digest(f.b) == before);
+        f.must({"--keystore", f.b, "keystore", "verify"});
+    }
+    CHECK(kills >= 3);  // the kills really landed in the middle of imports
+    // And a complete import still works afterwards (it also clears the killed staging dirs).
+    auto done = f.run(f.imp(f.b, bundle, secret));
+    if (done.code != 0) CHECK_THAT(done.err, Catch::Contains("--merge"));  // an earlier run finished
+    CHECK(f.versions(f.b) == f.versions(f.a));
+    int leftovers = 0;
+    for (const auto& e : fs::directory_iterator(f.dir))
+        leftovers += e.path().filename().string().starts_with(".B.import-");
+    CHECK(leftovers == 0);
+}
+
+TEST_CASE("golden: the bundle written by keywarden 0.1.0 still imports", "[cli]") {
+    BackupFixture f(false);
+    std::string data = kwtest::source_root() + "/tests/data/";
+    std::string bundle = f.dir + "/golden.dat", secret = f.dir + "/golden.json";
+    fs::copy_file(data + "bundle-v1/bundle.dat", bundle);
+    fs::copy_file(data + "bundle-v1/secret.json", secret);
+    f.must([&] { auto v = f.imp(f.b, bundle, secret); v.push_back("--init"); return v; }());
+    auto expected = nlohmann::json::parse(kwtest::read_text(data + "keystore-v2/expected.json"));
+    REQUIRE(expected.size() == 11);
+    for (const auto& [key, want] : expected.items()) {
+        auto at = key.rfind('@');
+        std::string id = key.substr(0, at), version = key.substr(at + 1);
+        INFO(key);
+        auto priv = f.run({"--keystore", f.b, "read", id, "--private", "--version", version});
+        if (want["private"].is_null()) CHECK(priv.code == 1);
+        else CHECK(priv.out == want["private"].get<std::string>() + "\n");
+        if (!want["public"].is_null())
+            CHECK(f.run({"--keystore", f.b, "read", id, "--public", "--version", version}).out ==
+                  want["public"].get<std::string>() + "\n");
+    }
+}
