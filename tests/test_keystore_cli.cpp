@@ -259,3 +259,55 @@ TEST_CASE("cli: bulk generation from a file in one update", "[cli]") {
     CHECK_THAT(r.err, Catch::Contains("line 2"));
     CHECK(kwtest::tree_digest(f.ks) == before);
 }
+
+TEST_CASE("cli: init with master keys named by URI, and the refusals", "[cli]") {
+    kwtest::SoftHsm hsm{"softhsm2.conf.in", {"kw-uri"}};
+    {
+        auto s = hsm.session("kw-uri");
+        auto make = [&](const std::string& label, CK_KEY_TYPE type, bool extractable, bool decrypt) {
+            keywarden::pkcs11::Template t;
+            t.add_ulong(CKA_CLASS, CKO_SECRET_KEY).add_ulong(CKA_KEY_TYPE, type).add_ulong(CKA_VALUE_LEN, 32);
+            t.add_bool(CKA_TOKEN, true).add_bool(CKA_PRIVATE, true).add_bool(CKA_SENSITIVE, true);
+            t.add_bool(CKA_EXTRACTABLE, extractable).add_string(CKA_LABEL, label);
+            const std::uint8_t id[] = {1, 2, static_cast<std::uint8_t>(label.size())};
+            t.add_bytes(CKA_ID, id);
+            // SoftHSM defaults CKA_ENCRYPT/CKA_DECRYPT to true: set both explicitly.
+            if (type == CKK_AES)
+                t.add_bool(CKA_WRAP, true).add_bool(CKA_UNWRAP, true).add_bool(CKA_DECRYPT, decrypt).add_bool(CKA_ENCRYPT, false);
+            else t.add_bool(CKA_SIGN, true).add_bool(CKA_VERIFY, true);
+            s->generate_key(type == CKK_AES ? CKM_AES_KEY_GEN : CKM_GENERIC_SECRET_KEY_GEN, t).release();
+        };
+        make("good-enc", CKK_AES, false, false);
+        make("good-sig", CKK_GENERIC_SECRET, false, false);
+        make("extractable-enc", CKK_AES, true, false);
+        make("decrypting-enc", CKK_AES, false, true);
+        hsm.unload();
+    }
+    Env env{{"KEYWARDEN_MODULE", kwtest::module_path()}, {"KEYWARDEN_PIN", kwtest::SoftHsm::user_pin},
+            {"KEYWARDEN_PIN_SOURCE", std::nullopt}, {"KEYWARDEN_TOKEN", std::nullopt},
+            {"KEYWARDEN_KEYSTORE", hsm.dir() + "/ks"}};
+    auto init = [&](const std::string& enc, std::vector<std::string> extra = {}) {
+        std::vector<std::string> args = {"init", "--master-encryption-key", "pkcs11:object=" + enc,
+                                         "--master-signature-key", "pkcs11:object=good-sig"};
+        args.insert(args.end(), extra.begin(), extra.end());
+        return run_cli(args, env);
+    };
+    auto decrypting = init("decrypting-enc");
+    CHECK(decrypting.code == 3);
+    CHECK_THAT(decrypting.err, Catch::Contains("also allows encrypt or decrypt"));
+    auto extractable = init("extractable-enc");
+    CHECK(extractable.code == 3);
+    CHECK_THAT(extractable.err, Catch::Contains("--allow-extractable-master"));
+    CHECK_FALSE(fs::exists(hsm.dir() + "/ks"));
+    auto allowed = init("extractable-enc", {"--allow-extractable-master"});
+    CHECK(allowed.code == 0);
+    CHECK_THAT(allowed.err, Catch::Contains("warning: master key 'extractable-enc' is extractable"));
+    fs::remove_all(hsm.dir() + "/ks");
+    auto good = init("good-enc");
+    INFO(good.err);
+    REQUIRE(good.code == 0);
+    CHECK(run_cli({"generate", "--client-id", "uri-client"}, env).code == 0);
+    CHECK(run_cli({"keystore", "verify"}, env).code == 0);
+    auto meta = nlohmann::json::parse(kwtest::read_text(hsm.dir() + "/ks/store.json"));
+    CHECK(meta["master_keys"]["encryption"]["label"] == "good-enc");
+}

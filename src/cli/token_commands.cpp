@@ -22,6 +22,12 @@ nlohmann::json opt_json(const std::optional<CK_ULONG>& v) {
     return v ? nlohmann::json(*v) : nlohmann::json(nullptr);
 }
 
+// A maximum of CK_EFFECTIVELY_INFINITE (0) means no limit.
+nlohmann::json total_json(const std::optional<CK_ULONG>& v) {
+    if (v && *v == CK_EFFECTIVELY_INFINITE) return "unlimited";
+    return opt_json(v);
+}
+
 std::string opt_text(const std::optional<CK_ULONG>& v) {
     return v ? std::to_string(*v) : std::string("not reported");
 }
@@ -58,9 +64,9 @@ int run_token_list(const GlobalOptions& g) {
                               {"initialized", t.initialized},
                               {"flags", pkcs11::token_flag_names(t.flags)},
                               {"sessions", {{"free", opt_json(t.sessions_free)},
-                                            {"total", opt_json(t.sessions_total)}}},
+                                            {"total", total_json(t.sessions_total)}}},
                               {"rw_sessions", {{"free", opt_json(t.rw_sessions_free)},
-                                               {"total", opt_json(t.rw_sessions_total)}}}};
+                                               {"total", total_json(t.rw_sessions_total)}}}};
             }
             out["slots"].push_back(std::move(s));
         }

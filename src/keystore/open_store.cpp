@@ -120,6 +120,17 @@ StoreMeta init_store(pkcs11::TokenContext& ctx, const std::string& path, const I
             if (info.label.empty() || info.id.empty())
                 throw TokenError("the key named by " + uri + " has no label or no CKA_ID",
                                  "give it both, so the store can find it again");
+            if (!info.sensitive)
+                throw TokenError("master key '" + info.label + "' is not sensitive (CKA_SENSITIVE=false)",
+                                 "its value can be read from the token: use a sensitive key");
+            // A wrapping key that may also decrypt lets anyone with the PIN decrypt a wrapped
+            // store key out of the token (wrap, then C_Decrypt the blob).
+            if (role == pkcs11::MasterRole::encryption &&
+                (ctx.session->get_bool(found.handle, CKA_DECRYPT).value_or(false) ||
+                 ctx.session->get_bool(found.handle, CKA_ENCRYPT).value_or(false)))
+                throw TokenError("master key '" + info.label + "' also allows encrypt or decrypt",
+                                 "a wrapping key that can decrypt lets wrapped keys be decrypted out "
+                                 "of the token: use a key with CKA_WRAP/CKA_UNWRAP only");
             if (info.extractable) {
                 if (!p.allow_extractable_master)
                     throw TokenError("master key '" + info.label +
