@@ -11,33 +11,68 @@ if [ ! -f build/build.ninja ]; then meson setup build >/dev/null; fi
 ninja -C build keywarden >/dev/null
 
 qs="$root/.quickstart"
+umask 077
 mkdir -p "$qs/tokens"
 chmod 700 "$qs" "$qs/tokens"
-sed "s|@TOKENDIR@|$qs/tokens|" hsm-config/softhsm2.conf.in > "$qs/softhsm2.conf"
+sed "s|@TOKENDIR@|$qs/tokens|g" hsm-config/softhsm2.conf.in > "$qs/softhsm2.conf"
 export SOFTHSM2_CONF="$qs/softhsm2.conf"
 export KEYWARDEN_MODULE=/usr/lib/softhsm/libsofthsm2.so
 
-# The demo token's PINs live in 0600 files. softhsm2-util only takes PINs on its command line,
-# which is acceptable for a throwaway demo token and never done by keywarden itself.
-umask 077
+# Two demo tokens: the store's, and a second one to restore the backup on. Their PINs live in
+# 0600 files. softhsm2-util only takes PINs on its command line, which is acceptable for a
+# throwaway demo token and never done by keywarden itself.
 label=keywarden-quickstart
+restore=keywarden-restore
 if [ ! -s "$qs/user.pin" ]; then
   openssl rand -hex 12 > "$qs/user.pin"
   openssl rand -hex 12 > "$qs/so.pin"
 fi
-if ! softhsm2-util --show-slots 2>/dev/null | grep -q "Label:.*$label"; then
-  softhsm2-util --init-token --free --label "$label" \
-    --so-pin "$(cat "$qs/so.pin")" --pin "$(cat "$qs/user.pin")" >/dev/null
-fi
-export KEYWARDEN_TOKEN="label:$label"
+for l in "$label" "$restore"; do
+  if ! softhsm2-util --show-slots 2>/dev/null | grep -q "Label:.*$l *$"; then
+    softhsm2-util --init-token --free --label "$l" \
+      --so-pin "$(cat "$qs/so.pin")" --pin "$(cat "$qs/user.pin")" >/dev/null
+  fi
+done
 export KEYWARDEN_PIN_SOURCE="file:$qs/user.pin"
 kw="$root/build/keywarden"
 
-step() { printf '\n$ keywarden %s\n' "$*"; }
+# Each run works in a new folder: store A on the first token, its backup, store B restored.
+run="$qs/run-$(date -u +%Y%m%dT%H%M%S)-$$"
+mkdir -p "$run"
+a="$run/store-a" b="$run/store-b"
+bundle="$run/encrypted-keys.dat" secret="$run/access-keys.json"
+
+step() { printf '\n$ keywarden %s\n' "$*"; "$kw" "$@"; }
 
 step token list
-"$kw" token list
-step token check
-"$kw" token check
+step --token "label:$label" token check
+step --keystore "$a" --token "label:$label" init
+step --keystore "$a" generate --client-id alice01 --poison-record-keys --audit-log-key
+step --keystore "$a" generate --client-id bob01
+step --keystore "$a" rotate client/alice01/symmetric
+step --keystore "$a" list --rotated
+step --keystore "$a" keystore verify
+step --keystore "$a" export --all --private-keys --key-bundle-file "$bundle" --key-bundle-secret "$secret"
+step --keystore "$a" verify --key-bundle-file "$bundle" --key-bundle-secret "$secret" --against-store
+step --keystore "$b" --token "label:$restore" import --init --key-bundle-file "$bundle" --key-bundle-secret "$secret"
+step --keystore "$b" keystore verify
 
-printf '\nquickstart done: the token lives in %s\n' "$qs"
+# Compare every key version of A and B byte for byte, without showing any key.
+printf '\ncomparing every key in store A (token %s) with store B (token %s)\n' "$label" "$restore"
+same=0
+while IFS=$'\t' read -r id version state; do
+  for half in --private --public; do
+    case "$half$id" in --public*/storage|--publicpoison/keypair|--private*) ;; *) continue;; esac
+    [ "$state" = destroyed ] && [ "$half" = --private ] && continue
+    if cmp -s <("$kw" --keystore "$a" read "$id" "$half" --version "$version" --format raw) \
+              <("$kw" --keystore "$b" read "$id" "$half" --version "$version" --format raw); then
+      same=$((same + 1))
+    else
+      echo "DIFFERENT: $id version $version ($half)" >&2
+      exit 1
+    fi
+  done
+done < <("$kw" --keystore "$a" list --rotated 2>/dev/null |
+         awk 'NR > 1 { v = $3; sub(/\*$/, "", v); printf "%s\t%s\t%s\n", $1, v, $4 }')
+printf 'all %d key halves are identical in both stores\n' "$same"
+printf '\nquickstart done: tokens in %s, this run in %s\n' "$qs/tokens" "$run"
