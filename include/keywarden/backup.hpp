@@ -20,6 +20,7 @@ struct ExportOptions {
     bool all = false;
     std::vector<keystore::KeyId> ids;  // when not all
     bool private_keys = false;
+    std::size_t jobs = 1;  // worker processes, each with its own session
     Progress progress;
 };
 
@@ -63,7 +64,7 @@ struct VerifyReport {
 // check value there. With `against`, compares the bundle with the live store by check value.
 VerifyReport verify_bundle(const std::string& bundle_path, const std::string& secret_path,
                            pkcs11::TokenContext& token, const keystore::KeyStore* against,
-                           const Progress& progress = {});
+                           const Progress& progress = {}, std::size_t jobs = 1);
 
 enum class OnConflict { abort, skip, overwrite };
 
@@ -75,6 +76,7 @@ struct ImportOptions {
     bool merge = false;
     OnConflict on_conflict = OnConflict::abort;
     bool dry_run = false;
+    std::size_t jobs = 1;
     Progress progress;
 };
 

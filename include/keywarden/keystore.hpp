@@ -189,6 +189,16 @@ public:
     void stage(const KeyRing& ring);
     void commit_staged();
 
+    // The two halves of stage(), for worker processes (--jobs): a worker seals a ring and writes
+    // it as a pending file, which stays invisible until a manifest names it, so a store opened
+    // read-only may do it; the writer then adopts what the workers wrote.
+    struct PendingRing {
+        std::string key_id, file, sha256;
+        RingSummary summary;
+    };
+    PendingRing write_pending(const KeyRing& ring);
+    void adopt_pending(const PendingRing& p);
+
     // The key material of a version (the current one by default): unwrapped in the token as a
     // non-sensitive session object, read, and destroyed. Throws for destroyed versions.
     SecureBytes read_secret(const KeyId& id, std::optional<std::uint32_t> version = {}) const;

@@ -89,6 +89,9 @@ public:
     CK_INFO info() const;  // C_GetInfo
     // C_GetSlotList
     std::vector<CK_SLOT_ID> slots(bool token_present) const;
+    // In a child process after fork(): C_Finalize the inherited library state and C_Initialize
+    // again with the same arguments. A forked PKCS#11 library must not be used as inherited.
+    void reinitialize_after_fork();
 
 private:
     Module(CK_FUNCTION_LIST* fn, std::string path, std::optional<std::string> init_args);

@@ -2,6 +2,7 @@
 // Opening a token the way an operator names it: module, token selector, PIN source.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -21,7 +22,18 @@ struct TokenContext {
     std::shared_ptr<Module> module;
     TokenInfo token;
     std::shared_ptr<Session> session;
+    // The PIN used to log in, kept (in the locked, wiping heap) only so that worker processes
+    // (--jobs) can log in too.
+    std::shared_ptr<const SecureBytes> pin;
 };
+
+// Runs `work` in `jobs` child processes, each with its own module state, session and login on
+// the same token. SoftHSM serialises every call inside one process, so parallel work on it needs
+// processes (see shared/PKCS11-NOTES.md). Each child starts the module afresh
+// (Module::reinitialize_after_fork), finds the token again by serial and logs in with the
+// parent's PIN. Waits for all; throws the first child's error with its exit code and hint.
+void run_in_processes(const TokenContext& parent, std::size_t jobs,
+                      const std::function<void(std::size_t index, TokenContext& child)>& work);
 
 // Loads the module named by the options, or by the token URI's module-path / module-name.
 std::shared_ptr<Module> load_module(const TokenOptions& o);

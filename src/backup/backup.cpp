@@ -13,8 +13,11 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
+
+#include <nlohmann/json.hpp>
 
 #include "bundle_io.hpp"
 #include "keywarden/encoding.hpp"
@@ -155,14 +158,76 @@ pkcs11::SessionObject make_backup_key(pkcs11::Session& s, bool encryption) {
     return s.generate_key(encryption ? CKM_AES_KEY_GEN : CKM_GENERIC_SECRET_KEY_GEN, t);
 }
 
-// The backup encryption key from a secret file, as a session object that can only unwrap.
-pkcs11::SessionObject load_backup_key(pkcs11::Session& s, const SecureBytes& value) {
+// The backup encryption key from its value, as a session object that can unwrap (import,
+// verify) or wrap (export workers).
+pkcs11::SessionObject load_backup_key(pkcs11::Session& s, const SecureBytes& value, bool wrap = false) {
     pkcs11::Template t;
     t.add_ulong(CKA_CLASS, CKO_SECRET_KEY).add_ulong(CKA_KEY_TYPE, CKK_AES);
     t.add_bool(CKA_TOKEN, false).add_bool(CKA_PRIVATE, true).add_bool(CKA_SENSITIVE, true);
-    t.add_bool(CKA_EXTRACTABLE, false).add_bool(CKA_UNWRAP, true).add_bool(CKA_WRAP, false);
+    t.add_bool(CKA_EXTRACTABLE, false).add_bool(CKA_UNWRAP, !wrap).add_bool(CKA_WRAP, wrap);
     t.add_bytes(CKA_VALUE, value);
     return s.create_object(t);
+}
+
+class HeldElsewhere : public keystore::StorageLock {};  // the caller holds the real lock
+
+// A private directory beside `near` for worker output; removed with everything in it.
+class TempDir {
+public:
+    TempDir(const std::string& near, const char* what) {
+        fs::path t = fs::absolute(near);
+        m_path = (t.parent_path() / ("." + t.filename().string() + "." + what + "-XXXXXX")).string();
+        if (!::mkdtemp(m_path.data())) io_fail("cannot create a work directory beside", near);
+    }
+    ~TempDir() {
+        std::error_code ec;
+        fs::remove_all(m_path, ec);
+    }
+    const std::string& path() const { return m_path; }
+
+private:
+    std::string m_path;
+};
+
+// Contiguous shares of the rings with about the same number of key versions each.
+std::vector<std::vector<KeyId>> split_by_weight(const std::vector<KeyId>& ids,
+                                                const std::map<std::string, std::size_t>& weight,
+                                                std::size_t parts) {
+    std::size_t total = 0;
+    for (const auto& id : ids) total += weight.at(id.str());
+    std::vector<std::vector<KeyId>> out(1);
+    std::size_t acc = 0;
+    for (const auto& id : ids) {
+        if (out.size() < parts && acc >= total * out.size() / parts && !out.back().empty()) out.emplace_back();
+        out.back().push_back(id);
+        acc += weight.at(id.str());
+    }
+    return out;
+}
+
+// The entries of the given rings, in order. Each key is unwrapped under the master key into a
+// sensitive session object, wrapped under the backup key and destroyed: never in host memory in
+// the clear.
+void export_entries(keystore::KeyStore& store, pkcs11::AesWrapProtector& under_backup,
+                    const SecureBytes& meta_key, bool private_keys, const std::vector<KeyId>& ids,
+                    const std::function<void(const std::string&, bool)>& emit) {
+    for (const auto& id : ids) {
+        KeyRing r = store.load(id);
+        for (const auto& v : r.versions) {
+            EntryMeta m{id.str(), v.version, v.state, v.created, v.valid_from, v.valid_until,
+                        r.current && *r.current == v.version, v.key_type, v.key_length, v.kcv,
+                        v.public_key, false};
+            EntryLine el;
+            if (private_keys && !v.wrapped.empty()) {
+                auto key = store.keys().protector->unprotect(v.wrapped, {v.key_type, v.key_length},
+                                                             Exposure::sensitive);
+                el.wrapped = under_backup.protect(*key);
+                m.wrapped = true;
+            }
+            el.sealed_meta = seal_metadata(meta_key, m);
+            emit(encode_entry(el), m.wrapped);
+        }
+    }
 }
 
 // The wrap mechanism for bundles: RFC 5649, so that `openssl enc -id-aes256-wrap-pad` can undo it.
@@ -249,27 +314,37 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
         line(kMagicLine);
         line(encode_header(h));
         std::size_t done = 0;
-        for (const auto& id : ids) {
-            KeyRing r = store.load(id);
-            ++sum.rings;
-            for (const auto& v : r.versions) {
-                EntryMeta m{id.str(), v.version, v.state, v.created, v.valid_from, v.valid_until,
-                            r.current && *r.current == v.version, v.key_type, v.key_length, v.kcv,
-                            v.public_key, false};
-                EntryLine el;
-                if (o.private_keys && !v.wrapped.empty()) {
-                    // Unwrapped under the master key into a sensitive session object, wrapped
-                    // under the backup key, destroyed: never in host memory in the clear.
-                    auto key = store.keys().protector->unprotect(v.wrapped, {v.key_type, v.key_length},
-                                                                 Exposure::sensitive);
-                    el.wrapped = under_backup.protect(*key);
-                    m.wrapped = true;
-                    ++sum.wrapped_keys;
-                }
-                el.sealed_meta = seal_metadata(meta_key, m);
-                line(encode_entry(el));
-                ++sum.entries;
-                if (o.progress) o.progress(++done, h.entries);
+        auto emit = [&](const std::string& l, bool wrapped) {
+            line(l);
+            ++sum.entries;
+            sum.wrapped_keys += wrapped;
+            if (o.progress) o.progress(++done, h.entries);
+        };
+        sum.rings = ids.size();
+        if (o.jobs <= 1 || ids.size() < 2) {
+            export_entries(store, under_backup, meta_key, o.private_keys, ids, emit);
+        } else {
+            // Worker processes write their share of entries to part files, in ring order; the
+            // parent then copies them into the bundle in that order, through the MAC.
+            TempDir parts(o.bundle_path, "parts");
+            auto chunks = split_by_weight(ids, versions, std::min(o.jobs, ids.size()));
+            std::string store_root = store.storage().describe();
+            pkcs11::run_in_processes(os.token, chunks.size(), [&](std::size_t k, pkcs11::TokenContext& c) {
+                auto mine = keystore::open_store_on(c, keystore::open_file_storage(store_root), false, true,
+                                                    std::make_unique<HeldElsewhere>());
+                auto bek_k = load_backup_key(*c.session, secret.encryption, true);
+                pkcs11::AesWrapProtector under(c.session, bek_k.handle(), mech);
+                ExclusiveFile part(parts.path() + "/" + std::to_string(k));
+                export_entries(*mine.store, under, meta_key, o.private_keys, chunks[k],
+                               [&](const std::string& l, bool) {
+                                   part.write(l);
+                                   part.write("\n");
+                               });
+                part.commit();
+            });
+            for (std::size_t k = 0; k < chunks.size(); ++k) {
+                std::ifstream in(parts.path() + "/" + std::to_string(k));
+                for (std::string l; std::getline(in, l);) emit(l, !l.ends_with(" -"));
             }
         }
         if (sum.entries != h.entries)
@@ -291,7 +366,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
     }
     // Self-check: read the bundle back and verify it completely before reporting success.
     try {
-        auto rep = verify_bundle(o.bundle_path, o.secret_path, os.token, nullptr);
+        auto rep = verify_bundle(o.bundle_path, o.secret_path, os.token, nullptr, {}, o.jobs);
         if (!rep.ok() || rep.entries != sum.entries || rep.unwrapped != sum.wrapped_keys)
             throw IntegrityError("the bundle just written does not verify" +
                                  (rep.problems.empty() ? std::string() : ": " + rep.problems.front().problem));
@@ -306,28 +381,49 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
 
 // ---- verify ---------------------------------------------------------------------------------
 
+namespace {
+
+// Unwraps one entry's key under the backup key in the token and checks its key check value
+// there; the session object is destroyed on return. Returns the problem, if any.
+std::optional<std::string> trial_unwrap(pkcs11::AesWrapProtector& under_backup, pkcs11::TokenKeyBackend& backend,
+                                        const detail::Entry& e) {
+    const auto& m = e.meta;
+    try {
+        auto k = under_backup.unprotect(e.wrapped, {m.key_type, m.key_length}, Exposure::sensitive);
+        if (!same(backend.check_value(*k, m.public_key), m.kcv))
+            throw IntegrityError("the key's check value differs from its record");
+        return std::nullopt;
+    } catch (const Error& err) {
+        return std::string(err.what());
+    }
+}
+
+}  // namespace
+
 VerifyReport verify_bundle(const std::string& bundle_path, const std::string& secret_path,
                            pkcs11::TokenContext& token, const keystore::KeyStore* against,
-                           const Progress& progress) {
+                           const Progress& progress, std::size_t jobs) {
     VerifyReport rep;
     SecretFile secret = parse_secret_file(detail::read_secret_file(secret_path));
     detail::BundleReader reader(bundle_path, secret);
     rep.header = reader.header();
+    const CK_MECHANISM_TYPE mech = mechanism_of(rep.header.wrap_method);
+    const bool parallel = jobs > 1 && rep.header.entries > 1;
     auto bek = load_backup_key(*token.session, secret.encryption);
-    pkcs11::AesWrapProtector under_backup(token.session, bek.handle(), mechanism_of(rep.header.wrap_method));
+    pkcs11::AesWrapProtector under_backup(token.session, bek.handle(), mech);
     pkcs11::TokenKeyBackend backend(token.session);
 
     std::map<std::string, Bytes> store_kcv;  // "key id@version" -> check value, live keys only
-    std::set<std::string> store_rings;
     if (against) {
         for (const auto& id : against->key_ids()) {
             KeyRing r = against->load(id);
-            store_rings.insert(id.str());
             for (const auto& v : r.versions)
                 if (v.state != KeyState::destroyed)
                     store_kcv[id.str() + "@" + std::to_string(v.version)] = v.kcv;
         }
     }
+    // One pass for the structure, the MAC and the comparison; the trial unwraps happen here too,
+    // or, with jobs, in worker processes that each take every jobs-th entry.
     std::set<std::string> bundle_keys;
     try {
         while (auto e = reader.next()) {
@@ -335,29 +431,51 @@ VerifyReport verify_bundle(const std::string& bundle_path, const std::string& se
             const auto& m = e->meta;
             std::string key = m.key_id + "@" + std::to_string(m.version);
             bundle_keys.insert(key);
-            if (!e->wrapped.empty()) {
-                try {
-                    auto k = under_backup.unprotect(e->wrapped, {m.key_type, m.key_length}, Exposure::sensitive);
-                    if (!same(backend.check_value(*k, m.public_key), m.kcv))
-                        throw IntegrityError("the key's check value differs from its record");
-                    ++rep.unwrapped;
-                } catch (const Error& err) {
-                    rep.problems.push_back({key, err.what()});
-                }
+            if (!e->wrapped.empty() && !parallel) {
+                if (auto problem = trial_unwrap(under_backup, backend, *e)) rep.problems.push_back({key, *problem});
+                else ++rep.unwrapped;
             }
             if (against && m.state != KeyState::destroyed) {
                 auto it = store_kcv.find(key);
                 if (it == store_kcv.end()) rep.extra.push_back(key);
                 else if (!same(it->second, m.kcv)) rep.different.push_back(key);
             }
-            if (progress) progress(rep.entries, rep.header.entries);
+            if (progress && !parallel) progress(rep.entries, rep.header.entries);
         }
     } catch (const Error& e) {
         rep.problems.push_back({"bundle", e.what()});
     }
+    if (parallel && rep.problems.empty()) {
+        TempDir results(bundle_path, "verify");
+        pkcs11::run_in_processes(token, jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
+            detail::BundleReader mine(bundle_path, secret);
+            auto bek_k = load_backup_key(*c.session, secret.encryption);
+            pkcs11::AesWrapProtector under(c.session, bek_k.handle(), mech);
+            pkcs11::TokenKeyBackend be(c.session);
+            std::ofstream out(results.path() + "/" + std::to_string(k));
+            std::size_t i = 0, unwrapped = 0;
+            while (auto e = mine.next()) {
+                if (i++ % jobs != k || e->wrapped.empty()) continue;
+                if (auto problem = trial_unwrap(under, be, *e))
+                    out << e->meta.key_id << "@" << e->meta.version << "\t" << *problem << "\n";
+                else ++unwrapped;
+            }
+            out << "unwrapped\t" << unwrapped << "\n";
+            if (!out.flush()) throw Error("cannot write verify results");
+        });
+        for (std::size_t k = 0; k < jobs; ++k) {
+            std::ifstream in(results.path() + "/" + std::to_string(k));
+            for (std::string l; std::getline(in, l);) {
+                auto tab = l.find('\t');
+                if (l.starts_with("unwrapped\t")) rep.unwrapped += std::stoul(l.substr(tab + 1));
+                else rep.problems.push_back({l.substr(0, tab), l.substr(tab + 1)});
+            }
+        }
+        if (progress) progress(rep.entries, rep.header.entries);
+    }
     if (against) {
-        // Only rings the bundle covers are compared version by version; a selective export is
-        // not "missing" the rings it did not select, but the report lists them.
+        // A selective export is not "missing" the rings it did not select, but the report lists
+        // every live store key the bundle does not hold.
         for (const auto& [key, kcv] : store_kcv)
             if (!bundle_keys.count(key)) rep.missing.push_back(key);
     }
@@ -367,8 +485,6 @@ VerifyReport verify_bundle(const std::string& bundle_path, const std::string& se
 // ---- import ---------------------------------------------------------------------------------
 
 namespace {
-
-class HeldElsewhere : public keystore::StorageLock {};  // the caller holds the real lock
 
 void hardlink_clone(const fs::path& from, const fs::path& to) {
     for (auto it = fs::recursive_directory_iterator(from); it != fs::recursive_directory_iterator(); ++it) {
@@ -383,6 +499,34 @@ void hardlink_clone(const fs::path& from, const fs::path& to) {
     }
 }
 
+// A ring as worker processes pass it back: key id, file, digest and the manifest summary.
+std::string pending_to_line(const keystore::KeyStore::PendingRing& p) {
+    nlohmann::json versions = nlohmann::json::array();
+    for (const auto& v : p.summary.versions)
+        versions.push_back({v.version, keystore::key_state_name(v.state), v.created, v.valid_from,
+                            v.valid_until ? nlohmann::json(*v.valid_until) : nlohmann::json(nullptr), v.current});
+    return nlohmann::json{{"key_id", p.key_id}, {"file", p.file}, {"sha256", p.sha256}, {"versions", versions}}.dump();
+}
+
+keystore::KeyStore::PendingRing pending_from_line(const std::string& line) {
+    auto j = nlohmann::json::parse(line);
+    keystore::KeyStore::PendingRing p;
+    p.key_id = j.at("key_id");
+    p.file = j.at("file");
+    p.sha256 = j.at("sha256");
+    KeyId id = KeyId::parse(p.key_id);
+    p.summary = {p.key_id, id.kind, id.client_id, {}};
+    for (const auto& v : j.at("versions")) {
+        auto st = keystore::key_state_from_name(v.at(1).get<std::string>());
+        if (!st) throw Error("internal: bad state from a worker");
+        p.summary.versions.push_back({v.at(0).get<std::uint32_t>(), *st, v.at(2).get<std::int64_t>(),
+                                      v.at(3).get<std::int64_t>(),
+                                      v.at(4).is_null() ? std::nullopt : std::optional<std::int64_t>(v.at(4).get<std::int64_t>()),
+                                      v.at(5).get<bool>()});
+    }
+    return p;
+}
+
 KeyVersion version_from(const EntryMeta& m) {
     KeyVersion v;
     v.version = m.version;
@@ -395,6 +539,48 @@ KeyVersion version_from(const EntryMeta& m) {
     v.kcv = m.kcv;
     v.public_key = m.public_key;
     return v;
+}
+
+// Reads every entry (so that the MAC at the end is checked) and rebuilds the rings that `take`
+// selects by their index, each key unwrapped under the backup key and wrapped again under the
+// destination's master key inside the token; `sink` receives each finished ring.
+void restore_rings(detail::BundleReader& reader, const std::set<std::string>& skip,
+                   pkcs11::AesWrapProtector& under_backup, pkcs11::TokenKeyBackend& backend,
+                   keystore::KeyStore& dst, const std::function<bool(std::size_t)>& take,
+                   const std::function<void(const KeyRing&)>& sink, const std::function<void()>& tick) {
+    // (A plain KeyRing and a flag: g++ 12 warns falsely on std::optional<KeyRing> here.)
+    KeyRing ring;
+    bool open = false, wanted = false;
+    std::size_t index = 0;
+    auto flush = [&] {
+        if (open && wanted) sink(ring);
+        open = false;
+    };
+    while (auto e = reader.next()) {
+        const auto& m = e->meta;
+        if (!open || ring.id.str() != m.key_id) {
+            flush();
+            ring = KeyRing{};
+            ring.id = KeyId::parse(m.key_id);
+            open = true;
+            wanted = !skip.count(m.key_id) && take(index++);
+        }
+        if (wanted) {
+            KeyVersion v = version_from(m);
+            v.protection = dst.keys().protector->method();
+            if (!e->wrapped.empty()) {
+                auto k = under_backup.unprotect(e->wrapped, {m.key_type, m.key_length}, Exposure::sensitive);
+                if (!same(backend.check_value(*k, m.public_key), m.kcv))
+                    throw IntegrityError(m.key_id + " version " + std::to_string(m.version) +
+                                         ": the key's check value differs from its record");
+                v.wrapped = dst.keys().protector->protect(*k);
+            }
+            if (m.current) ring.current = m.version;
+            ring.versions.push_back(std::move(v));
+        }
+        tick();
+    }
+    flush();  // next() returned nullopt: the whole-file MAC verified on this read too
 }
 
 }  // namespace
@@ -487,43 +673,41 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         std::set<std::string> skip(sum.skipped.begin(), sum.skipped.end());
 
         // Pass 2: the backup key goes into the destination token; every key is unwrapped there
-        // and wrapped again under the destination master key.
-        auto bek = load_backup_key(*ctx.session, secret.encryption);
-        pkcs11::AesWrapProtector under_backup(ctx.session, bek.handle(), mechanism_of(reader.header().wrap_method));
-        pkcs11::TokenKeyBackend backend(ctx.session);
-        reader.rewind();
-        // (A plain KeyRing and a flag: g++ 12 warns falsely on std::optional<KeyRing> here.)
-        KeyRing ring_value;
-        KeyRing* ring = nullptr;
-        std::size_t done = 0;
-        auto flush = [&] {
-            if (ring && !skip.count(ring->id.str())) dst.stage(*ring);
-            ring = nullptr;
-        };
-        while (auto e = reader.next()) {
-            const auto& m = e->meta;
-            if (!ring || ring->id.str() != m.key_id) {
-                flush();
-                ring_value = KeyRing{};
-                ring_value.id = KeyId::parse(m.key_id);
-                ring = &ring_value;
+        // and wrapped again under the destination master key. With jobs, worker processes each
+        // take every jobs-th ring and write it as a pending file; this process adopts them.
+        const CK_MECHANISM_TYPE mech = mechanism_of(reader.header().wrap_method);
+        if (o.jobs <= 1 || sum.rings < 2) {
+            auto bek = load_backup_key(*ctx.session, secret.encryption);
+            pkcs11::AesWrapProtector under_backup(ctx.session, bek.handle(), mech);
+            pkcs11::TokenKeyBackend backend(ctx.session);
+            reader.rewind();
+            std::size_t done = 0;
+            restore_rings(reader, skip, under_backup, backend, dst, [](std::size_t) { return true; },
+                          [&](const KeyRing& r) { dst.stage(r); },
+                          [&] { if (o.progress) o.progress(++done, sum.entries); });
+        } else {
+            TempDir results(o.bundle_path, "import");
+            std::string staging_root = staging;
+            pkcs11::run_in_processes(ctx, o.jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
+                auto mine = keystore::open_store_on(c, keystore::open_file_storage(staging_root), false, true,
+                                                    std::make_unique<HeldElsewhere>());
+                auto bek = load_backup_key(*c.session, secret.encryption);
+                pkcs11::AesWrapProtector under(c.session, bek.handle(), mech);
+                pkcs11::TokenKeyBackend be(c.session);
+                detail::BundleReader own(o.bundle_path, secret);
+                std::ofstream out(results.path() + "/" + std::to_string(k));
+                restore_rings(own, skip, under, be, *mine.store,
+                              [&](std::size_t ring_index) { return ring_index % o.jobs == k; },
+                              [&](const KeyRing& r) { out << pending_to_line(mine.store->write_pending(r)) << "\n"; },
+                              [] {});
+                if (!out.flush()) throw Error("cannot write import results");
+            });
+            for (std::size_t k = 0; k < o.jobs; ++k) {
+                std::ifstream in(results.path() + "/" + std::to_string(k));
+                for (std::string l; std::getline(in, l);) dst.adopt_pending(pending_from_line(l));
             }
-            if (!skip.count(m.key_id)) {
-                KeyVersion v = version_from(m);
-                v.protection = dst.keys().protector->method();
-                if (!e->wrapped.empty()) {
-                    auto k = under_backup.unprotect(e->wrapped, {m.key_type, m.key_length}, Exposure::sensitive);
-                    if (!same(backend.check_value(*k, m.public_key), m.kcv))
-                        throw IntegrityError(m.key_id + " version " + std::to_string(m.version) +
-                                             ": the key's check value differs from its record");
-                    v.wrapped = dst.keys().protector->protect(*k);
-                }
-                if (m.current) ring->current = m.version;
-                ring->versions.push_back(std::move(v));
-            }
-            if (o.progress) o.progress(++done, sum.entries);
+            if (o.progress) o.progress(sum.entries, sum.entries);
         }
-        flush();  // next() returned nullopt: the MAC verified again on this second read
         dst.commit_staged();
         stage.reset();
 

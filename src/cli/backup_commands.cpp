@@ -35,6 +35,7 @@ int run_export(const GlobalOptions& g, const ExportOptions& o) {
     eo.secret_path = o.secret;
     eo.all = o.all;
     eo.private_keys = o.private_keys;
+    eo.jobs = o.jobs;
     for (const auto& k : o.key_ids) eo.ids.push_back(keystore::KeyId::parse(k));
     eo.progress = progress_bar("exporting");
     auto s = with_store(g, false);
@@ -77,6 +78,7 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
     if (o.on_conflict != "abort" && !o.merge) throw UsageError("--on-conflict goes with --merge");
     if (o.init && o.merge) throw UsageError("--init and --merge exclude each other");
     io.dry_run = o.dry_run;
+    io.jobs = o.jobs;
     io.progress = progress_bar("importing");
     auto sum = backup::import_bundle(g.tok, io);
     if (g.json) {
@@ -130,7 +132,7 @@ int run_verify_bundle(const GlobalOptions& g, const VerifyBundleOptions& o) {
         token = pkcs11::open_token(tok, true);
     }
     auto rep = backup::verify_bundle(o.bundle, o.secret, token, store ? store->store.get() : nullptr,
-                                     progress_bar("verifying"));
+                                     progress_bar("verifying"), o.jobs);
     bool comparison_ok = rep.missing.empty() && rep.extra.empty() && rep.different.empty();
     if (g.json) {
         nlohmann::json problems = nlohmann::json::array();

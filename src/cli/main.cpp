@@ -118,6 +118,8 @@ Commands build_cli(CLI::App& app, Options& o) {
     c.exp->add_flag("--private-keys,--private_keys", o.exp.private_keys,
                     "Include private and symmetric keys (without it: public halves only, as Acra)");
     c.exp->add_option("key-id", o.exp.key_ids, "Key ids to export (instead of --all)");
+    const char* jobs_help = "Spread the token work over N processes, each with its own session";
+    c.exp->add_option("--jobs,-j", o.exp.jobs, jobs_help)->check(CLI::Range(1, 64));
 
     c.imp = app.add_subcommand("import", "Restore a bundle into an empty store, all or nothing");
     bundle_paths(c.imp, o.imp.bundle, o.imp.secret);
@@ -126,6 +128,7 @@ Commands build_cli(CLI::App& app, Options& o) {
     c.imp->add_option("--on-conflict", o.imp.on_conflict, "With --merge: abort, skip or overwrite")
         ->check(CLI::IsMember({"abort", "skip", "overwrite"}));
     c.imp->add_flag("--dry-run", o.imp.dry_run, "Verify and list what would be imported; write nothing");
+    c.imp->add_option("--jobs,-j", o.imp.jobs, jobs_help)->check(CLI::Range(1, 64));
     c.imp->add_option("--master-encryption-key", o.imp.init_options.master_encryption_key,
                       "With --init: use this existing token key (pkcs11: URI)");
     c.imp->add_option("--master-signature-key", o.imp.init_options.master_signature_key,
@@ -137,6 +140,7 @@ Commands build_cli(CLI::App& app, Options& o) {
     bundle_paths(c.verify, o.verify.bundle, o.verify.secret);
     c.verify->add_flag("--against-store", o.verify.against_store,
                        "Also compare the bundle with the live store (by key check values)");
+    c.verify->add_option("--jobs,-j", o.verify.jobs, jobs_help)->check(CLI::Range(1, 64));
 
     for (CLI::App* sub : {c.init, c.generate, c.rotate, c.list, c.read, c.destroy, c.keystore,
                           c.keystore_verify, c.exp, c.imp, c.verify})

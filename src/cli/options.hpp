@@ -56,12 +56,14 @@ struct RotateOptions {
 struct ExportOptions {
     std::string bundle, secret;
     bool all = false, private_keys = false;
+    std::size_t jobs = 1;
     std::vector<std::string> key_ids;
 };
 
 struct ImportOptions {
     std::string bundle, secret;
     bool init = false, merge = false, dry_run = false;
+    std::size_t jobs = 1;
     std::string on_conflict = "abort";
     InitOptions init_options;
 };
@@ -69,6 +71,7 @@ struct ImportOptions {
 struct VerifyBundleOptions {
     std::string bundle, secret;
     bool against_store = false;
+    std::size_t jobs = 1;
 };
 
 struct Options {

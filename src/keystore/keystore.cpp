@@ -381,19 +381,29 @@ void KeyStore::destroy(const KeyId& id, std::optional<std::uint32_t> version) {
     commit({r});
 }
 
-void KeyStore::stage(const KeyRing& r) {
-    if (!m_writable) throw Error("internal: store opened read-only");
-    if (!m_staged) {
-        m_staged = std::make_unique<Manifest>(*m_manifest);
-        m_staged_files.clear();
-    }
+KeyStore::PendingRing KeyStore::write_pending(const KeyRing& r) {
     // Every changed ring goes into "<file>.pending", without a sync per file.
     Bytes file = seal(*m_keys.mac, kRingMagic, kRingFormat, kRingDomain,
                       ring_binding(m_meta.store_id, r.id), ring_to_json(r, m_meta.store_id));
     std::string name = r.id.file();
     m_storage->write_unsynced(name + kPending, file);
-    m_staged->data.rings[r.id.str()] = {name, hex_digest(file), summarize(r)};
-    m_staged_files.push_back(name);
+    return {r.id.str(), name, hex_digest(file), summarize(r)};
+}
+
+void KeyStore::adopt_pending(const PendingRing& p) {
+    if (!m_writable) throw Error("internal: store opened read-only");
+    if (p.file != KeyId::parse(p.key_id).file()) throw Error("internal: pending ring names a wrong file");
+    if (!m_staged) {
+        m_staged = std::make_unique<Manifest>(*m_manifest);
+        m_staged_files.clear();
+    }
+    m_staged->data.rings[p.key_id] = {p.file, p.sha256, p.summary};
+    m_staged_files.push_back(p.file);
+}
+
+void KeyStore::stage(const KeyRing& r) {
+    if (!m_writable) throw Error("internal: store opened read-only");
+    adopt_pending(write_pending(r));
 }
 
 void KeyStore::commit_staged() {

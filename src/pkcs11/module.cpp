@@ -163,6 +163,14 @@ Module::Module(CK_FUNCTION_LIST* fn, std::string path, std::optional<std::string
     }
 }
 
+void Module::reinitialize_after_fork() {
+    try_call("C_Finalize", m_fn->C_Finalize, static_cast<void*>(nullptr));
+    CK_C_INITIALIZE_ARGS args{};
+    args.flags = CKF_OS_LOCKING_OK;
+    args.pReserved = m_init_args ? const_cast<char*>(m_init_args->c_str()) : nullptr;
+    call("C_Initialize", m_fn->C_Initialize, static_cast<void*>(&args));
+}
+
 Module::~Module() {
     if (!m_fn) return;
     try_call("C_Finalize", m_fn->C_Finalize, static_cast<void*>(nullptr));

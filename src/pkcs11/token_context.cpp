@@ -1,4 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <ctime>
 
 #include "keywarden/log.hpp"
@@ -54,9 +62,113 @@ TokenContext open_token(const TokenOptions& g, bool login) {
                          "set KEYWARDEN_PIN, or pass --pin-source env:VAR or file:PATH "
                          "(no terminal to prompt on)");
     log::info("reading the PIN from " + src->describe());
-    SecureBytes pin = read_pin(*src, "PIN for token '" + c.token.label + "': ");
-    c.session->login(pin);
+    auto pin = std::make_shared<SecureBytes>(read_pin(*src, "PIN for token '" + c.token.label + "': "));
+    c.session->login(*pin);
+    c.pin = std::move(pin);
     return c;
+}
+
+namespace {
+
+void write_all(int fd, const std::string& s) {
+    std::size_t off = 0;
+    while (off < s.size()) {
+        ssize_t n = ::write(fd, s.data() + off, s.size() - off);
+        if (n <= 0) return;
+        off += static_cast<std::size_t>(n);
+    }
+}
+
+std::string read_all(int fd) {
+    std::string out;
+    char buf[4096];
+    for (;;) {
+        ssize_t n = ::read(fd, buf, sizeof buf);
+        if (n <= 0) break;
+        out.append(buf, static_cast<std::size_t>(n));
+    }
+    return out;
+}
+
+// In the child: a fresh module state, the same token, a new session, a login.
+TokenContext child_context(const TokenContext& parent) {
+    TokenContext c;
+    c.module = parent.module;
+    c.pin = parent.pin;
+    for (int attempt = 0;; ++attempt) {
+        try {
+            c.module->reinitialize_after_fork();
+            // SoftHSM may leave out a token another process is writing (see open_token).
+            c.token = select_token(list_tokens(*c.module), "serial:" + parent.token.serial);
+            break;
+        } catch (const Error&) {
+            if (attempt == 5) throw;
+            struct timespec ts {0, 40'000'000L * (attempt + 1)};
+            nanosleep(&ts, nullptr);
+        }
+    }
+    c.session = Session::open(c.module, c.token.slot, true);
+    if (c.pin) c.session->login(*c.pin);
+    return c;
+}
+
+}  // namespace
+
+void run_in_processes(const TokenContext& parent, std::size_t jobs,
+                      const std::function<void(std::size_t, TokenContext&)>& work) {
+    struct Child {
+        pid_t pid;
+        int fd;
+    };
+    std::vector<Child> children;
+    std::fflush(stdout);
+    std::fflush(stderr);
+    for (std::size_t k = 0; k < jobs; ++k) {
+        int p[2];
+        if (::pipe2(p, O_CLOEXEC) != 0) throw Error("pipe failed");
+        pid_t pid = ::fork();
+        if (pid < 0) throw Error("fork failed: " + std::string(std::strerror(errno)));
+        if (pid == 0) {
+            ::close(p[0]);
+            int code = 0;
+            std::string report;
+            try {
+                TokenContext c = child_context(parent);
+                work(k, c);
+            } catch (const Error& e) {
+                code = static_cast<int>(e.exit_code());
+                report = std::to_string(code) + "\n" + e.what() + "\n" + e.hint();
+            } catch (const std::exception& e) {
+                code = 1;
+                report = "1\n" + std::string(e.what()) + "\n";
+            }
+            if (code != 0) write_all(p[1], report);
+            // _exit: no destructors, no atexit handlers, no C_Finalize of the parent's state.
+            ::_exit(code == 0 ? 0 : 1);
+        }
+        ::close(p[1]);
+        children.push_back({pid, p[0]});
+    }
+    std::optional<Error> first;
+    for (auto& c : children) {
+        std::string report = read_all(c.fd);
+        ::close(c.fd);
+        int status = 0;
+        ::waitpid(c.pid, &status, 0);
+        bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        if (ok || first) continue;
+        if (report.empty()) {
+            first.emplace("a worker process died (status " + std::to_string(status) + ")");
+            continue;
+        }
+        auto nl1 = report.find('\n');
+        auto nl2 = report.find('\n', nl1 + 1);
+        int code = std::atoi(report.substr(0, nl1).c_str());
+        first.emplace(report.substr(nl1 + 1, nl2 - nl1 - 1),
+                      nl2 == std::string::npos ? std::string() : report.substr(nl2 + 1),
+                      static_cast<ExitCode>(code));
+    }
+    if (first) throw *first;
 }
 
 }  // namespace keywarden::pkcs11

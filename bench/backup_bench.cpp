@@ -1,0 +1,797 @@
+// SPDX-License-Identifier: Apache-2.0
+// backup-bench: times backup::export_bundle, verify_bundle and import_bundle on private SoftHSM
+// tokens (a source and a destination), next to the raw PKCS#11 floor for the per-key token calls
+// each operation needs, and the same three operations as `keywarden` CLI processes for their
+// peak RSS. Prints plain-text tables.
+//
+//   backup-bench [--keys N] [--cli PATH] [--module PATH] [--keep-dir]
+//
+// The store holds N rings of kind client/<id>/symmetric (AES-256), one version each: one key per
+// client, N clients, made by a single KeyStore::generate call (not timed in the tables).
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "keywarden/backup.hpp"
+#include "keywarden/encoding.hpp"
+#include "keywarden/error.hpp"
+#include "keywarden/keystore.hpp"
+#include "keywarden/open_store.hpp"
+#include "keywarden/pkcs11.hpp"
+#include "keywarden/storage.hpp"
+#include "keywarden/token_context.hpp"
+#include "keywarden/token_protector.hpp"
+
+#ifndef KEYWARDEN_BENCH_SOURCE_ROOT
+#define KEYWARDEN_BENCH_SOURCE_ROOT "."
+#endif
+
+extern char** environ;
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace p11 = keywarden::pkcs11;
+namespace ks = keywarden::keystore;
+namespace bk = keywarden::backup;
+using keywarden::Exposure;
+using keywarden::KeyKind;
+using Clock = std::chrono::steady_clock;
+
+constexpr const char* kSrcLabel = "kw-bench-src";
+constexpr const char* kDstLabel = "kw-bench-dst";
+constexpr const char* kUserPin = "bench-user-1234";
+constexpr const char* kSoPin = "bench-so-1234";
+constexpr const char* kPinEnv = "BENCH_PIN";
+
+// Used when hsm-config/softhsm2.conf.in cannot be found (same content).
+constexpr const char* kFallbackConf =
+    "directories.tokendir = @TOKENDIR@\n"
+    "objectstore.backend = file\n"
+    "log.level = ERROR\n"
+    "slots.removable = false\n";
+
+struct Options {
+    std::size_t keys = 10000;
+    bool keep_dir = false;
+    std::string cli = "build/keywarden";
+    std::string module;
+};
+
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double>(b - a).count();
+}
+
+std::string env_or(const char* name, const std::string& fallback) {
+    const char* v = std::getenv(name);
+    return v && *v ? v : fallback;
+}
+
+constexpr const char* kUsage =
+    "usage: backup-bench [--keys N] [--cli PATH] [--module PATH] [--keep-dir]\n";
+
+[[noreturn]] void usage_exit(const std::string& problem) {
+    std::cerr << "backup-bench: " << problem << "\n" << kUsage;
+    std::exit(2);
+}
+
+std::size_t parse_count(const std::string& s) {
+    if (s.empty() || s.find_first_not_of("0123456789") != std::string::npos)
+        usage_exit("not a key count: '" + s + "'");
+    std::size_t n = std::stoul(s);
+    if (n == 0) usage_exit("the key count must be at least 1");
+    return n;
+}
+
+Options parse_options(int argc, char** argv) {
+    Options o;
+    o.module = env_or("KEYWARDEN_TEST_MODULE", "/usr/lib/softhsm/libsofthsm2.so");
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        auto value = [&](const std::string& flag) -> std::string {
+            if (i + 1 >= argc) usage_exit(flag + " needs a value");
+            return argv[++i];
+        };
+        if (a == "--keys") o.keys = parse_count(value(a));
+        else if (a.starts_with("--keys=")) o.keys = parse_count(a.substr(7));
+        else if (a == "--keep-dir") o.keep_dir = true;
+        else if (a == "--cli") o.cli = value(a);
+        else if (a.starts_with("--cli=")) o.cli = a.substr(6);
+        else if (a == "--module") o.module = value(a);
+        else if (a.starts_with("--module=")) o.module = a.substr(9);
+        else if (a == "-h" || a == "--help") {
+            std::cout << kUsage
+                      << "  --keys N       store size in keys: N clients with one symmetric (AES-256)\n"
+                         "                 key each (default 10000)\n"
+                         "  --cli PATH     keywarden binary for the CLI runs (peak RSS); default\n"
+                         "                 build/keywarden, skipped if absent\n"
+                         "  --module PATH  PKCS#11 module (default /usr/lib/softhsm/libsofthsm2.so)\n"
+                         "  --keep-dir     keep the temporary tokens, stores and bundles\n";
+            std::exit(0);
+        } else usage_exit("unknown option " + a);
+    }
+    return o;
+}
+
+std::string make_temp_dir(const std::string& prefix) {
+    std::string tmpl = (fs::temp_directory_path() / (prefix + "-XXXXXX")).string();
+    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed: " + std::string(std::strerror(errno)));
+    return tmpl;
+}
+
+std::string read_text(const std::string& path) {
+    std::ifstream in(path);
+    if (!in) return {};
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+template <typename... A>
+std::string fmt(const char* f, A... v) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, f, v...);
+    return buf;
+}
+
+// ---- child processes: a small spawner forked at start-up -----------------------------------
+//
+// wait4()'s ru_maxrss of a child is max(the RSS it inherited at fork, its own peak after exec):
+// Linux sets the forked mm's high-water mark to its RSS at fork and exec keeps that mark. Forking
+// the CLI straight from this process (hundreds of MiB of SoftHSM objects and bundles by then)
+// would report this process's size, not the CLI's. So every child is forked by a spawner that
+// was itself forked before this process grew, and the spawner sends back wait4()'s rusage.
+
+struct ChildResult {
+    int status = -1;      // exit code, or 128 + signal
+    double wall = 0;      // fork to wait4, seconds
+    long maxrss_kib = 0;  // ru_maxrss
+    double user = 0, sys = 0;
+};
+
+bool write_full(int fd, const void* p, std::size_t n) {
+    const char* b = static_cast<const char*>(p);
+    while (n) {
+        ssize_t w = ::write(fd, b, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return false;
+        b += w;
+        n -= static_cast<std::size_t>(w);
+    }
+    return true;
+}
+
+bool read_full(int fd, void* p, std::size_t n) {
+    char* b = static_cast<char*>(p);
+    while (n) {
+        ssize_t r = ::read(fd, b, n);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return false;
+        b += r;
+        n -= static_cast<std::size_t>(r);
+    }
+    return true;
+}
+
+void put_strings(std::string& buf, const std::vector<std::string>& v) {
+    auto put32 = [&](std::uint32_t x) { buf.append(reinterpret_cast<const char*>(&x), 4); };
+    put32(static_cast<std::uint32_t>(v.size()));
+    for (const auto& s : v) {
+        put32(static_cast<std::uint32_t>(s.size()));
+        buf += s;
+    }
+}
+
+bool get_strings(int fd, std::vector<std::string>& v) {
+    std::uint32_t n = 0;
+    if (!read_full(fd, &n, 4)) return false;
+    v.resize(n);
+    for (auto& s : v) {
+        std::uint32_t len = 0;
+        if (!read_full(fd, &len, 4)) return false;
+        s.resize(len);
+        if (len && !read_full(fd, s.data(), len)) return false;
+    }
+    return true;
+}
+
+double tv_seconds(const timeval& tv) { return static_cast<double>(tv.tv_sec) + tv.tv_usec / 1e6; }
+
+// The spawner's loop: request = argv, envp, {stdout path, stderr path}; reply = ChildResult.
+[[noreturn]] void spawner_main(int req_fd, int rep_fd) {
+    for (;;) {
+        std::vector<std::string> args, env, io;
+        if (!get_strings(req_fd, args) || !get_strings(req_fd, env) || !get_strings(req_fd, io) ||
+            args.empty() || io.size() != 2)
+            ::_exit(0);
+        std::vector<char*> argv, envp;
+        for (auto& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        for (auto& e : env) envp.push_back(e.data());
+        envp.push_back(nullptr);
+        ChildResult r;
+        auto t0 = Clock::now();
+        pid_t pid = ::fork();
+        if (pid == 0) {
+            int in = ::open("/dev/null", O_RDONLY);
+            int out = ::open(io[0].c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+            int err = ::open(io[1].c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+            if (in < 0 || out < 0 || err < 0) ::_exit(126);
+            ::dup2(in, 0);
+            ::dup2(out, 1);
+            ::dup2(err, 2);
+            ::close(req_fd);
+            ::close(rep_fd);
+            ::execvpe(argv[0], argv.data(), envp.data());
+            std::fprintf(stderr, "exec %s: %s\n", argv[0], std::strerror(errno));
+            ::_exit(127);
+        }
+        if (pid > 0) {
+            int st = 0;
+            struct rusage ru {};
+            while (::wait4(pid, &st, 0, &ru) < 0 && errno == EINTR) {
+            }
+            r.wall = seconds_between(t0, Clock::now());
+            r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+            r.maxrss_kib = ru.ru_maxrss;
+            r.user = tv_seconds(ru.ru_utime);
+            r.sys = tv_seconds(ru.ru_stime);
+        }
+        if (!write_full(rep_fd, &r, sizeof r)) ::_exit(0);
+    }
+}
+
+class Spawner {
+public:
+    Spawner() {
+        int req[2], rep[2];
+        if (::pipe2(req, O_CLOEXEC) != 0 || ::pipe2(rep, O_CLOEXEC) != 0)
+            throw std::runtime_error("pipe failed");
+        std::fflush(nullptr);
+        m_pid = ::fork();
+        if (m_pid < 0) throw std::runtime_error("fork failed");
+        if (m_pid == 0) {
+            ::close(req[1]);
+            ::close(rep[0]);
+            spawner_main(req[0], rep[1]);
+        }
+        ::close(req[0]);
+        ::close(rep[1]);
+        m_req = req[1];
+        m_rep = rep[0];
+    }
+    ~Spawner() {
+        ::close(m_req);  // EOF: the spawner exits
+        ::close(m_rep);
+        int st;
+        while (::waitpid(m_pid, &st, 0) < 0 && errno == EINTR) {
+        }
+    }
+    Spawner(const Spawner&) = delete;
+    Spawner& operator=(const Spawner&) = delete;
+
+    // Runs a program (PATH lookup) with stdin from /dev/null and stdout/stderr into files.
+    // env entries with no value are removed from the child's environment.
+    ChildResult run(const std::vector<std::string>& args,
+                    const std::map<std::string, std::optional<std::string>>& env,
+                    const std::string& out_path, const std::string& err_path) {
+        std::map<std::string, std::string> envm;
+        for (char** e = environ; *e; ++e) {
+            std::string kv = *e;
+            auto eq = kv.find('=');
+            if (eq != std::string::npos) envm[kv.substr(0, eq)] = kv.substr(eq + 1);
+        }
+        for (const auto& [k, v] : env) {
+            if (v) envm[k] = *v;
+            else envm.erase(k);
+        }
+        std::vector<std::string> env_s;
+        for (const auto& [k, v] : envm) env_s.push_back(k + "=" + v);
+        std::string buf;
+        put_strings(buf, args);
+        put_strings(buf, env_s);
+        put_strings(buf, {out_path, err_path});
+        ChildResult r;
+        if (!write_full(m_req, buf.data(), buf.size()) || !read_full(m_rep, &r, sizeof r))
+            throw std::runtime_error("the spawner process is gone");
+        return r;
+    }
+
+private:
+    pid_t m_pid = -1;
+    int m_req = -1, m_rep = -1;
+};
+
+// A private SoftHSM token directory with two tokens, as tests/support.cpp makes them: render
+// hsm-config/softhsm2.conf.in, point SOFTHSM2_CONF at it, softhsm2-util --init-token per label.
+void make_softhsm(Spawner& sp, const std::string& dir) {
+    fs::create_directories(dir + "/tokens");
+    std::string root = env_or("KEYWARDEN_SOURCE_ROOT", KEYWARDEN_BENCH_SOURCE_ROOT);
+    std::string conf = read_text(root + "/hsm-config/softhsm2.conf.in");
+    if (conf.empty()) conf = kFallbackConf;
+    for (std::size_t p; (p = conf.find("@TOKENDIR@")) != std::string::npos;)
+        conf.replace(p, 10, dir + "/tokens");
+    std::string conf_path = dir + "/softhsm2.conf";
+    std::ofstream(conf_path) << conf;
+    // SoftHSM reads the config again at every C_Initialize; the CLI children inherit it.
+    ::setenv("SOFTHSM2_CONF", conf_path.c_str(), 1);
+    for (const char* label : {kSrcLabel, kDstLabel}) {
+        auto r = sp.run({"softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin",
+                         kSoPin, "--pin", kUserPin},
+                        {}, "/dev/null", dir + "/softhsm2-util.err");
+        if (r.status != 0)
+            throw std::runtime_error("softhsm2-util --init-token failed for " + std::string(label) +
+                                     " (exit " + std::to_string(r.status) +
+                                     "): " + read_text(dir + "/softhsm2-util.err"));
+    }
+}
+
+p11::TokenOptions token_options(const Options& o, const char* label) {
+    p11::TokenOptions t;
+    t.module = o.module;
+    t.token = std::string("label:") + label;
+    t.pin_source = std::string("env:") + kPinEnv;
+    return t;
+}
+
+// ---- the raw PKCS#11 floor -----------------------------------------------------------------
+
+// Templates built once, outside the timed loops, with the attributes the library uses.
+struct FloorTemplates {
+    p11::Template unwrap_aes;  // fill_key_template(aes, sensitive), as unprotect() builds it
+};
+
+// An AES-256 backup key as a session object with a known value, so that the same key can be
+// made on both tokens (the import floor unwraps on the destination what the export floor wrapped
+// on the source). C_CreateObject, as verify and import load the backup key from the secret file.
+p11::SessionObject make_floor_backup_key(p11::Session& s, const std::vector<std::uint8_t>& value) {
+    p11::Template t;
+    t.add_ulong(CKA_CLASS, CKO_SECRET_KEY).add_ulong(CKA_KEY_TYPE, CKK_AES);
+    t.add_bool(CKA_TOKEN, false).add_bool(CKA_PRIVATE, true).add_bool(CKA_SENSITIVE, true);
+    t.add_bool(CKA_EXTRACTABLE, false).add_bool(CKA_WRAP, true).add_bool(CKA_UNWRAP, true);
+    t.add_bytes(CKA_VALUE, value);
+    return s.create_object(t);
+}
+
+const std::array<std::uint8_t, 16> kZeros16{};
+
+// Export, per key: C_UnwrapKey under the master key (a real store blob), C_WrapKey under the
+// backup key (CKM_AES_KEY_WRAP_PAD), C_DestroyObject. Returns the new blobs for the next floors.
+std::vector<std::vector<std::uint8_t>> floor_export(p11::Session& s, CK_OBJECT_HANDLE master,
+                                                    CK_MECHANISM_TYPE master_mech,
+                                                    CK_OBJECT_HANDLE backup, FloorTemplates& t,
+                                                    const std::vector<std::vector<std::uint8_t>>& blobs) {
+    CK_MECHANISM um{master_mech, nullptr, 0};
+    CK_MECHANISM wm{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+    std::vector<std::vector<std::uint8_t>> out;
+    out.reserve(blobs.size());
+    for (const auto& b : blobs) {
+        auto k = s.unwrap_key(&um, master, b, t.unwrap_aes);
+        out.push_back(s.wrap_key(&wm, backup, k.handle()));
+    }  // k: C_DestroyObject
+    return out;
+}
+
+// Verify, per key: C_UnwrapKey under the backup key, C_Encrypt(CKM_AES_ECB, 16 zero bytes),
+// C_DestroyObject.
+std::size_t floor_verify(p11::Session& s, CK_OBJECT_HANDLE backup, FloorTemplates& t,
+                         const std::vector<std::vector<std::uint8_t>>& blobs) {
+    CK_MECHANISM um{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+    CK_MECHANISM ecb{CKM_AES_ECB, nullptr, 0};
+    std::size_t n = 0;
+    for (const auto& b : blobs) {
+        auto k = s.unwrap_key(&um, backup, b, t.unwrap_aes);
+        n += s.encrypt(&ecb, k.handle(), kZeros16).size() == 16;
+    }
+    return n;
+}
+
+// Import, per key: C_UnwrapKey under the backup key, the check-value op, C_WrapKey under the
+// destination master key, C_DestroyObject.
+std::size_t floor_import(p11::Session& s, CK_OBJECT_HANDLE backup, CK_OBJECT_HANDLE master,
+                         CK_MECHANISM_TYPE master_mech, FloorTemplates& t,
+                         const std::vector<std::vector<std::uint8_t>>& blobs) {
+    CK_MECHANISM um{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+    CK_MECHANISM ecb{CKM_AES_ECB, nullptr, 0};
+    CK_MECHANISM wm{master_mech, nullptr, 0};
+    std::size_t n = 0;
+    for (const auto& b : blobs) {
+        auto k = s.unwrap_key(&um, backup, b, t.unwrap_aes);
+        s.encrypt(&ecb, k.handle(), kZeros16);
+        n += !s.wrap_key(&wm, master, k.handle()).empty();
+    }
+    return n;
+}
+
+// Token calls the library makes per key beyond the floors above, timed the same way: the HMAC
+// over a ring file with the master signature key (C_Verify in load() for export, C_Sign in
+// stage() for import).
+double time_ring_macs(p11::Session& s, CK_OBJECT_HANDLE sig_key, std::size_t n, std::size_t bytes,
+                      bool verify) {
+    std::vector<std::uint8_t> data(bytes, 0x5a);
+    CK_MECHANISM m{CKM_SHA256_HMAC, nullptr, 0};
+    auto tag = s.sign(&m, sig_key, data);
+    auto a = Clock::now();
+    for (std::size_t i = 0; i < n; ++i) {
+        if (verify) s.verify(&m, sig_key, data, tag);
+        else s.sign(&m, sig_key, data);
+    }
+    return seconds_between(a, Clock::now());
+}
+
+// ---- the report ----------------------------------------------------------------------------
+
+struct Row {
+    std::string operation;
+    std::size_t keys = 0;
+    std::optional<double> wall;  // nullopt: skipped
+    std::optional<double> floor;
+    std::string target;  // e.g. "<= 1.25"
+};
+
+void print_table(const std::vector<Row>& rows) {
+    std::printf("%-40s %7s %9s %9s %9s %7s %8s\n", "operation", "keys", "wall s", "keys/s", "floor s",
+                "ratio", "target");
+    std::printf("%s\n", std::string(40 + 7 + 9 * 3 + 7 + 8 + 6, '-').c_str());
+    for (const auto& r : rows) {
+        std::string wall = r.wall ? fmt("%.3f", *r.wall) : "skipped";
+        std::string rate = r.wall && *r.wall > 0 ? fmt("%.0f", r.keys / *r.wall) : "-";
+        std::string floor = r.floor ? fmt("%.3f", *r.floor) : "-";
+        std::string ratio = r.wall && r.floor && *r.floor > 0 ? fmt("%.2f", *r.wall / *r.floor) : "-";
+        std::printf("%-40s %7zu %9s %9s %9s %7s %8s\n", r.operation.c_str(), r.keys, wall.c_str(),
+                    rate.c_str(), floor.c_str(), ratio.c_str(), r.target.empty() ? "-" : r.target.c_str());
+    }
+}
+
+// Progress callbacks give a cheap split of a library call: before the first key, the key loop,
+// after the last key.
+struct Split {
+    Clock::time_point start, first, last, end;
+    bool seen = false;
+    bk::Progress progress() {
+        return [this](std::size_t done, std::size_t total) {
+            auto now = Clock::now();
+            if (!seen) {
+                first = now;
+                seen = true;
+            }
+            if (done == total) last = now;
+        };
+    }
+    std::string describe() const {
+        if (!seen) return "(no progress reported)";
+        return fmt("before first key %.3f s, key loop %.3f s, after last key %.3f s",
+                   seconds_between(start, first), seconds_between(first, last),
+                   seconds_between(last, end));
+    }
+};
+
+std::string mib(long kib) { return fmt("%.1f", static_cast<double>(kib) / 1024.0); }
+
+int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
+    const std::size_t n = o.keys;
+    const auto run_start = Clock::now();
+    std::vector<std::pair<std::string, Clock::time_point>> phases;
+    auto stamp = [&](const char* name) { phases.emplace_back(name, Clock::now()); };
+    std::vector<Row> rows;
+    std::vector<std::string> notes;
+    ::setenv(kPinEnv, kUserPin, 1);
+
+    // ---- setup: two tokens, a store of n symmetric keys on the source ----
+    auto t0 = Clock::now();
+    make_softhsm(sp, dir);
+    const auto src = token_options(o, kSrcLabel), dst = token_options(o, kDstLabel);
+    const std::string store_dir = dir + "/store";
+    {
+        auto ctx = p11::open_token(src, true);
+        ks::init_store(ctx, store_dir, {});
+    }
+    auto t_init = Clock::now();
+    std::vector<ks::KeyId> ids;
+    ids.reserve(n);
+    int width = std::max<int>(6, static_cast<int>(std::to_string(n).size()));
+    for (std::size_t i = 0; i < n; ++i) {
+        std::string num = std::to_string(i);
+        ids.push_back(ks::KeyId::client(
+            ks::RingKind::symmetric,
+            "client-" + std::string(static_cast<std::size_t>(width) - num.size(), '0') + num));
+    }
+    {
+        auto os = ks::open_store(src, store_dir, true);
+        os.store->generate(ids);
+    }
+    auto t_store = Clock::now();
+    stamp("setup");
+    ids.clear();
+    ids.shrink_to_fit();
+    std::uintmax_t ring_bytes = 0;
+    {
+        std::error_code ec;
+        for (const auto& e : fs::recursive_directory_iterator(store_dir + "/keys", ec))
+            if (e.is_regular_file()) {
+                ring_bytes = e.file_size();
+                break;
+            }
+    }
+
+    std::printf("backup-bench: %zu keys (%zu clients x client/<id>/symmetric, AES-256, one version each)\n",
+                n, n);
+    std::printf("module %s; tokens '%s' (source) and '%s' (destination); PIN from env:%s\n",
+                o.module.c_str(), kSrcLabel, kDstLabel, kPinEnv);
+    std::printf("work dir %s\nsetup (not in the tables): tokens + store init %.3f s, "
+                "KeyStore::generate of %zu keys %.3f s; a ring file is %ju bytes\n\n",
+                dir.c_str(), seconds_between(t0, t_init), n, seconds_between(t_init, t_store),
+                ring_bytes);
+    std::fflush(stdout);
+
+    const std::string bundle = dir + "/lib.kwbundle", secret = dir + "/lib.kwsecret";
+    FloorTemplates ft;
+    p11::fill_key_template(ft.unwrap_aes, KeyKind::aes, Exposure::sensitive);
+    std::vector<std::uint8_t> bkey(32);
+    double export_wall = 0, verify_wall = 0, export_floor = 0, verify_floor = 0;
+    std::vector<std::vector<std::uint8_t>> backup_blobs;
+    double mac_verify_s = 0, mac_sign_s = 0;
+    Split ex_split, ve_split, im_split;
+
+    {
+        // ---- (1) export through the library, on a read-only store ----
+        auto a = Clock::now();
+        auto os = ks::open_store(src, store_dir, false);
+        auto b = Clock::now();
+        bk::ExportOptions eo;
+        eo.bundle_path = bundle;
+        eo.secret_path = secret;
+        eo.all = true;
+        eo.private_keys = true;
+        ex_split.start = b;
+        eo.progress = ex_split.progress();
+        auto sum = bk::export_bundle(os, eo);
+        auto c = Clock::now();
+        ex_split.end = c;
+        if (sum.wrapped_keys != n || sum.entries != n)
+            throw std::runtime_error("export wrote " + std::to_string(sum.wrapped_keys) + " keys, expected " +
+                                     std::to_string(n));
+        export_wall = seconds_between(b, c);
+        rows.push_back({"open_store (read-only, source)", n, seconds_between(a, b), std::nullopt, ""});
+        notes.push_back("export split (progress callback): " + ex_split.describe() +
+                        fmt("; bundle %.1f MB", static_cast<double>(sum.bytes) / 1e6));
+
+        // ---- (2) verify through the library, same token context as export's self-check ----
+        auto d = Clock::now();
+        ve_split.start = d;
+        auto rep = bk::verify_bundle(bundle, secret, os.token, nullptr, ve_split.progress());
+        auto e = Clock::now();
+        ve_split.end = e;
+        if (!rep.ok() || rep.unwrapped != n)
+            throw std::runtime_error("verify_bundle unwrapped " + std::to_string(rep.unwrapped) + " keys with " +
+                                     std::to_string(rep.problems.size()) + " problems");
+        verify_wall = seconds_between(d, e);
+        notes.push_back("verify split (progress callback): " + ve_split.describe());
+
+        // ---- the export and verify floors, on the source token, in the store's session ----
+        std::vector<std::vector<std::uint8_t>> store_blobs;
+        store_blobs.reserve(n);
+        for (const auto& id : os.store->key_ids())
+            for (const auto& v : os.store->load(id).versions) store_blobs.push_back(v.wrapped);
+        p11::Session& s = *os.token.session;
+        s.random(bkey);
+        auto backup = make_floor_backup_key(s, bkey);
+        auto f0 = Clock::now();
+        backup_blobs = floor_export(s, os.encryption, os.mechanism, backup.handle(), ft, store_blobs);
+        auto f1 = Clock::now();
+        std::size_t checked = floor_verify(s, backup.handle(), ft, backup_blobs);
+        auto f2 = Clock::now();
+        if (checked != n) throw std::runtime_error("the verify floor checked too few keys");
+        export_floor = seconds_between(f0, f1);
+        verify_floor = seconds_between(f1, f2);
+        stamp("export, verify and their floors");
+        mac_verify_s = time_ring_macs(s, os.signature, n, ring_bytes, true);
+    }  // the read-only store, its lock and its token session are gone here
+
+    stamp("ring MACs (verify), closing the store");
+    rows.push_back({"export_bundle (as measured)", n, export_wall, export_floor, ""});
+    rows.push_back({"export minus self-check (export-verify)", n, export_wall - verify_wall, export_floor,
+                    "<= 1.25"});
+    rows.push_back({"verify_bundle", n, verify_wall, verify_floor, "<= 1.25"});
+
+    // ---- (3) import through the library: init a new store on the destination token ----
+    {
+        // Pass 1 alone (plus token open): a dry run verifies the bundle and writes nothing.
+        bk::ImportOptions io;
+        io.bundle_path = bundle;
+        io.secret_path = secret;
+        io.keystore_path = dir + "/restored-dry";
+        io.init = true;
+        io.dry_run = true;
+        auto a = Clock::now();
+        auto sum = bk::import_bundle(dst, io);
+        rows.push_back({"import_bundle --dry-run (pass 1 only)", sum.entries, seconds_between(a, Clock::now()),
+                        std::nullopt, ""});
+    }
+    stamp("import dry run");
+    double import_wall = 0;
+    {
+        bk::ImportOptions io;
+        io.bundle_path = bundle;
+        io.secret_path = secret;
+        io.keystore_path = dir + "/restored";
+        io.init = true;
+        auto a = Clock::now();
+        im_split.start = a;
+        io.progress = im_split.progress();
+        auto sum = bk::import_bundle(dst, io);
+        auto b = Clock::now();
+        im_split.end = b;
+        if (sum.wrapped_keys != n || sum.imported.size() != n)
+            throw std::runtime_error("import restored " + std::to_string(sum.imported.size()) + " rings, expected " +
+                                     std::to_string(n));
+        import_wall = seconds_between(a, b);
+        notes.push_back("import split (progress callback): " + im_split.describe());
+    }
+    stamp("import");
+    double import_floor = 0;
+    {
+        // The floor under the new store's real master key (a token object) on the destination.
+        auto os = ks::open_store(dst, dir + "/restored", false);
+        if (os.store->key_ids().size() != n) throw std::runtime_error("the restored store has the wrong size");
+        p11::Session& s = *os.token.session;
+        auto backup = make_floor_backup_key(s, bkey);
+        auto a = Clock::now();
+        std::size_t done = floor_import(s, backup.handle(), os.encryption, os.mechanism, ft, backup_blobs);
+        import_floor = seconds_between(a, Clock::now());
+        if (done != n) throw std::runtime_error("the import floor rewrapped too few keys");
+        mac_sign_s = time_ring_macs(s, os.signature, n, ring_bytes, false);
+    }
+    stamp("import floor, ring MACs (sign), closing the store");
+    rows.push_back({"import_bundle (--init, destination)", n, import_wall, import_floor, "<= 1.5"});
+
+    // ---- (4) the same as CLI processes, for peak RSS ----
+    struct CliRun {
+        std::string name;
+        std::optional<ChildResult> r;
+    };
+    std::vector<CliRun> cli;
+    bool have_cli = ::access(o.cli.c_str(), X_OK) == 0;
+    if (have_cli) {
+        const std::string cb = dir + "/cli.kwbundle", cs = dir + "/cli.kwsecret";
+        auto env = [&](const std::string& keystore) -> std::map<std::string, std::optional<std::string>> {
+            return {{"KEYWARDEN_MODULE", o.module},
+                    {"KEYWARDEN_KEYSTORE", keystore},
+                    {"KEYWARDEN_PIN", std::string(kUserPin)},
+                    {"KEYWARDEN_TOKEN", std::nullopt},
+                    {"KEYWARDEN_PIN_SOURCE", std::nullopt}};
+        };
+        auto run = [&](const std::string& name, std::vector<std::string> args, const std::string& keystore) {
+            std::string out = dir + "/cli-" + name + ".out", err = dir + "/cli-" + name + ".err";
+            auto r = sp.run(args, env(keystore), out, err);
+            if (r.status != 0)
+                throw std::runtime_error("'" + o.cli + " " + name + "' failed (exit " + std::to_string(r.status) +
+                                         "): " + read_text(err));
+            cli.push_back({name, r});
+        };
+        // The measurement floor of the method: a tiny program through the same spawner.
+        {
+            auto r = sp.run({"/bin/true"}, {}, "/dev/null", "/dev/null");
+            cli.push_back({"/bin/true (method floor)", r});
+        }
+        run("export", {o.cli, "--token", std::string("label:") + kSrcLabel, "export", "--all", "--private-keys",
+                       "--key-bundle-file", cb, "--key-bundle-secret", cs},
+            store_dir);
+        run("verify", {o.cli, "--token", std::string("label:") + kSrcLabel, "verify", "--key-bundle-file", cb,
+                       "--key-bundle-secret", cs},
+            store_dir);
+        run("import", {o.cli, "--token", std::string("label:") + kDstLabel, "import", "--init",
+                       "--key-bundle-file", cb, "--key-bundle-secret", cs},
+            dir + "/restored-cli");
+    }
+    stamp("CLI runs");
+
+    print_table(rows);
+    std::printf("\n");
+    for (const auto& s : notes) std::printf("%s\n", s.c_str());
+    std::printf("export self-check: export_bundle ends with a full verify_bundle of what it wrote; the\n"
+                "  'export minus self-check' row subtracts the separately measured verify_bundle time.\n");
+    std::printf("floor export: C_UnwrapKey (master key, store blob) + C_WrapKey (backup key, "
+                "CKM_AES_KEY_WRAP_PAD) + C_DestroyObject per key\n");
+    std::printf("floor verify: C_UnwrapKey (backup key) + C_Encrypt CKM_AES_ECB (16 bytes) + C_DestroyObject per key\n");
+    std::printf("floor import: C_UnwrapKey (backup key) + C_Encrypt CKM_AES_ECB + C_WrapKey (new master key) + "
+                "C_DestroyObject per key\n");
+    std::printf("floors run in one session on the operation's token (source for export/verify, destination "
+                "for import)\n");
+    std::printf("per-key token calls the library makes beyond these floors (same token, same loop style):\n");
+    std::printf("  export: C_Verify HMAC of each ring file on load (%ju bytes): %.3f s for %zu = %.1f us/key\n",
+                ring_bytes, mac_verify_s, n, mac_verify_s / static_cast<double>(n) * 1e6);
+    std::printf("  import: C_Sign HMAC of each new ring file on stage:           %.3f s for %zu = %.1f us/key\n",
+                mac_sign_s, n, mac_sign_s / static_cast<double>(n) * 1e6);
+
+    std::printf("\nCLI processes (%s; fork+exec from a spawner forked at start-up, rusage from wait4):\n",
+                have_cli ? o.cli.c_str() : "skipped: no executable, pass --cli PATH");
+    if (have_cli) {
+        std::printf("%-26s %7s %9s %8s %8s %14s %10s\n", "command", "keys", "wall s", "user s", "sys s",
+                    "peak RSS MiB", "target");
+        std::printf("%s\n", std::string(26 + 7 + 9 + 8 + 8 + 14 + 10 + 6, '-').c_str());
+        for (const auto& c : cli) {
+            bool floor_row = c.name.starts_with("/bin/true");
+            std::printf("%-26s %7s %9.3f %8.3f %8.3f %14s %10s\n",
+                        floor_row ? c.name.c_str() : ("keywarden " + c.name).c_str(),
+                        floor_row ? "-" : std::to_string(n).c_str(), c.r->wall, c.r->user, c.r->sys,
+                        mib(c.r->maxrss_kib).c_str(), floor_row ? "-" : "<= 64");
+        }
+        std::printf("RSS target: <= 64 MiB at 100,000 keys, and at most +8 MiB from 10,000 to 100,000 keys\n"
+                    "(compare the peak RSS column of a --keys 10000 and a --keys 100000 run)\n");
+        for (const auto& c : cli)
+            if (c.name == "import")
+                std::printf("import, CLI vs library: CLI %.3f s, library import_bundle %.3f s; difference %.3f s "
+                            "(process start, module load, C_Initialize, login, output)\n",
+                            c.r->wall, import_wall, c.r->wall - import_wall);
+        for (const auto& c : cli)
+            if (c.name == "export")
+                std::printf("export, CLI vs library: CLI %.3f s, library open_store + export_bundle %.3f s\n",
+                            c.r->wall, rows[0].wall.value_or(0) + export_wall);
+    }
+
+    std::printf("\nrun timeline (s):");
+    Clock::time_point prev = run_start;
+    for (const auto& [name, t] : phases) {
+        std::printf(" %s %.2f;", name.c_str(), seconds_between(prev, t));
+        prev = t;
+    }
+    std::printf(" total %.2f\n", seconds_between(run_start, prev));
+
+    struct rusage self {};
+    getrusage(RUSAGE_SELF, &self);
+    std::printf("\nthis process: peak RSS %s MiB (library runs, floors and SoftHSM in-process)\n",
+                mib(self.ru_maxrss).c_str());
+    std::fflush(stdout);
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Options o = parse_options(argc, argv);
+    std::string dir;
+    int rc = 1;
+    try {
+        Spawner sp;  // first, while this process is still small
+        dir = make_temp_dir("kw-backup-bench");
+        try {
+            rc = run_bench(o, sp, dir);
+        } catch (const keywarden::Error& e) {
+            std::cerr << "backup-bench: " << e.what() << "\n";
+            if (!e.hint().empty()) std::cerr << "  hint: " << e.hint() << "\n";
+        }
+    } catch (const std::exception& e) {
+        std::cerr << "backup-bench: " << e.what() << "\n";
+    }
+    if (!dir.empty()) {
+        if (o.keep_dir) {
+            std::printf("kept %s (SOFTHSM2_CONF=%s/softhsm2.conf)\n", dir.c_str(), dir.c_str());
+        } else {
+            std::error_code ec;
+            fs::remove_all(dir, ec);
+        }
+    }
+    return rc;
+}
