@@ -14,7 +14,7 @@ mkdir -p "$out"
 chmod 700 "$out"
 
 # The secret file's fields, as hex.
-field() { sed -n "s/^ *\"$1\": *\"\([^\"]*\)\".*/\1/p" "$secret"; }
+field() { grep -o "\"$1\": *\"[^\"]*\"" "$secret" | sed 's/.*"\([^"]*\)"$/\1/'; }
 hexof() { base64 -d | od -An -v -tx1 | tr -d ' \n'; }
 ENC=$(field encryption | hexof)
 SIG=$(field signature | hexof)

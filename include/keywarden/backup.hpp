@@ -56,6 +56,7 @@ struct VerifyReport {
     std::vector<BundleProblem> problems;  // integrity, unwrap and comparison problems
     // With a store: keys missing from the bundle, extra in it, or different (by check value).
     std::vector<std::string> missing, extra, different;
+    std::size_t not_covered = 0;  // live store keys in rings the bundle does not hold at all
     bool ok() const { return problems.empty() && different.empty(); }
 };
 
@@ -83,7 +84,9 @@ struct ImportOptions {
 struct ImportSummary {
     std::string bundle_id;
     std::size_t rings = 0, entries = 0, wrapped_keys = 0;
-    std::vector<std::string> imported, conflicts, skipped;  // key ids
+    std::vector<std::string> imported, conflicts, skipped;  // key ids (imported: dry runs only)
+    std::size_t rings_written = 0, entries_written = 0;
+    std::string refused;  // dry run: why the real import would refuse, if it would
     bool dry_run = false;
     double seconds = 0;
 };

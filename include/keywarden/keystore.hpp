@@ -173,7 +173,9 @@ public:
     bool contains(const KeyId& id) const;
 
     // Reads a ring file, checking its digest against the manifest and its MAC before parsing.
-    KeyRing load(const KeyId& id) const;
+    // check_mac=false skips the token MAC for bulk reads (export): the digest alone already ties
+    // the bytes to the manifest, whose MAC was verified when the store was opened.
+    KeyRing load(const KeyId& id, bool check_mac = true) const;
 
     // Adds a new current version to each ring (creating rings as needed). The previous current
     // version becomes deactivated, valid until now. One manifest update for the whole batch.

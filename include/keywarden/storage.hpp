@@ -30,7 +30,8 @@ public:
     // Atomic: temp file, fsync, rename, fsync of the directory. Refuses to replace an existing
     // file when exclusive is set.
     virtual void write(const std::string& name, const Bytes& data, bool exclusive = false) = 0;
-    // Writes without fsync, for batches that end with sync(). Still temp file + rename.
+    // Writes in place without fsync, for files that nothing reads until a later commit names them
+    // (".pending" ring files); batches end with sync().
     virtual void write_unsynced(const std::string& name, const Bytes& data) = 0;
     // Makes everything written so far durable (syncfs).
     virtual void sync() = 0;

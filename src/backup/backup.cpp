@@ -212,7 +212,9 @@ void export_entries(keystore::KeyStore& store, pkcs11::AesWrapProtector& under_b
                     const SecureBytes& meta_key, bool private_keys, const std::vector<KeyId>& ids,
                     const std::function<void(const std::string&, bool)>& emit) {
     for (const auto& id : ids) {
-        KeyRing r = store.load(id);
+        // The ring's digest is checked against the MAC-verified manifest; its own MAC again in
+        // the token would double the token calls per key for no added assurance.
+        KeyRing r = store.load(id, false);
         for (const auto& v : r.versions) {
             EntryMeta m{id.str(), v.version, v.state, v.created, v.valid_from, v.valid_until,
                         r.current && *r.current == v.version, v.key_type, v.key_length, v.kcv,
@@ -408,7 +410,6 @@ VerifyReport verify_bundle(const std::string& bundle_path, const std::string& se
     detail::BundleReader reader(bundle_path, secret);
     rep.header = reader.header();
     const CK_MECHANISM_TYPE mech = mechanism_of(rep.header.wrap_method);
-    const bool parallel = jobs > 1 && rep.header.entries > 1;
     auto bek = load_backup_key(*token.session, secret.encryption);
     pkcs11::AesWrapProtector under_backup(token.session, bek.handle(), mech);
     pkcs11::TokenKeyBackend backend(token.session);
@@ -422,30 +423,40 @@ VerifyReport verify_bundle(const std::string& bundle_path, const std::string& se
                     store_kcv[id.str() + "@" + std::to_string(v.version)] = v.kcv;
         }
     }
-    // One pass for the structure, the MAC and the comparison; the trial unwraps happen here too,
-    // or, with jobs, in worker processes that each take every jobs-th entry.
-    std::set<std::string> bundle_keys;
+    // Pass 1: structure, counts, the whole-file MAC and the comparison with the store. No key
+    // is unwrapped before the MAC has verified.
+    std::set<std::string> bundle_keys, bundle_rings;
     try {
         while (auto e = reader.next()) {
             ++rep.entries;
             const auto& m = e->meta;
             std::string key = m.key_id + "@" + std::to_string(m.version);
+            if (!against) continue;  // the sets below would grow with the bundle for nothing
             bundle_keys.insert(key);
-            if (!e->wrapped.empty() && !parallel) {
-                if (auto problem = trial_unwrap(under_backup, backend, *e)) rep.problems.push_back({key, *problem});
-                else ++rep.unwrapped;
-            }
-            if (against && m.state != KeyState::destroyed) {
+            bundle_rings.insert(m.key_id);
+            if (m.state != KeyState::destroyed) {
                 auto it = store_kcv.find(key);
                 if (it == store_kcv.end()) rep.extra.push_back(key);
                 else if (!same(it->second, m.kcv)) rep.different.push_back(key);
             }
-            if (progress && !parallel) progress(rep.entries, rep.header.entries);
         }
     } catch (const Error& e) {
         rep.problems.push_back({"bundle", e.what()});
     }
-    if (parallel && rep.problems.empty()) {
+    // Pass 2: a trial unwrap of every key in the token, here or, with jobs, in worker processes
+    // that each take every jobs-th entry.
+    if (rep.problems.empty() && (jobs <= 1 || rep.header.entries < 2)) {
+        detail::BundleReader again(bundle_path, secret);
+        std::size_t i = 0;
+        while (auto e = again.next()) {
+            if (!e->wrapped.empty()) {
+                if (auto problem = trial_unwrap(under_backup, backend, *e))
+                    rep.problems.push_back({e->meta.key_id + "@" + std::to_string(e->meta.version), *problem});
+                else ++rep.unwrapped;
+            }
+            if (progress) progress(++i, rep.header.entries);
+        }
+    } else if (rep.problems.empty()) {
         TempDir results(bundle_path, "verify");
         pkcs11::run_in_processes(token, jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
             detail::BundleReader mine(bundle_path, secret);
@@ -474,10 +485,13 @@ VerifyReport verify_bundle(const std::string& bundle_path, const std::string& se
         if (progress) progress(rep.entries, rep.header.entries);
     }
     if (against) {
-        // A selective export is not "missing" the rings it did not select, but the report lists
-        // every live store key the bundle does not hold.
-        for (const auto& [key, kcv] : store_kcv)
-            if (!bundle_keys.count(key)) rep.missing.push_back(key);
+        // Versions missing from rings the bundle holds are differences; rings a selective
+        // export did not select are only counted.
+        for (const auto& [key, kcv] : store_kcv) {
+            if (bundle_keys.count(key)) continue;
+            if (bundle_rings.count(key.substr(0, key.rfind('@')))) rep.missing.push_back(key);
+            else ++rep.not_covered;
+        }
     }
     return rep;
 }
@@ -593,21 +607,8 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     detail::BundleReader reader(o.bundle_path, secret);
     sum.bundle_id = reader.header().bundle_id;
 
-    // Pass 1: the whole bundle verifies before anything is written.
-    std::vector<std::string> rings;
-    {
-        std::string last;
-        while (auto e = reader.next()) {
-            if (e->meta.key_id != last) rings.push_back(last = e->meta.key_id);
-            ++sum.entries;
-            if (e->meta.wrapped) ++sum.wrapped_keys;
-        }
-    }
-    sum.rings = rings.size();
-
     std::optional<keystore::OpenStore> target;
     pkcs11::TokenContext ctx;
-    std::set<std::string> conflicts;
     if (o.init) {
         keystore::refuse_existing_store(o.keystore_path);
         ctx = pkcs11::open_token(tok, true);
@@ -618,27 +619,40 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                                 "import, or create it first with 'keywarden init'");
         target.emplace(keystore::open_store(tok, o.keystore_path, !o.dry_run));
         ctx = target->token;
-        auto existing = target->store->key_ids();
-        for (const auto& id : existing)
-            if (std::find(rings.begin(), rings.end(), id.str()) != rings.end()) conflicts.insert(id.str());
-        if (!existing.empty() && !o.merge && !o.dry_run)
-            throw ConflictError("the target store already holds " + std::to_string(existing.size()) +
-                                    " key rings",
-                                "import into an empty store (keywarden init, or import --init), or "
-                                "pass --merge --on-conflict abort|skip|overwrite");
-        if (o.merge && o.on_conflict == OnConflict::abort && !conflicts.empty() && !o.dry_run)
-            throw ConflictError(std::to_string(conflicts.size()) + " key rings of the bundle already exist in "
-                                    "the store, " + *conflicts.begin() + " first",
-                                "choose --on-conflict skip or overwrite");
     }
-    for (const auto& r : rings) {
-        if (conflicts.count(r)) {
-            sum.conflicts.push_back(r);
-            if (o.on_conflict == OnConflict::skip || !o.merge) sum.skipped.push_back(r);
-            else sum.imported.push_back(r);
-        } else {
-            sum.imported.push_back(r);
+
+    // Pass 1: the whole bundle verifies before anything is written. Only conflicts are kept in
+    // memory, so memory does not grow with the bundle.
+    {
+        std::string last;
+        while (auto e = reader.next()) {
+            if (e->meta.key_id != last) {
+                last = e->meta.key_id;
+                ++sum.rings;
+                bool conflict = target && target->store->contains(KeyId::parse(last));
+                if (conflict) sum.conflicts.push_back(last);
+                bool skipped = conflict && (o.on_conflict == OnConflict::skip || !o.merge);
+                if (skipped) sum.skipped.push_back(last);
+                if (o.dry_run && !skipped) sum.imported.push_back(last);
+            }
+            ++sum.entries;
+            if (e->meta.wrapped) ++sum.wrapped_keys;
         }
+    }
+    std::set<std::string> skip(sum.skipped.begin(), sum.skipped.end());
+    if (target) {
+        std::size_t existing = target->store->list().size();
+        if (existing != 0 && !o.merge)
+            sum.refused = "the target store already holds " + std::to_string(existing) + " key rings";
+        else if (o.merge && o.on_conflict == OnConflict::abort && !sum.conflicts.empty())
+            sum.refused = std::to_string(sum.conflicts.size()) +
+                          " key rings of the bundle already exist in the store, " + sum.conflicts.front() +
+                          " first";
+        if (!sum.refused.empty() && !o.dry_run)
+            throw ConflictError(sum.refused, sum.conflicts.empty() || !o.merge
+                                                 ? "import into an empty store (keywarden init, or import "
+                                                   "--init), or pass --merge --on-conflict abort|skip|overwrite"
+                                                 : "choose --on-conflict skip or overwrite");
     }
     if (o.dry_run) {
         sum.seconds = seconds_since(t0);
@@ -657,11 +671,12 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     std::string staging = (parent / ("." + path.filename().string() + ".import-XXXXXX")).string();
     if (!::mkdtemp(staging.data())) io_fail("cannot create a staging directory in", parent.string());
     bool switched = false;
+    std::optional<keystore::StoreMeta> created_meta;  // master keys made by --init
     try {
         std::optional<keystore::OpenStore> stage;
         if (o.init) {
             ::rmdir(staging.c_str());  // init_store creates it
-            keystore::init_store(ctx, staging, o.init_params);
+            created_meta = keystore::init_store(ctx, staging, o.init_params);
             stage.emplace(keystore::open_store_on(ctx, keystore::open_file_storage(staging), true));
         } else {
             ::chmod(staging.c_str(), 0700);
@@ -670,7 +685,6 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                                                   std::make_unique<HeldElsewhere>()));
         }
         keystore::KeyStore& dst = *stage->store;
-        std::set<std::string> skip(sum.skipped.begin(), sum.skipped.end());
 
         // Pass 2: the backup key goes into the destination token; every key is unwrapped there
         // and wrapped again under the destination master key. With jobs, worker processes each
@@ -683,7 +697,11 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             reader.rewind();
             std::size_t done = 0;
             restore_rings(reader, skip, under_backup, backend, dst, [](std::size_t) { return true; },
-                          [&](const KeyRing& r) { dst.stage(r); },
+                          [&](const KeyRing& r) {
+                              dst.stage(r);
+                              ++sum.rings_written;
+                              sum.entries_written += r.versions.size();
+                          },
                           [&] { if (o.progress) o.progress(++done, sum.entries); });
         } else {
             TempDir results(o.bundle_path, "import");
@@ -704,7 +722,12 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             });
             for (std::size_t k = 0; k < o.jobs; ++k) {
                 std::ifstream in(results.path() + "/" + std::to_string(k));
-                for (std::string l; std::getline(in, l);) dst.adopt_pending(pending_from_line(l));
+                for (std::string l; std::getline(in, l);) {
+                    auto p = pending_from_line(l);
+                    ++sum.rings_written;
+                    sum.entries_written += p.summary.versions.size();
+                    dst.adopt_pending(p);
+                }
             }
             if (o.progress) o.progress(sum.entries, sum.entries);
         }
@@ -720,7 +743,15 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         switched = true;
         fsync_dir_of(path.string());
     } catch (...) {
-        if (!switched) fs::remove_all(staging, ec);
+        if (!switched) {
+            fs::remove_all(staging, ec);
+            // The master keys --init generated belong to a store that never came to be.
+            if (created_meta && o.init_params.master_encryption_key.empty() &&
+                o.init_params.master_signature_key.empty())
+                for (const auto* r : {&created_meta->encryption, &created_meta->signature})
+                    if (auto k = pkcs11::find_master_key(*ctx.session, r->label, r->id))
+                        pkcs11::destroy_object(*ctx.session, k->handle);
+        }
         throw;
     }
     // After the exchange, the staging path holds the previous store: remove it.

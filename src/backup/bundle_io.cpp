@@ -67,7 +67,8 @@ void BundleReader::start() {
             throw FormatError("bundle " + m_path + " has an unsupported format (" + line + ")",
                               "upgrade keywarden");
         throw FormatError(m_path + " is not a keywarden key bundle",
-                          "a v1 backup file is restored with 'keywarden backup --action=import'");
+                          "pass the file 'keywarden export' wrote with --key-bundle-file (key store v1 "
+                          "backup files are not supported by this version)");
     }
     m_mac->update(line);
     m_mac->update("\n");

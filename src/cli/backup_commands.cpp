@@ -56,9 +56,10 @@ int run_export(const GlobalOptions& g, const ExportOptions& o) {
     std::cerr << "exported " << sum.rings << " key rings (" << sum.entries << " key versions, "
               << sum.wrapped_keys << " private or symmetric keys) to " << o.bundle << ": " << sum.bytes
               << " bytes in " << sum.seconds << " s; the bundle was read back and verified\n"
-              << "REMEMBER: store " << o.bundle << " and " << o.secret
-              << " in different places. Whoever holds both holds every key; losing the secret "
-                 "loses the backup.\n";
+              << "REMEMBER: store " << o.bundle << " and " << o.secret << " in different places. "
+              << (o.private_keys ? "Whoever holds both holds every key in it"
+                                 : "Whoever holds both can read which keys it names")
+              << "; losing the secret loses the backup.\n";
     return 0;
 }
 
@@ -99,14 +100,21 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
                               ? "overwrite "
                               : "import    ")
                       << k << "\n";
-        for (const auto& k : sum.skipped) std::cout << "conflict  " << k << "\n";
+        for (const auto& k : sum.skipped) std::cout << "skip      " << k << "\n";
+    }
+    if (sum.dry_run && !sum.refused.empty()) {
+        std::cerr << "dry run: the bundle verifies, but the import would be refused: " << sum.refused << "\n"
+                  << "hint: import into an empty store, or pass --merge --on-conflict skip|overwrite\n";
+        return static_cast<int>(ExitCode::failure);
     }
     if (sum.dry_run)
-        std::cerr << "dry run: the bundle verifies; " << sum.imported.size() << " key rings would be imported, "
-                  << sum.conflicts.size() << " conflict with the store; nothing was written\n";
+        std::cerr << "dry run: the bundle verifies; " << sum.imported.size() << " key rings would be imported ("
+                  << sum.conflicts.size() << " of them conflict with the store"
+                  << (sum.skipped.empty() ? "" : ", " + std::to_string(sum.skipped.size()) + " skipped")
+                  << "); nothing was written\n";
     else
-        std::cerr << "imported " << (sum.imported.size()) << " key rings (" << sum.entries << " key versions) into "
-                  << io.keystore_path << " in " << sum.seconds << " s"
+        std::cerr << "imported " << sum.rings_written << " key rings (" << sum.entries_written
+                  << " key versions) into " << io.keystore_path << " in " << sum.seconds << " s"
                   << (sum.skipped.empty() ? "" : "; skipped " + std::to_string(sum.skipped.size()) + " conflicting")
                   << "\n";
     return 0;
@@ -146,18 +154,26 @@ int run_verify_bundle(const GlobalOptions& g, const VerifyBundleOptions& o) {
                            {"unwrapped_in_token", rep.unwrapped},
                            {"problems", problems}};
         if (o.against_store)
-            out["against_store"] = {{"missing", rep.missing}, {"extra", rep.extra}, {"different", rep.different}};
+            out["against_store"] = {{"missing", rep.missing},
+                                    {"extra", rep.extra},
+                                    {"different", rep.different},
+                                    {"store_keys_not_covered", rep.not_covered}};
         std::cout << out.dump(2) << "\n";
     } else {
         for (const auto& p : rep.problems) std::cout << "PROBLEM " << p.key_id << ": " << p.problem << "\n";
         for (const auto& k : rep.different) std::cout << "DIFFERENT " << k << " (check values differ)\n";
         for (const auto& k : rep.missing) std::cout << "NOT IN BUNDLE " << k << "\n";
         for (const auto& k : rep.extra) std::cout << "NOT IN STORE " << k << "\n";
-        std::cout << (rep.ok() ? "OK" : "FAILED") << ": bundle " << rep.header.bundle_id << " made "
-                  << keystore::format_time(rep.header.created) << ", " << rep.header.rings << " key rings, "
-                  << rep.entries << " entries, " << rep.unwrapped << " keys unwrapped and checked in the token"
-                  << (o.against_store ? (comparison_ok ? "; matches the store" : "; differs from the store") : "")
-                  << "\n";
+        std::cout << (!rep.ok() ? "FAILED" : comparison_ok ? "OK" : "DIFFERS") << ": bundle "
+                  << rep.header.bundle_id << " made " << keystore::format_time(rep.header.created) << ", "
+                  << rep.header.rings << " key rings, " << rep.entries << " entries, " << rep.unwrapped
+                  << " keys unwrapped and checked in the token";
+        if (o.against_store)
+            std::cout << (comparison_ok ? "; matches the store" : "; differs from the store")
+                      << (rep.not_covered ? " (" + std::to_string(rep.not_covered) +
+                                                " store keys are in rings this bundle does not hold)"
+                                          : std::string());
+        std::cout << "\n";
     }
     if (!rep.ok()) return static_cast<int>(ExitCode::integrity);
     return comparison_ok ? 0 : static_cast<int>(ExitCode::failure);

@@ -161,55 +161,82 @@ bool same_summary(const RingSummary& a, const RingSummary& b) {
     return true;
 }
 
-json manifest_to_json(const ManifestData& m) {
-    json rings = json::object();
-    for (const auto& [id, e] : m.rings) {
-        json versions = json::array();
-        for (const auto& v : e.summary.versions)
-            versions.push_back({{"version", v.version},
-                                {"state", key_state_name(v.state)},
-                                {"created", v.created},
-                                {"valid_from", v.valid_from},
-                                {"valid_until", opt_int(v.valid_until)},
-                                {"current", v.current}});
-        rings[id] = {{"file", e.file},
-                     {"sha256", e.sha256},
-                     {"kind", ring_kind_name(e.summary.kind)},
-                     {"versions", std::move(versions)}};
+namespace {
+std::string quoted(const std::string& s) { return json(s).dump(); }
+std::string opt_text(const std::optional<std::int64_t>& v) { return v ? std::to_string(*v) : "null"; }
+
+ManifestEntry entry_from_json(const std::string& id, const json& e) {
+    ManifestEntry me;
+    KeyId kid = KeyId::parse(id);
+    me.file = e.at("file").get<std::string>();
+    if (me.file != kid.file()) throw IntegrityError("manifest names a wrong file for " + id);
+    me.sha256 = e.at("sha256").get<std::string>();
+    me.summary.key_id = id;
+    me.summary.kind = kid.kind;
+    me.summary.client_id = kid.client_id;
+    for (const auto& v : e.at("versions")) {
+        auto st = key_state_from_name(v.at("state").get<std::string>());
+        if (!st) throw FormatError("unknown key state in manifest");
+        me.summary.versions.push_back({v.at("version").get<std::uint32_t>(), *st,
+                                       v.at("created").get<std::int64_t>(),
+                                       v.at("valid_from").get<std::int64_t>(),
+                                       get_opt_int(v.at("valid_until")), v.at("current").get<bool>()});
     }
-    return {{"format", kManifestFormat},
-            {"store_id", m.store_id},
-            {"generation", m.generation},
-            {"meta_sha256", m.meta_sha256},
-            {"rings", std::move(rings)}};
+    return me;
+}
+}  // namespace
+
+std::string manifest_body(const ManifestData& m) {
+    std::string out;
+    out.reserve(128 + m.rings.size() * 300);
+    out += "{\"format\":" + std::to_string(kManifestFormat);
+    out += ",\"generation\":" + std::to_string(m.generation);
+    out += ",\"meta_sha256\":" + quoted(m.meta_sha256);
+    out += ",\"rings\":{";
+    bool first = true;
+    for (const auto& [id, e] : m.rings) {
+        if (!first) out += ',';
+        first = false;
+        out += quoted(id) + ":{\"file\":" + quoted(e.file) + ",\"kind\":" +
+               quoted(ring_kind_name(e.summary.kind)) + ",\"sha256\":" + quoted(e.sha256) +
+               ",\"versions\":[";
+        bool vfirst = true;
+        for (const auto& v : e.summary.versions) {
+            if (!vfirst) out += ',';
+            vfirst = false;
+            out += "{\"created\":" + std::to_string(v.created) +
+                   ",\"current\":" + (v.current ? "true" : "false") +
+                   ",\"state\":" + quoted(key_state_name(v.state)) +
+                   ",\"valid_from\":" + std::to_string(v.valid_from) +
+                   ",\"valid_until\":" + opt_text(v.valid_until) +
+                   ",\"version\":" + std::to_string(v.version) + "}";
+        }
+        out += "]}";
+    }
+    out += "},\"store_id\":" + quoted(m.store_id) + "}";
+    return out;
 }
 
-ManifestData manifest_from_json(const json& j) {
+ManifestData parse_manifest_body(std::span<const std::uint8_t> file) {
+    ManifestData m;
+    std::uint32_t n = get_u32(file.data() + 10);
+    std::string ring_key;
+    // Each ring entry is converted as soon as it is parsed and then dropped from the tree.
+    json::parser_callback_t cb = [&](int depth, json::parse_event_t event, json& parsed) {
+        if (depth == 2 && event == json::parse_event_t::key) {
+            ring_key = parsed.get<std::string>();
+        } else if (depth == 2 && event == json::parse_event_t::object_end) {
+            m.rings.emplace(ring_key, entry_from_json(ring_key, parsed));
+            return false;
+        }
+        return true;
+    };
     try {
-        ManifestData m;
+        json j = json::parse(file.begin() + kHeaderSize, file.begin() + kHeaderSize + n, cb);
         m.store_id = j.at("store_id").get<std::string>();
         m.generation = j.at("generation").get<std::uint64_t>();
         m.meta_sha256 = j.at("meta_sha256").get<std::string>();
-        for (const auto& [id, e] : j.at("rings").items()) {
-            ManifestEntry me;
-            KeyId kid = KeyId::parse(id);
-            me.file = e.at("file").get<std::string>();
-            if (me.file != kid.file()) throw IntegrityError("manifest names a wrong file for " + id);
-            me.sha256 = e.at("sha256").get<std::string>();
-            me.summary.key_id = id;
-            me.summary.kind = kid.kind;
-            me.summary.client_id = kid.client_id;
-            for (const auto& v : e.at("versions")) {
-                auto st = key_state_from_name(v.at("state").get<std::string>());
-                if (!st) throw FormatError("unknown key state in manifest");
-                me.summary.versions.push_back({v.at("version").get<std::uint32_t>(), *st,
-                                               v.at("created").get<std::int64_t>(),
-                                               v.at("valid_from").get<std::int64_t>(),
-                                               get_opt_int(v.at("valid_until")),
-                                               v.at("current").get<bool>()});
-            }
-            m.rings.emplace(id, std::move(me));
-        }
+        if (j.at("format").get<int>() != kManifestFormat) throw FormatError("manifest body has another format");
         return m;
     } catch (const json::exception& e) {
         throw FormatError(std::string("manifest: missing or mistyped field: ") + e.what());

@@ -41,9 +41,9 @@ std::string ring_binding(const std::string& store_id, const KeyId& id) {
 }
 
 // A signed file: MAC verified before a single byte of the body is parsed.
-json open_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* magic,
-                 std::uint16_t format, std::string_view domain, const std::string& binding,
-                 const std::string& what) {
+void verify_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* magic,
+                   std::uint16_t format, std::string_view domain, const std::string& binding,
+                   const std::string& what) {
     std::size_t n = check_frame(file, magic, format, what);
     auto signed_part = file.first(n);
     auto tag = file.subspan(n);
@@ -51,12 +51,18 @@ json open_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* ma
         throw IntegrityError(what + " does not verify (MAC mismatch)",
                              "the file was changed, copied from elsewhere, or the master "
                              "signature key is not the one that signed it");
+}
+
+json open_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* magic,
+                 std::uint16_t format, std::string_view domain, const std::string& binding,
+                 const std::string& what) {
+    verify_signed(mac, file, magic, format, domain, binding, what);
     return parse_body(file, what);
 }
 
 Bytes seal(MacKey& mac, const char* magic, std::uint16_t format, std::string_view domain,
-           const std::string& binding, const json& body) {
-    Bytes file = frame(magic, format, body.dump());
+           const std::string& binding, const std::string& body) {
+    Bytes file = frame(magic, format, body);
     auto tag = mac.mac(mac_input(domain, binding, file));
     file.insert(file.end(), tag.begin(), tag.end());
     return file;
@@ -122,7 +128,7 @@ void KeyStore::init(Storage& storage, MasterKeys& keys, StoreMeta meta) {
     storage.write(kMetaFile, meta_bytes, true);
     storage.write(kManifestFile,
                   seal(*keys.mac, kManifestMagic, kManifestFormat, kManifestDomain, m.store_id,
-                       manifest_to_json(m)),
+                       manifest_body(m)),
                   true);
     storage.write(kVersionFile, to_bytes(kVersion2Text), true);
 }
@@ -167,10 +173,10 @@ std::unique_ptr<KeyStore> KeyStore::open(std::unique_ptr<Storage> storage, Maste
 void KeyStore::load_manifest() {
     auto raw = m_storage->read(kManifestFile);
     if (!raw) throw IntegrityError("the signed manifest is missing from " + m_storage->describe());
-    auto body = open_signed(*m_keys.mac, *raw, kManifestMagic, kManifestFormat, kManifestDomain,
-                            m_meta.store_id, "manifest");
+    verify_signed(*m_keys.mac, *raw, kManifestMagic, kManifestFormat, kManifestDomain,
+                  m_meta.store_id, "manifest");
     m_manifest = std::make_unique<Manifest>();
-    m_manifest->data = manifest_from_json(body);
+    m_manifest->data = parse_manifest_body(*raw);
     if (m_manifest->data.store_id != m_meta.store_id)
         throw IntegrityError("the manifest belongs to another store");
     auto meta_raw = m_storage->read(kMetaFile);
@@ -242,7 +248,7 @@ bool KeyStore::contains(const KeyId& id) const {
     return m_manifest->data.rings.count(id.str()) != 0;
 }
 
-KeyRing KeyStore::load(const KeyId& id) const {
+KeyRing KeyStore::load(const KeyId& id, bool check_mac) const {
     auto it = m_manifest->data.rings.find(id.str());
     if (it == m_manifest->data.rings.end())
         throw NotFoundError("no key ring " + id.str() + " in the store",
@@ -255,8 +261,14 @@ KeyRing KeyStore::load(const KeyId& id) const {
     if (hex_digest(*raw) != e.sha256)
         throw IntegrityError("key ring " + id.str() + " does not match the signed manifest",
                              "the file was replaced (an older copy?) or changed");
-    auto body = open_signed(*m_keys.mac, *raw, kRingMagic, kRingFormat, kRingDomain,
-                            ring_binding(m_meta.store_id, id), "key ring " + id.str());
+    json body;
+    if (check_mac) {
+        body = open_signed(*m_keys.mac, *raw, kRingMagic, kRingFormat, kRingDomain,
+                           ring_binding(m_meta.store_id, id), "key ring " + id.str());
+    } else {
+        check_frame(*raw, kRingMagic, kRingFormat, "key ring " + id.str());
+        body = parse_body(*raw, "key ring " + id.str());
+    }
     KeyRing r = ring_from_json(body, m_meta.store_id);
     if (!(r.id == id)) throw IntegrityError("key ring " + id.str() + " names another key id");
     return r;
@@ -384,7 +396,7 @@ void KeyStore::destroy(const KeyId& id, std::optional<std::uint32_t> version) {
 KeyStore::PendingRing KeyStore::write_pending(const KeyRing& r) {
     // Every changed ring goes into "<file>.pending", without a sync per file.
     Bytes file = seal(*m_keys.mac, kRingMagic, kRingFormat, kRingDomain,
-                      ring_binding(m_meta.store_id, r.id), ring_to_json(r, m_meta.store_id));
+                      ring_binding(m_meta.store_id, r.id), ring_to_json(r, m_meta.store_id).dump());
     std::string name = r.id.file();
     m_storage->write_unsynced(name + kPending, file);
     return {r.id.str(), name, hex_digest(file), summarize(r)};
@@ -415,7 +427,7 @@ void KeyStore::commit_staged() {
     // The commit point: the signed manifest, written atomically.
     next.generation += 1;
     m_storage->write(kManifestFile, seal(*m_keys.mac, kManifestMagic, kManifestFormat,
-                                         kManifestDomain, m_meta.store_id, manifest_to_json(next)));
+                                         kManifestDomain, m_meta.store_id, manifest_body(next)));
     m_manifest->data = std::move(next);
     // Move the pending files into place. A crash here is finished by the next writer.
     for (const auto& f : m_staged_files) {

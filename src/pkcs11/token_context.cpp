@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 #include <fcntl.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
+
+#include <csignal>
 #include <unistd.h>
 
 #include <cerrno>
@@ -130,6 +133,9 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
         if (pid < 0) throw Error("fork failed: " + std::string(std::strerror(errno)));
         if (pid == 0) {
             ::close(p[0]);
+            // A worker never outlives its parent: if the parent is killed, so is the worker.
+            ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+            if (::getppid() == 1) ::_exit(1);
             int code = 0;
             std::string report;
             try {

@@ -44,8 +44,11 @@ struct ManifestData {
     std::string meta_sha256;  // hex of store.json's bytes
     std::map<std::string, ManifestEntry> rings;  // by key id
 };
-nlohmann::json manifest_to_json(const ManifestData& m);
-ManifestData manifest_from_json(const nlohmann::json& j);
+// The manifest body is written and read without building a JSON tree of it: with 100,000 rings
+// a tree would cost hundreds of MiB. Same JSON as a tree's dump(): compact, keys sorted.
+std::string manifest_body(const ManifestData& m);
+// Parses an authenticated manifest body (the frame already checked).
+ManifestData parse_manifest_body(std::span<const std::uint8_t> file);
 RingSummary summarize(const KeyRing& r);
 bool same_summary(const RingSummary& a, const RingSummary& b);
 
