@@ -217,3 +217,53 @@ TEST_CASE("cli: token check on the no-AES profile says AES wrap is unavailable",
     CHECK_THAT(text.out, Catch::Contains("aes-key-wrap       CKM_AES_KEY_WRAP         unavailable"));
     CHECK_THAT(text.out, Catch::Contains("not implemented in this version yet"));
 }
+
+#include <pty.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+TEST_CASE("cli: the PIN prompt reads from the terminal without echo", "[cli]") {
+    kwtest::SoftHsm hsm;
+    hsm.unload();
+    ::setenv("KEYWARDEN_MODULE", kwtest::module_path().c_str(), 1);
+    ::unsetenv("KEYWARDEN_PIN");
+    ::unsetenv("KEYWARDEN_PIN_SOURCE");
+    int master = -1;
+    pid_t pid = forkpty(&master, nullptr, nullptr, nullptr);
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        std::string bin = kwtest::binary_path();
+        execl(bin.c_str(), bin.c_str(), "--token", "kw-test", "--pin-source", "prompt", "token", "check",
+              static_cast<char*>(nullptr));
+        _exit(127);
+    }
+    std::string screen;
+    auto read_until = [&](const std::string& what) {
+        char buf[512];
+        for (int i = 0; i < 200 && screen.find(what) == std::string::npos; ++i) {
+            ssize_t n = ::read(master, buf, sizeof buf);
+            if (n > 0) screen.append(buf, static_cast<std::size_t>(n));
+            else std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        }
+        return screen.find(what) != std::string::npos;
+    };
+    REQUIRE(read_until("PIN for token 'kw-test': "));
+    std::string pin = std::string(kwtest::SoftHsm::user_pin) + "\n";
+    REQUIRE(::write(master, pin.data(), pin.size()) == static_cast<ssize_t>(pin.size()));
+    read_until("keywarden would use");
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    // Drain what is left on the terminal.
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(master, buf, sizeof buf)) > 0) screen.append(buf, static_cast<std::size_t>(n));
+    ::close(master);
+    INFO(screen);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    CHECK(screen.find("keywarden would use: aes-key-wrap-pad") != std::string::npos);
+    CHECK(screen.find(kwtest::SoftHsm::user_pin) == std::string::npos);  // never echoed
+}

@@ -139,8 +139,11 @@ public:
             std::string part = rest.substr(start, slash == std::string::npos ? std::string::npos
                                                                               : slash - start);
             cur += "/" + part;
-            if (::mkdir(cur.c_str(), 0700) != 0 && errno != EEXIST)
-                io_fail("cannot create directory", cur);
+            if (!m_known_dirs.count(cur)) {
+                if (::mkdir(cur.c_str(), 0700) != 0 && errno != EEXIST)
+                    io_fail("cannot create directory", cur);
+                m_known_dirs.insert(cur);
+            }
             if (slash == std::string::npos) break;
             start = slash + 1;
         }
