@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <chrono>
 #include <set>
 
 #include "support.hpp"
@@ -382,9 +383,16 @@ TEST_CASE("backup: a full disk or a kill during import leaves the target as it w
     CHECK_THAT(full.err, Catch::Contains("full"));
     CHECK(kwtest::tree_digest(f.b) == before);
 
+    // Kill points relative to how long a whole import takes on this machine, so that they land
+    // inside the import whatever the machine's speed.
+    auto t0 = std::chrono::steady_clock::now();
+    f.must([&] { auto v = f.imp(f.dir + "/timing", bundle, secret); v.push_back("--init"); return v; }());
+    double whole = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     int kills = 0;
-    for (const char* delay : {"0.05", "0.1", "0.15", "0.2", "0.3", "0.4", "0.5", "0.8"}) {
-        INFO("killed after " << delay << " s");
+    for (double fraction : {0.1, 0.25, 0.4, 0.55, 0.7, 0.85}) {
+        char delay[32];
+        std::snprintf(delay, sizeof delay, "%.3f", whole * fraction);
+        INFO("killed after " << delay << " s of " << whole);
         std::vector<std::string> v = {"timeout", "-s", "KILL", delay, kwtest::binary_path()};
         auto i = f.imp(f.b, bundle, secret);
         v.insert(v.end(), i.begin(), i.end());
