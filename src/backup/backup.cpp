@@ -427,7 +427,12 @@ VerifyReport verify_bundle(const std::string& bundle_path, const std::string& se
     // is unwrapped before the MAC has verified.
     std::set<std::string> bundle_keys, bundle_rings;
     try {
-        while (auto e = reader.next()) {
+        if (!against) {
+            // Nothing to compare: the MAC alone, without decrypting a single entry.
+            reader.check_mac_only();
+            rep.entries = rep.header.entries;
+        }
+        while (auto e = against ? reader.next() : std::nullopt) {
             ++rep.entries;
             const auto& m = e->meta;
             std::string key = m.key_id + "@" + std::to_string(m.version);
@@ -446,15 +451,19 @@ VerifyReport verify_bundle(const std::string& bundle_path, const std::string& se
     // Pass 2: a trial unwrap of every key in the token, here or, with jobs, in worker processes
     // that each take every jobs-th entry.
     if (rep.problems.empty() && (jobs <= 1 || rep.header.entries < 2)) {
-        detail::BundleReader again(bundle_path, secret);
-        std::size_t i = 0;
-        while (auto e = again.next()) {
-            if (!e->wrapped.empty()) {
-                if (auto problem = trial_unwrap(under_backup, backend, *e))
-                    rep.problems.push_back({e->meta.key_id + "@" + std::to_string(e->meta.version), *problem});
-                else ++rep.unwrapped;
+        try {
+            detail::BundleReader again(bundle_path, secret);
+            std::size_t i = 0;
+            while (auto e = again.next()) {
+                if (!e->wrapped.empty()) {
+                    if (auto problem = trial_unwrap(under_backup, backend, *e))
+                        rep.problems.push_back({e->meta.key_id + "@" + std::to_string(e->meta.version), *problem});
+                    else ++rep.unwrapped;
+                }
+                if (progress) progress(++i, rep.header.entries);
             }
-            if (progress) progress(++i, rep.header.entries);
+        } catch (const Error& e) {
+            rep.problems.push_back({"bundle", e.what()});
         }
     } else if (rep.problems.empty()) {
         TempDir results(bundle_path, "verify");

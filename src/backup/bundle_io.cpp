@@ -99,6 +99,31 @@ void BundleReader::rewind() {
     start();
 }
 
+void BundleReader::check_mac_only() {
+    std::string line;
+    for (;;) {
+        if (!read_line(line))
+            throw IntegrityError("bundle " + m_path + " is truncated: it ends after " +
+                                 std::to_string(m_entries) + " entries and has no MAC");
+        if (line.starts_with("mac ")) break;
+        m_mac->update(line);
+        m_mac->update("\n");
+        ++m_entries;
+    }
+    auto tag = from_hex(line.substr(4));
+    auto want = m_mac->final();
+    if (!tag || !same(*tag, want))
+        throw IntegrityError("bundle " + m_path + " does not verify (MAC mismatch)",
+                             "the bundle was changed, cut, or reordered after export");
+    std::string rest;
+    if (std::getline(m_in, rest) || !rest.empty())
+        throw IntegrityError("bundle " + m_path + " has data after its MAC");
+    if (m_entries != m_header.entries)
+        throw IntegrityError("bundle " + m_path + " has " + std::to_string(m_entries) +
+                             " entries but its header says " + std::to_string(m_header.entries));
+    m_done = true;
+}
+
 bool BundleReader::read_line(std::string& line) {
     if (!std::getline(m_in, line)) return false;
     // A last line without its newline means the file was cut.

@@ -28,6 +28,9 @@ public:
     std::optional<Entry> next();
     // Starts again from the first entry (import reads twice: verify, then restore).
     void rewind();
+    // Reads the rest of the file for the whole-file MAC and the entry count only, decrypting
+    // nothing (a cheap first pass before keys are touched). Throws IntegrityError.
+    void check_mac_only();
     std::uint64_t bytes_read() const { return m_bytes; }
 
 private:
