@@ -677,7 +677,6 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
         // The floor under the new store's real master key (a token object) on the destination.
         auto os = ks::open_store(dst, dir + "/restored", false);
         if (os.store->key_ids().size() != n) throw std::runtime_error("the restored store has the wrong size");
-        // (opening it created no session objects beyond the key check values')
         p11::Session& s = *os.token.session;
         auto backup = make_floor_backup_key(s, bkey);
         auto a = Clock::now();

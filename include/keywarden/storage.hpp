@@ -41,6 +41,8 @@ public:
     virtual std::vector<std::string> list(const std::string& prefix) const = 0;
     // Shared for readers, exclusive for writers; blocks until granted.
     virtual std::unique_ptr<StorageLock> lock(bool exclusive) = 0;
+    // An exclusive lock on another lock file in the root (created 0600 if missing).
+    virtual std::unique_ptr<StorageLock> lock_file(const std::string& name) = 0;
     // Creates the store root (0700). Refuses if it exists and is not empty.
     virtual void create() = 0;
     // Refuses (with a chmod hint) a root or directory writable by group or others.

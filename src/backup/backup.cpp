@@ -673,7 +673,15 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     fs::path parent = path.parent_path();
     std::error_code ec;
     fs::create_directories(parent, ec);
-    // Leftovers of an import that was killed are removed (we hold the store's lock).
+    // Imports into one path take turns: the store's own lock when it exists; for --init, where
+    // there is no store yet, a lock file beside where it will be.
+    std::unique_ptr<keystore::StorageLock> init_lock;
+    if (o.init) {
+        init_lock = keystore::open_file_storage(parent.string())->lock_file(
+            "." + path.filename().string() + ".import.lock");
+        keystore::refuse_existing_store(o.keystore_path);  // again, now that we hold the lock
+    }
+    // Leftovers of an import that was killed are removed: no other import is running.
     for (const auto& e : fs::directory_iterator(parent, ec))
         if (e.path().filename().string().starts_with("." + path.filename().string() + ".import-"))
             fs::remove_all(e.path(), ec);

@@ -248,8 +248,15 @@ public:
         return out;
     }
 
-    std::unique_ptr<StorageLock> lock(bool exclusive) override {
-        std::string p = m_root + "/.lock";
+    std::unique_ptr<StorageLock> lock(bool exclusive) override { return take_lock(".lock", exclusive); }
+
+    std::unique_ptr<StorageLock> lock_file(const std::string& name) override {
+        if (name.find('/') != std::string::npos) throw Error("internal: bad lock file name");
+        return take_lock(name, true);
+    }
+
+    std::unique_ptr<StorageLock> take_lock(const std::string& name, bool exclusive) {
+        std::string p = m_root + "/" + name;
         int fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
         if (fd < 0) {
             // A reader without write access to the directory can still lock an existing file.
