@@ -473,12 +473,18 @@ VerifyReport verify_bundle(const std::string& bundle_path, const std::string& se
             pkcs11::AesWrapProtector under(c.session, bek_k.handle(), mech);
             pkcs11::TokenKeyBackend be(c.session);
             std::ofstream out(results.path() + "/" + std::to_string(k));
-            std::size_t i = 0, unwrapped = 0;
-            while (auto e = mine.next()) {
-                if (i++ % jobs != k || e->wrapped.empty()) continue;
+            // Entries [first, last) are this worker's; the others are only read for the MAC.
+            std::size_t first = rep.entries * k / jobs, last = rep.entries * (k + 1) / jobs, unwrapped = 0;
+            for (std::size_t n = 0; n < first; ++n) mine.skip_next();
+            for (std::size_t n = first; n < last; ++n) {
+                auto e = mine.next();
+                if (!e) break;
+                if (e->wrapped.empty()) continue;
                 if (auto problem = trial_unwrap(under, be, *e))
                     out << e->meta.key_id << "@" << e->meta.version << "\t" << *problem << "\n";
                 else ++unwrapped;
+            }
+            while (mine.skip_next()) {
             }
             out << "unwrapped\t" << unwrapped << "\n";
             if (!out.flush()) throw Error("cannot write verify results");
@@ -569,24 +575,25 @@ KeyVersion version_from(const EntryMeta& m) {
 // destination's master key inside the token; `sink` receives each finished ring.
 void restore_rings(detail::BundleReader& reader, const std::set<std::string>& skip,
                    pkcs11::AesWrapProtector& under_backup, pkcs11::TokenKeyBackend& backend,
-                   keystore::KeyStore& dst, const std::function<bool(std::size_t)>& take,
+                   keystore::KeyStore& dst, std::size_t count,
                    const std::function<void(const KeyRing&)>& sink, const std::function<void()>& tick) {
     // (A plain KeyRing and a flag: g++ 12 warns falsely on std::optional<KeyRing> here.)
     KeyRing ring;
     bool open = false, wanted = false;
-    std::size_t index = 0;
     auto flush = [&] {
         if (open && wanted) sink(ring);
         open = false;
     };
-    while (auto e = reader.next()) {
+    for (std::size_t n = 0; n < count; ++n) {
+        auto e = reader.next();
+        if (!e) break;
         const auto& m = e->meta;
         if (!open || ring.id.str() != m.key_id) {
             flush();
             ring = KeyRing{};
             ring.id = KeyId::parse(m.key_id);
             open = true;
-            wanted = !skip.count(m.key_id) && take(index++);
+            wanted = !skip.count(m.key_id);
         }
         if (wanted) {
             KeyVersion v = version_from(m);
@@ -603,7 +610,7 @@ void restore_rings(detail::BundleReader& reader, const std::set<std::string>& sk
         }
         tick();
     }
-    flush();  // next() returned nullopt: the whole-file MAC verified on this read too
+    flush();
 }
 
 }  // namespace
@@ -631,12 +638,14 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     }
 
     // Pass 1: the whole bundle verifies before anything is written. Only conflicts are kept in
-    // memory, so memory does not grow with the bundle.
+    // memory (and, for jobs, where each ring starts: one integer per ring).
+    std::vector<std::size_t> ring_starts;
     {
         std::string last;
         while (auto e = reader.next()) {
             if (e->meta.key_id != last) {
                 last = e->meta.key_id;
+                if (o.jobs > 1) ring_starts.push_back(sum.entries);
                 ++sum.rings;
                 bool conflict = target && target->store->contains(KeyId::parse(last));
                 if (conflict) sum.conflicts.push_back(last);
@@ -713,15 +722,24 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             pkcs11::TokenKeyBackend backend(ctx.session);
             reader.rewind();
             std::size_t done = 0;
-            restore_rings(reader, skip, under_backup, backend, dst, [](std::size_t) { return true; },
+            restore_rings(reader, skip, under_backup, backend, dst, SIZE_MAX,
                           [&](const KeyRing& r) {
                               dst.stage(r);
                               ++sum.rings_written;
                               sum.entries_written += r.versions.size();
                           },
                           [&] { if (o.progress) o.progress(++done, sum.entries); });
+            if (reader.next()) throw IntegrityError("internal: entries left after the last ring");
         } else {
             TempDir results(o.bundle_path, "import");
+            // Entry indexes where the shares start, on ring boundaries, about equal in entries.
+            std::vector<std::size_t> shares{0};
+            for (std::size_t k = 1; k < o.jobs; ++k) {
+                std::size_t target = sum.entries * k / o.jobs;
+                auto it = std::lower_bound(ring_starts.begin(), ring_starts.end(), target);
+                shares.push_back(std::max(shares.back(), it == ring_starts.end() ? sum.entries : *it));
+            }
+            shares.push_back(sum.entries);
             std::string staging_root = staging;
             pkcs11::run_in_processes(ctx, o.jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
                 auto mine = keystore::open_store_on(c, keystore::open_file_storage(staging_root), false, true,
@@ -729,12 +747,17 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                 auto bek = load_backup_key(*c.session, secret.encryption);
                 pkcs11::AesWrapProtector under(c.session, bek.handle(), mech);
                 pkcs11::TokenKeyBackend be(c.session);
+                // This worker's share: whole rings, entries [first, last); the rest is only
+                // read for the MAC, which every worker checks again.
                 detail::BundleReader own(o.bundle_path, secret);
+                std::size_t first = shares[k], last = shares[k + 1];
+                for (std::size_t n = 0; n < first; ++n) own.skip_next();
                 std::ofstream out(results.path() + "/" + std::to_string(k));
-                restore_rings(own, skip, under, be, *mine.store,
-                              [&](std::size_t ring_index) { return ring_index % o.jobs == k; },
+                restore_rings(own, skip, under, be, *mine.store, last - first,
                               [&](const KeyRing& r) { out << pending_to_line(mine.store->write_pending(r)) << "\n"; },
                               [] {});
+                while (own.skip_next()) {
+                }
                 if (!out.flush()) throw Error("cannot write import results");
             });
             for (std::size_t k = 0; k < o.jobs; ++k) {

@@ -61,6 +61,7 @@ void BundleReader::start() {
     m_ring.clear();
     m_seen_versions.clear();
     m_done = false;
+    m_skipped = false;
     std::string line;
     if (!read_line(line) || line != kMagicLine) {
         if (line.starts_with("keywarden-bundle "))
@@ -100,16 +101,20 @@ void BundleReader::rewind() {
 }
 
 void BundleReader::check_mac_only() {
-    std::string line;
-    for (;;) {
-        if (!read_line(line))
-            throw IntegrityError("bundle " + m_path + " is truncated: it ends after " +
-                                 std::to_string(m_entries) + " entries and has no MAC");
-        if (line.starts_with("mac ")) break;
-        m_mac->update(line);
-        m_mac->update("\n");
-        ++m_entries;
+    while (skip_next()) {
     }
+}
+
+bool BundleReader::read_line(std::string& line) {
+    if (!std::getline(m_in, line)) return false;
+    // A last line without its newline means the file was cut.
+    if (m_in.eof()) throw IntegrityError("bundle " + m_path + " is truncated (no final newline)");
+    m_bytes += line.size() + 1;
+    return true;
+}
+
+void BundleReader::finish(const std::string& line) {
+    m_done = true;
     auto tag = from_hex(line.substr(4));
     auto want = m_mac->final();
     if (!tag || !same(*tag, want))
@@ -118,17 +123,29 @@ void BundleReader::check_mac_only() {
     std::string rest;
     if (std::getline(m_in, rest) || !rest.empty())
         throw IntegrityError("bundle " + m_path + " has data after its MAC");
-    if (m_entries != m_header.entries)
-        throw IntegrityError("bundle " + m_path + " has " + std::to_string(m_entries) +
-                             " entries but its header says " + std::to_string(m_header.entries));
-    m_done = true;
+    if (m_entries != m_header.entries || (!m_skipped && m_rings != m_header.rings))
+        throw IntegrityError("bundle " + m_path + " has " + std::to_string(m_entries) + " entries in " +
+                             std::to_string(m_rings) + " rings but its header says " +
+                             std::to_string(m_header.entries) + " in " + std::to_string(m_header.rings));
 }
 
-bool BundleReader::read_line(std::string& line) {
-    if (!std::getline(m_in, line)) return false;
-    // A last line without its newline means the file was cut.
-    if (m_in.eof()) throw IntegrityError("bundle " + m_path + " is truncated (no final newline)");
-    m_bytes += line.size() + 1;
+bool BundleReader::skip_next() {
+    if (m_done) return false;
+    std::string line;
+    if (!read_line(line))
+        throw IntegrityError("bundle " + m_path + " is truncated: it ends after " +
+                             std::to_string(m_entries) + " of " + std::to_string(m_header.entries) +
+                             " entries and has no MAC");
+    if (line.starts_with("mac ")) {
+        finish(line);
+        return false;
+    }
+    m_mac->update(line);
+    m_mac->update("\n");
+    if (++m_entries > m_header.entries)
+        throw IntegrityError("bundle " + m_path + " has more entries than its header says");
+    m_skipped = true;
+    m_ring.clear();
     return true;
 }
 
@@ -140,20 +157,7 @@ std::optional<Entry> BundleReader::next() {
                              std::to_string(m_entries) + " of " + std::to_string(m_header.entries) +
                              " entries and has no MAC");
     if (line.starts_with("mac ")) {
-        m_done = true;
-        auto tag = from_hex(line.substr(4));
-        auto want = m_mac->final();
-        if (!tag || !same(*tag, want))
-            throw IntegrityError("bundle " + m_path + " does not verify (MAC mismatch)",
-                                 "the bundle was changed, cut, or reordered after export");
-        std::string rest;
-        if (std::getline(m_in, rest) || !rest.empty())
-            throw IntegrityError("bundle " + m_path + " has data after its MAC");
-        if (m_entries != m_header.entries || m_rings != m_header.rings)
-            throw IntegrityError("bundle " + m_path + " has " + std::to_string(m_entries) +
-                                 " entries in " + std::to_string(m_rings) + " rings but its header says " +
-                                 std::to_string(m_header.entries) + " in " +
-                                 std::to_string(m_header.rings));
+        finish(line);
         return std::nullopt;
     }
     // Lines before this one are already in the MAC; this one goes in too.

@@ -26,6 +26,10 @@ public:
     BundleReader(const std::string& path, const SecretFile& secret);
     const BundleHeader& header() const { return m_header; }
     std::optional<Entry> next();
+    // Passes over the next entry without decrypting it; it still goes into the MAC and the
+    // count. Returns false at the MAC line, which is then checked as next() does. Workers use it
+    // to walk to their share of a bundle that the parent has already verified.
+    bool skip_next();
     // Starts again from the first entry (import reads twice: verify, then restore).
     void rewind();
     // Reads the rest of the file for the whole-file MAC and the entry count only, decrypting
@@ -35,6 +39,7 @@ public:
 
 private:
     bool read_line(std::string& line);
+    void finish(const std::string& mac_line);
     void start();
     std::string m_path;
     std::ifstream m_in;
@@ -46,6 +51,7 @@ private:
     std::string m_ring;  // key id of the ring being read
     std::vector<std::string> m_seen_versions;
     bool m_done = false;
+    bool m_skipped = false;  // rings are not counted once entries were skipped
 };
 
 }  // namespace keywarden::backup::detail
