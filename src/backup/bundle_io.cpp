@@ -129,9 +129,10 @@ void BundleReader::finish(const std::string& line) {
                              std::to_string(m_header.entries) + " in " + std::to_string(m_header.rings));
 }
 
-bool BundleReader::skip_next() {
+// The next entry line, already fed to the MAC and counted; false at the MAC line, which is
+// then checked.
+bool BundleReader::entry_line(std::string& line) {
     if (m_done) return false;
-    std::string line;
     if (!read_line(line))
         throw IntegrityError("bundle " + m_path + " is truncated: it ends after " +
                              std::to_string(m_entries) + " of " + std::to_string(m_header.entries) +
@@ -144,27 +145,20 @@ bool BundleReader::skip_next() {
     m_mac->update("\n");
     if (++m_entries > m_header.entries)
         throw IntegrityError("bundle " + m_path + " has more entries than its header says");
+    return true;
+}
+
+bool BundleReader::skip_next() {
+    std::string line;
+    if (!entry_line(line)) return false;
     m_skipped = true;
     m_ring.clear();
     return true;
 }
 
 std::optional<Entry> BundleReader::next() {
-    if (m_done) return std::nullopt;
     std::string line;
-    if (!read_line(line))
-        throw IntegrityError("bundle " + m_path + " is truncated: it ends after " +
-                             std::to_string(m_entries) + " of " + std::to_string(m_header.entries) +
-                             " entries and has no MAC");
-    if (line.starts_with("mac ")) {
-        finish(line);
-        return std::nullopt;
-    }
-    // Lines before this one are already in the MAC; this one goes in too.
-    m_mac->update(line);
-    m_mac->update("\n");
-    if (++m_entries > m_header.entries)
-        throw IntegrityError("bundle " + m_path + " has more entries than its header says");
+    if (!entry_line(line)) return std::nullopt;
     Entry e;
     keystore::KeyId id;
     try {

@@ -40,6 +40,7 @@ public:
 private:
     bool read_line(std::string& line);
     void finish(const std::string& mac_line);
+    bool entry_line(std::string& line);
     void start();
     std::string m_path;
     std::ifstream m_in;
