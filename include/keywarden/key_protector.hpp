@@ -76,6 +76,12 @@ public:
     virtual bool verify(std::span<const std::uint8_t> data, std::span<const std::uint8_t> tag) = 0;
     // First 8 bytes of HMAC-SHA256(key, 32 zero bytes).
     virtual std::vector<std::uint8_t> key_check_value() = 0;
+
+    // The MAC of the concatenation of parts, without building it: a large input (the manifest
+    // of a big store) is then never copied. The defaults concatenate; the token streams.
+    using Parts = std::vector<std::span<const std::uint8_t>>;
+    virtual std::vector<std::uint8_t> mac_parts(const Parts& parts);
+    virtual bool verify_parts(const Parts& parts, std::span<const std::uint8_t> tag);
 };
 
 // Where transient keys are made and checked: the token, or host memory for unit tests.

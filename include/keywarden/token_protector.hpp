@@ -69,6 +69,9 @@ public:
     std::vector<std::uint8_t> mac(std::span<const std::uint8_t> data) override;
     bool verify(std::span<const std::uint8_t> data, std::span<const std::uint8_t> tag) override;
     std::vector<std::uint8_t> key_check_value() override;
+    // C_SignInit / C_SignUpdate per part (in 1 MiB pieces) / C_SignFinal; likewise C_Verify*.
+    std::vector<std::uint8_t> mac_parts(const Parts& parts) override;
+    bool verify_parts(const Parts& parts, std::span<const std::uint8_t> tag) override;
 
 private:
     std::shared_ptr<Session> m_session;

@@ -104,6 +104,20 @@ std::vector<std::uint8_t> SoftwareKeyProtector::key_check_value() {
     return h;
 }
 
+namespace {
+std::vector<std::uint8_t> concat(const MacKey::Parts& parts) {
+    std::vector<std::uint8_t> all;
+    for (auto p : parts) all.insert(all.end(), p.begin(), p.end());
+    return all;
+}
+}  // namespace
+
+std::vector<std::uint8_t> MacKey::mac_parts(const Parts& parts) { return mac(concat(parts)); }
+
+bool MacKey::verify_parts(const Parts& parts, std::span<const std::uint8_t> tag) {
+    return verify(concat(parts), tag);
+}
+
 std::vector<std::uint8_t> SoftwareMacKey::mac(std::span<const std::uint8_t> data) {
     return hmac_sha256(m_key, data);
 }

@@ -21,6 +21,15 @@ Bytes mac_input(std::string_view domain, std::string_view binding,
     return out;
 }
 
+MacKey::Parts mac_parts_of(std::string_view domain, std::string_view binding,
+                           std::span<const std::uint8_t> signed_part) {
+    static const std::uint8_t zero = 0;
+    auto bytes = [](std::string_view s) {
+        return std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(s.data()), s.size());
+    };
+    return {bytes(domain), {&zero, 1}, bytes(binding), {&zero, 1}, signed_part};
+}
+
 Bytes frame(const char* magic, std::uint16_t format, const std::string& body) {
     Bytes out(magic, magic + 8);
     put_u16(out, format);

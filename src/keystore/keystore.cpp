@@ -47,7 +47,7 @@ void verify_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* 
     std::size_t n = check_frame(file, magic, format, what);
     auto signed_part = file.first(n);
     auto tag = file.subspan(n);
-    if (!mac.verify(mac_input(domain, binding, signed_part), tag))
+    if (!mac.verify_parts(mac_parts_of(domain, binding, signed_part), tag))
         throw IntegrityError(what + " does not verify (MAC mismatch)",
                              "the file was changed, copied from elsewhere, or the master "
                              "signature key is not the one that signed it");
@@ -63,7 +63,7 @@ json open_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* ma
 Bytes seal(MacKey& mac, const char* magic, std::uint16_t format, std::string_view domain,
            const std::string& binding, const std::string& body) {
     Bytes file = frame(magic, format, body);
-    auto tag = mac.mac(mac_input(domain, binding, file));
+    auto tag = mac.mac_parts(mac_parts_of(domain, binding, file));
     file.insert(file.end(), tag.begin(), tag.end());
     return file;
 }

@@ -32,6 +32,59 @@ bool TokenMacKey::verify(std::span<const std::uint8_t> data, std::span<const std
     return m_session->verify(&m, m_key, data, tag);
 }
 
+namespace {
+template <typename F>
+void for_each_piece(const MacKey::Parts& parts, F f) {
+    constexpr std::size_t kPiece = 1u << 20;
+    for (auto p : parts)
+        for (std::size_t off = 0; off < p.size(); off += kPiece)
+            f(p.subspan(off, std::min(kPiece, p.size() - off)));
+}
+}  // namespace
+
+namespace {
+// Below this size one C_Sign on a copy is cheaper than several calls (each token-object use
+// costs SoftHSM file checks).
+constexpr std::size_t kStreamAbove = 64 * 1024;
+std::size_t total(const MacKey::Parts& parts) {
+    std::size_t n = 0;
+    for (auto p : parts) n += p.size();
+    return n;
+}
+}  // namespace
+
+std::vector<std::uint8_t> TokenMacKey::mac_parts(const Parts& parts) {
+    if (total(parts) < kStreamAbove) return MacKey::mac_parts(parts);
+    CK_MECHANISM m{CKM_SHA256_HMAC, nullptr, 0};
+    Session& s = *m_session;
+    KW_P11_CALL(s.fn(), C_SignInit, s.handle(), &m, m_key);
+    for_each_piece(parts, [&](std::span<const std::uint8_t> piece) {
+        KW_P11_CALL(s.fn(), C_SignUpdate, s.handle(), const_cast<CK_BYTE*>(piece.data()),
+                    static_cast<CK_ULONG>(piece.size()));
+    });
+    std::vector<std::uint8_t> out(64);
+    CK_ULONG n = out.size();
+    KW_P11_CALL(s.fn(), C_SignFinal, s.handle(), out.data(), &n);
+    out.resize(n);
+    return out;
+}
+
+bool TokenMacKey::verify_parts(const Parts& parts, std::span<const std::uint8_t> tag) {
+    if (total(parts) < kStreamAbove) return MacKey::verify_parts(parts, tag);
+    CK_MECHANISM m{CKM_SHA256_HMAC, nullptr, 0};
+    Session& s = *m_session;
+    KW_P11_CALL(s.fn(), C_VerifyInit, s.handle(), &m, m_key);
+    for_each_piece(parts, [&](std::span<const std::uint8_t> piece) {
+        KW_P11_CALL(s.fn(), C_VerifyUpdate, s.handle(), const_cast<CK_BYTE*>(piece.data()),
+                    static_cast<CK_ULONG>(piece.size()));
+    });
+    CK_RV rv = KW_P11_TRY(s.fn(), C_VerifyFinal, s.handle(), const_cast<CK_BYTE*>(tag.data()),
+                          static_cast<CK_ULONG>(tag.size()));
+    if (rv == CKR_OK) return true;
+    if (rv == CKR_SIGNATURE_INVALID || rv == CKR_SIGNATURE_LEN_RANGE) return false;
+    throw Pkcs11Error("C_VerifyFinal", rv);
+}
+
 std::vector<std::uint8_t> TokenMacKey::key_check_value() {
     std::vector<std::uint8_t> zeros(32, 0);
     auto h = mac(zeros);

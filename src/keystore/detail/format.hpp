@@ -21,6 +21,10 @@ constexpr std::uint16_t kManifestFormat = 1;
 Bytes mac_input(std::string_view domain, std::string_view binding,
                 std::span<const std::uint8_t> signed_part);
 
+// The same input as parts, for MacKey::mac_parts (no copy of a large file).
+MacKey::Parts mac_parts_of(std::string_view domain, std::string_view binding,
+                           std::span<const std::uint8_t> signed_part);
+
 // Frames a body; the MAC is appended by the caller (it comes from the token).
 Bytes frame(const char* magic, std::uint16_t format, const std::string& body);
 // Checks size, magic and format, and returns the signed part's length. Throws FormatError /
