@@ -170,6 +170,9 @@ int run(int argc, char** argv) {
     }
     log::set_verbosity(g.verbose);
     pkcs11::set_trace_echo(g.verbose >= 2);
+    if (!secure_heap_active())
+        log::info("the locked secure heap could not be set up (RLIMIT_MEMLOCK?): secrets are "
+                  "still wiped on free, but may be swapped");
 
     if (c.token_list->parsed()) return run_token_list(g);
     if (c.token_check->parsed()) return run_token_check(g);
