@@ -12,20 +12,6 @@
 
 namespace keywarden::cli {
 
-namespace {
-
-backup::Progress progress_bar(const char* what) {
-    if (!isatty(STDERR_FILENO)) return {};
-    return [what](std::size_t done, std::size_t total) {
-        if (done != total && done % 100 != 0) return;
-        int width = 30;
-        int filled = total ? static_cast<int>(width * done / total) : width;
-        std::cerr << "\r" << what << " [" << std::string(filled, '#') << std::string(width - filled, ' ')
-                  << "] " << done << "/" << total << (done == total ? "\n" : "") << std::flush;
-    };
-}
-
-}  // namespace
 
 int run_export(const GlobalOptions& g, const ExportOptions& o) {
     if (o.all == !o.key_ids.empty())

@@ -1,5 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The CLI boundary: parse, dispatch, and map every error to a documented exit code.
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdio>
 #include <iostream>
@@ -9,6 +11,17 @@
 #include "options.hpp"
 
 namespace keywarden::cli {
+
+std::function<void(std::size_t, std::size_t)> progress_bar(const char* what) {
+    if (!isatty(STDERR_FILENO)) return {};
+    return [what](std::size_t done, std::size_t total) {
+        if (done != total && done % 100 != 0) return;
+        int width = 30;
+        int filled = total ? static_cast<int>(width * done / total) : width;
+        std::cerr << "\r" << what << " [" << std::string(filled, '#') << std::string(width - filled, ' ')
+                  << "] " << done << "/" << total << (done == total ? "\n" : "") << std::flush;
+    };
+}
 
 namespace {
 constexpr const char* kExitCodes =

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -111,6 +112,9 @@ using pkcs11::TokenContext;
 
 int run_token_list(const GlobalOptions& g);
 int run_token_check(const GlobalOptions& g);
+
+// A progress bar on stderr, only when stderr is a terminal; empty otherwise.
+std::function<void(std::size_t done, std::size_t total)> progress_bar(const char* what);
 
 // The store location: --keystore, KEYWARDEN_KEYSTORE, the config file, else the default.
 std::string keystore_path(const GlobalOptions& g);

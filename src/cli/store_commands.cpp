@@ -28,25 +28,6 @@ std::string keystore_path(const GlobalOptions& g) {
 
 namespace {
 
-// A progress bar on stderr, only when stderr is a terminal.
-class Progress {
-public:
-    Progress(std::string what, std::size_t total)
-        : m_what(std::move(what)), m_total(total), m_on(isatty(STDERR_FILENO) && total > 1) {}
-    void operator()(std::size_t done) {
-        if (!m_on || (done != m_total && done % 50 != 0)) return;
-        int width = 30;
-        int filled = static_cast<int>(width * done / m_total);
-        std::cerr << "\r" << m_what << " [" << std::string(filled, '#')
-                  << std::string(width - filled, ' ') << "] " << done << "/" << m_total
-                  << (done == m_total ? "\n" : "") << std::flush;
-    }
-
-private:
-    std::string m_what;
-    std::size_t m_total;
-    bool m_on;
-};
 
 }  // namespace
 
@@ -62,9 +43,7 @@ int run_init(const GlobalOptions& g, const InitOptions& o) {
     params.master_encryption_key = o.master_encryption_key;
     params.master_signature_key = o.master_signature_key;
     params.allow_extractable_master = o.allow_extractable_master;
-    keystore::init_store(ctx, path, params);
-    auto storage = open_file_storage(path);
-    auto written = read_store_meta(*storage);
+    auto written = keystore::init_store(ctx, path, params);
     if (g.json) {
         nlohmann::json out = {{"keystore", path},
                               {"store_id", written.store_id},
@@ -137,8 +116,8 @@ int run_generate(const GlobalOptions& g, const GenerateOptions& o) {
     if (o.audit_log_key) ids.push_back(KeyId::global(RingKind::audit_log));
 
     auto s = with_store(g, true);
-    Progress bar("generating", ids.size());
-    s.store->generate(ids, std::ref(bar));
+    auto bar = progress_bar("generating");
+    s.store->generate(ids, [&](std::size_t done) { if (bar) bar(done, ids.size()); });
     if (g.json) {
         nlohmann::json out = nlohmann::json::array();
         for (const auto& id : ids) out.push_back(id.str());
@@ -276,8 +255,9 @@ int run_destroy(const GlobalOptions& g, const DestroyOptions& o) {
 
 int run_keystore_verify(const GlobalOptions& g) {
     auto s = with_store(g, false, false);
-    Progress bar("verifying", s.store->list().size());
-    auto rep = s.store->verify(std::ref(bar));
+    auto bar = progress_bar("verifying");
+    std::size_t rings = s.store->list().size();
+    auto rep = s.store->verify([&](std::size_t done) { if (bar) bar(done, rings); });
     if (g.json) {
         nlohmann::json problems = nlohmann::json::array();
         for (const auto& p : rep.problems) problems.push_back({{"key_id", p.key_id}, {"problem", p.problem}});
