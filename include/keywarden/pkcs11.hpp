@@ -201,6 +201,11 @@ public:
 private:
     void* store(const void* p, std::size_t n);
     std::vector<CK_ATTRIBUTE> m_attrs;
+    // Small values live in an arena inside the object (a Template is neither copied nor moved,
+    // so their addresses are stable); larger ones get their own heap block. Templates are built
+    // once or twice per key in bulk operations, so this saves many small allocations.
+    alignas(CK_ULONG) std::uint8_t m_arena[256];
+    std::size_t m_used = 0;
     std::vector<std::pair<std::unique_ptr<std::uint8_t[]>, std::size_t>> m_values;
 };
 

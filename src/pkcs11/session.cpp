@@ -10,9 +10,18 @@ namespace keywarden::pkcs11 {
 
 Template::~Template() {
     for (auto& [p, n] : m_values) wipe(p.get(), n);
+    wipe(m_arena, m_used);
 }
 
 void* Template::store(const void* p, std::size_t n) {
+    if (m_attrs.capacity() == 0) m_attrs.reserve(12);
+    // Keep CK_ULONG values aligned.
+    std::size_t at = (m_used + alignof(CK_ULONG) - 1) & ~(alignof(CK_ULONG) - 1);
+    if (at + n <= sizeof m_arena) {
+        if (n) std::memcpy(m_arena + at, p, n);
+        m_used = at + n;
+        return m_arena + at;
+    }
     auto buf = std::make_unique<std::uint8_t[]>(n == 0 ? 1 : n);
     if (n) std::memcpy(buf.get(), p, n);
     void* out = buf.get();
