@@ -11,6 +11,11 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -211,16 +216,71 @@ std::vector<std::vector<KeyId>> split_by_weight(const std::vector<KeyId>& ids,
 void export_entries(keystore::KeyStore& store, pkcs11::AesWrapProtector& under_backup,
                     const SecureBytes& meta_key, bool private_keys, const std::vector<KeyId>& ids,
                     const std::function<void(const std::string&, bool)>& emit) {
-    for (const auto& id : ids) {
-        // The ring's digest is checked against the MAC-verified manifest; its own MAC again in
-        // the token would double the token calls per key for no added assurance.
-        KeyRing r = store.load(id, false);
+    // Reading and parsing ring files is host work that needs no token: a second thread does it
+    // ahead of the token work (SoftHSM serialises token calls, but the host has a second core).
+    // The ring's digest is checked against the MAC-verified manifest; its own MAC again in the
+    // token would double the token calls per key for no added assurance.
+    struct Slot {
+        std::optional<KeyRing> ring;
+        std::exception_ptr error;
+    };
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<Slot> queue;
+    bool stop = false;
+    constexpr std::size_t kAhead = 256;
+    std::thread reader([&] {
+        for (const auto& id : ids) {
+            Slot slot;
+            try {
+                slot.ring = store.load(id, false);
+            } catch (...) {
+                slot.error = std::current_exception();
+            }
+            std::unique_lock lock(mu);
+            cv.wait(lock, [&] { return queue.size() < kAhead || stop; });
+            if (stop) return;
+            bool failed = slot.error != nullptr;
+            queue.push_back(std::move(slot));
+            cv.notify_all();
+            if (failed) return;
+        }
+    });
+    struct Joiner {
+        std::thread& t;
+        std::mutex& mu;
+        std::condition_variable& cv;
+        bool& stop;
+        ~Joiner() {
+            {
+                std::lock_guard lock(mu);
+                stop = true;
+            }
+            cv.notify_all();
+            t.join();
+        }
+    } joiner{reader, mu, cv, stop};
+
+    for (std::size_t n = 0; n < ids.size(); ++n) {
+        Slot slot;
+        {
+            std::unique_lock lock(mu);
+            cv.wait(lock, [&] { return !queue.empty(); });
+            slot = std::move(queue.front());
+            queue.pop_front();
+            cv.notify_all();
+        }
+        if (slot.error) std::rethrow_exception(slot.error);
+        const KeyRing& r = *slot.ring;
+        const KeyId& id = r.id;
         for (const auto& v : r.versions) {
             EntryMeta m{id.str(), v.version, v.state, v.created, v.valid_from, v.valid_until,
                         r.current && *r.current == v.version, v.key_type, v.key_length, v.kcv,
                         v.public_key, false};
             EntryLine el;
             if (private_keys && !v.wrapped.empty()) {
+                // Unwrapped under the master key into a sensitive session object, wrapped under
+                // the backup key, destroyed: never in host memory in the clear.
                 auto key = store.keys().protector->unprotect(v.wrapped, {v.key_type, v.key_length},
                                                              Exposure::sensitive);
                 el.wrapped = under_backup.protect(*key);

@@ -13,6 +13,13 @@ constexpr std::array<std::uint8_t, 10> kP256Params = {0x06, 0x08, 0x2a, 0x86, 0x
 
 SecureBytes TokenKey::value() const {
     SecureBytes v = m_obj.session().get_secret(m_obj.handle(), CKA_VALUE);
+    if (m_spec.kind == KeyKind::ec_p256_private && v.size() < m_spec.length) {
+        // CKA_VALUE of an EC key is a big-endian integer, and tokens drop its leading zero
+        // bytes (about one P-256 key in 256): pad it back to the curve's length.
+        SecureBytes padded(m_spec.length - v.size(), 0);
+        padded.insert(padded.end(), v.begin(), v.end());
+        return padded;
+    }
     if (v.size() < m_spec.length)
         throw IntegrityError("the token returned a " + std::to_string(v.size()) +
                              "-byte key where the metadata records " +
