@@ -222,6 +222,7 @@ void export_entries(keystore::KeyStore& store, pkcs11::AesWrapProtector& under_b
     // token would double the token calls per key for no added assurance.
     struct Slot {
         std::optional<KeyRing> ring;
+        std::vector<Bytes> sealed;  // each version's encrypted metadata, made ahead too
         std::exception_ptr error;
     };
     std::mutex mu;
@@ -234,6 +235,13 @@ void export_entries(keystore::KeyStore& store, pkcs11::AesWrapProtector& under_b
             Slot slot;
             try {
                 slot.ring = store.load(id, false);
+                const KeyRing& r = *slot.ring;
+                for (const auto& v : r.versions) {
+                    EntryMeta m{id.str(), v.version, v.state, v.created, v.valid_from, v.valid_until,
+                                r.current && *r.current == v.version, v.key_type, v.key_length, v.kcv,
+                                v.public_key, private_keys && !v.wrapped.empty()};
+                    slot.sealed.push_back(seal_metadata(meta_key, m));
+                }
             } catch (...) {
                 slot.error = std::current_exception();
             }
@@ -272,22 +280,19 @@ void export_entries(keystore::KeyStore& store, pkcs11::AesWrapProtector& under_b
         }
         if (slot.error) std::rethrow_exception(slot.error);
         const KeyRing& r = *slot.ring;
-        const KeyId& id = r.id;
-        for (const auto& v : r.versions) {
-            EntryMeta m{id.str(), v.version, v.state, v.created, v.valid_from, v.valid_until,
-                        r.current && *r.current == v.version, v.key_type, v.key_length, v.kcv,
-                        v.public_key, false};
+        for (std::size_t i = 0; i < r.versions.size(); ++i) {
+            const auto& v = r.versions[i];
             EntryLine el;
-            if (private_keys && !v.wrapped.empty()) {
+            el.sealed_meta = std::move(slot.sealed[i]);
+            bool wrapped = private_keys && !v.wrapped.empty();
+            if (wrapped) {
                 // Unwrapped under the master key into a sensitive session object, wrapped under
                 // the backup key, destroyed: never in host memory in the clear.
                 auto key = store.keys().protector->unprotect(v.wrapped, {v.key_type, v.key_length},
                                                              Exposure::sensitive);
                 el.wrapped = under_backup.protect(*key);
-                m.wrapped = true;
             }
-            el.sealed_meta = seal_metadata(meta_key, m);
-            emit(encode_entry(el), m.wrapped);
+            emit(encode_entry(el), wrapped);
         }
     }
 }
