@@ -200,6 +200,10 @@ public:
     };
     PendingRing write_pending(const KeyRing& ring);
     void adopt_pending(const PendingRing& p);
+    // write_pending in two steps, so that the file I/O can run on another thread than the
+    // token work: seal_ring signs in the token; store_sealed only writes (no token call).
+    Bytes seal_ring(const KeyRing& ring);
+    PendingRing store_sealed(const KeyRing& ring, const Bytes& file);
 
     // The key material of a version (the current one by default): unwrapped in the token as a
     // non-sensitive session object, read, and destroyed. Throws for destroyed versions.

@@ -635,6 +635,67 @@ KeyVersion version_from(const EntryMeta& m) {
     return v;
 }
 
+// Writes sealed ring files on its own thread, in order, and hands back what was written.
+class RingWriter {
+public:
+    explicit RingWriter(keystore::KeyStore& store) : m_store(store), m_thread([this] { run(); }) {}
+    ~RingWriter() { stop(); }
+    void push(const KeyRing& r, Bytes file) {
+        std::unique_lock lock(m_mu);
+        m_cv.wait(lock, [&] { return m_queue.size() < 256 || m_error; });
+        if (m_error) std::rethrow_exception(m_error);
+        m_queue.emplace_back(r, std::move(file));
+        m_cv.notify_all();
+    }
+    // Waits for every queued ring; rethrows a write error.
+    std::vector<keystore::KeyStore::PendingRing> finish() {
+        stop();
+        if (m_error) std::rethrow_exception(m_error);
+        return std::move(m_done);
+    }
+
+private:
+    void stop() {
+        {
+            std::lock_guard lock(m_mu);
+            if (m_stopping) return;
+            m_stopping = true;
+        }
+        m_cv.notify_all();
+        m_thread.join();
+    }
+    void run() {
+        for (;;) {
+            std::pair<KeyRing, Bytes> item;
+            {
+                std::unique_lock lock(m_mu);
+                m_cv.wait(lock, [&] { return !m_queue.empty() || m_stopping; });
+                if (m_queue.empty()) return;
+                item = std::move(m_queue.front());
+                m_queue.pop_front();
+                m_cv.notify_all();
+            }
+            try {
+                m_done.push_back(m_store.store_sealed(item.first, item.second));
+            } catch (...) {
+                std::lock_guard lock(m_mu);
+                m_error = std::current_exception();
+                m_queue.clear();
+                m_cv.notify_all();
+                return;
+            }
+        }
+    }
+    keystore::KeyStore& m_store;
+    std::mutex m_mu;
+    std::condition_variable m_cv;
+    std::deque<std::pair<KeyRing, Bytes>> m_queue;
+    std::vector<keystore::KeyStore::PendingRing> m_done;
+    std::exception_ptr m_error;
+    bool m_stopping = false;
+    std::thread m_thread;
+};
+
 // Reads every entry (so that the MAC at the end is checked) and rebuilds the rings that `take`
 // selects by their index, each key unwrapped under the backup key and wrapped again under the
 // destination's master key inside the token; `sink` receives each finished ring.
@@ -787,14 +848,17 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             pkcs11::TokenKeyBackend backend(ctx.session);
             reader.rewind();
             std::size_t done = 0;
+            // Token work here; writing the ring files on a second thread (no token calls).
+            RingWriter writer(dst);
             restore_rings(reader, skip, under_backup, backend, dst, SIZE_MAX,
                           [&](const KeyRing& r) {
-                              dst.stage(r);
+                              writer.push(r, dst.seal_ring(r));
                               ++sum.rings_written;
                               sum.entries_written += r.versions.size();
                           },
                           [&] { if (o.progress) o.progress(++done, sum.entries); });
             if (reader.next()) throw IntegrityError("internal: entries left after the last ring");
+            for (const auto& p : writer.finish()) dst.adopt_pending(p);
         } else {
             TempDir results(o.bundle_path, "import");
             // Entry indexes where the shares start, on ring boundaries, about equal in entries.

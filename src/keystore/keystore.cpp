@@ -393,14 +393,19 @@ void KeyStore::destroy(const KeyId& id, std::optional<std::uint32_t> version) {
     commit({r});
 }
 
-KeyStore::PendingRing KeyStore::write_pending(const KeyRing& r) {
+Bytes KeyStore::seal_ring(const KeyRing& r) {
+    return seal(*m_keys.mac, kRingMagic, kRingFormat, kRingDomain,
+                ring_binding(m_meta.store_id, r.id), ring_to_json(r, m_meta.store_id).dump());
+}
+
+KeyStore::PendingRing KeyStore::store_sealed(const KeyRing& r, const Bytes& file) {
     // Every changed ring goes into "<file>.pending", without a sync per file.
-    Bytes file = seal(*m_keys.mac, kRingMagic, kRingFormat, kRingDomain,
-                      ring_binding(m_meta.store_id, r.id), ring_to_json(r, m_meta.store_id).dump());
     std::string name = r.id.file();
     m_storage->write_unsynced(name + kPending, file);
     return {r.id.str(), name, hex_digest(file), summarize(r)};
 }
+
+KeyStore::PendingRing KeyStore::write_pending(const KeyRing& r) { return store_sealed(r, seal_ring(r)); }
 
 void KeyStore::adopt_pending(const PendingRing& p) {
     if (!m_writable) throw Error("internal: store opened read-only");
