@@ -147,20 +147,17 @@ std::unique_ptr<KeyStore> KeyStore::open(std::unique_ptr<Storage> storage, Maste
     ks->m_meta = read_store_meta(*ks->m_storage);
     // Readers share the lock, writers hold it alone: a reader sees the old or the new state.
     ks->m_lock = lock ? std::move(lock) : ks->m_storage->lock(writable);
-    auto enc_kcv = ks->m_keys.protector->key_check_value();
-    if (!same_bytes(enc_kcv, ks->m_meta.encryption.kcv))
-        throw TokenError("the master encryption key found is not this store's: expected '" +
-                             ks->m_meta.encryption.label + "' with check value " +
-                             to_hex(ks->m_meta.encryption.kcv) + ", found " + to_hex(enc_kcv),
+    // The keys found in the token must be the ones store.json names, by check value.
+    auto expect = [&](const Bytes& found, const MasterKeyRecord& want, const char* role) {
+        if (same_bytes(found, want.kcv)) return;
+        throw TokenError(std::string("the master ") + role + " key found is not this store's: expected '" +
+                             want.label + "' with check value " + to_hex(want.kcv) + ", found " +
+                             to_hex(found),
                          "select the token this store was created on (serial " +
                              ks->m_meta.token_serial + ")");
-    auto sig_kcv = ks->m_keys.mac->key_check_value();
-    if (!same_bytes(sig_kcv, ks->m_meta.signature.kcv))
-        throw TokenError("the master signature key found is not this store's: expected '" +
-                             ks->m_meta.signature.label + "' with check value " +
-                             to_hex(ks->m_meta.signature.kcv) + ", found " + to_hex(sig_kcv),
-                         "select the token this store was created on (serial " +
-                             ks->m_meta.token_serial + ")");
+    };
+    expect(ks->m_keys.protector->key_check_value(), ks->m_meta.encryption, "encryption");
+    expect(ks->m_keys.mac->key_check_value(), ks->m_meta.signature, "signature");
     if (ks->m_meta.protection != ks->m_keys.protector->method())
         throw TokenError("the store was written with " + ks->m_meta.protection +
                          " but this token would use " + ks->m_keys.protector->method());
