@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "keywarden/backup.hpp"
+#include "bench_common.hpp"
 #include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
 #include "keywarden/keystore.hpp"
@@ -58,7 +59,7 @@ namespace ks = keywarden::keystore;
 namespace bk = keywarden::backup;
 using keywarden::Exposure;
 using keywarden::KeyKind;
-using Clock = std::chrono::steady_clock;
+using namespace kwbench;
 
 constexpr const char* kSrcLabel = "kw-bench-src";
 constexpr const char* kDstLabel = "kw-bench-dst";
@@ -66,12 +67,6 @@ constexpr const char* kUserPin = "bench-user-1234";
 constexpr const char* kSoPin = "bench-so-1234";
 constexpr const char* kPinEnv = "BENCH_PIN";
 
-// Used when hsm-config/softhsm2.conf.in cannot be found (same content).
-constexpr const char* kFallbackConf =
-    "directories.tokendir = @TOKENDIR@\n"
-    "objectstore.backend = file\n"
-    "log.level = ERROR\n"
-    "slots.removable = false\n";
 
 struct Options {
     std::size_t keys = 10000;
@@ -79,15 +74,6 @@ struct Options {
     std::string cli = "build/keywarden";
     std::string module;
 };
-
-double seconds_between(Clock::time_point a, Clock::time_point b) {
-    return std::chrono::duration<double>(b - a).count();
-}
-
-std::string env_or(const char* name, const std::string& fallback) {
-    const char* v = std::getenv(name);
-    return v && *v ? v : fallback;
-}
 
 constexpr const char* kUsage =
     "usage: backup-bench [--keys N] [--cli PATH] [--module PATH] [--keep-dir]\n";
@@ -133,20 +119,6 @@ Options parse_options(int argc, char** argv) {
         } else usage_exit("unknown option " + a);
     }
     return o;
-}
-
-std::string make_temp_dir(const std::string& prefix) {
-    std::string tmpl = (fs::temp_directory_path() / (prefix + "-XXXXXX")).string();
-    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed: " + std::string(std::strerror(errno)));
-    return tmpl;
-}
-
-std::string read_text(const std::string& path) {
-    std::ifstream in(path);
-    if (!in) return {};
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
 }
 
 template <typename... A>

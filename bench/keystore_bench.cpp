@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.hpp"
 #include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
 #include "keywarden/keystore.hpp"
@@ -47,18 +48,12 @@ namespace p11 = keywarden::pkcs11;
 namespace ks = keywarden::keystore;
 using keywarden::Exposure;
 using keywarden::KeyKind;
-using Clock = std::chrono::steady_clock;
+using namespace kwbench;
 
 constexpr const char* kTokenLabel = "keywarden-bench";
 constexpr const char* kUserPin = "bench-user-1234";
 constexpr const char* kSoPin = "bench-so-1234";
 
-// Used when hsm-config/softhsm2.conf.in cannot be found (same content).
-constexpr const char* kFallbackConf =
-    "directories.tokendir = @TOKENDIR@\n"
-    "objectstore.backend = file\n"
-    "log.level = ERROR\n"
-    "slots.removable = false\n";
 
 // DER OID of prime256v1, as CKA_EC_PARAMS (as in the library's generate_session_key).
 constexpr std::array<std::uint8_t, 10> kP256Params = {0x06, 0x08, 0x2a, 0x86, 0x48,
@@ -70,15 +65,6 @@ struct Options {
     std::string cli = "build/keywarden";
     std::string module;
 };
-
-double seconds_between(Clock::time_point a, Clock::time_point b) {
-    return std::chrono::duration<double>(b - a).count();
-}
-
-std::string env_or(const char* name, const std::string& fallback) {
-    const char* v = std::getenv(name);
-    return v && *v ? v : fallback;
-}
 
 [[noreturn]] void usage_exit(const std::string& problem) {
     std::cerr << "keystore-bench: " << problem << "\n"
@@ -125,20 +111,6 @@ Options parse_options(int argc, char** argv) {
         else usage_exit("unknown option " + a);
     }
     return o;
-}
-
-std::string make_temp_dir(const std::string& prefix) {
-    std::string tmpl = (fs::temp_directory_path() / (prefix + "-XXXXXX")).string();
-    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed: " + std::string(std::strerror(errno)));
-    return tmpl;
-}
-
-std::string read_text(const std::string& path) {
-    std::ifstream in(path);
-    if (!in) return {};
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
 }
 
 // Runs a program with stdin from /dev/null and stdout/stderr into files; returns the exit code.
