@@ -103,6 +103,7 @@ struct MasterKeyRecord {
 
 struct StoreMeta {
     int format = 1;
+    int store_version = 2;  // 1: one master key (signature == encryption), flat Acra v1 layout
     std::string store_id;  // 32 hex characters, random
     std::int64_t created = 0;
     std::string token_serial, token_label, token_model;
@@ -139,12 +140,46 @@ extern const char* const kMetaFile;      // "store.json"
 extern const char* const kManifestFile;  // "manifest"
 
 // Reads the store's version file and store.json without a token: enough to know which token
-// and master keys to open. Throws NotFoundError / FormatError.
+// and master keys to open. Either store version; meta.store_version says which. Throws
+// NotFoundError / FormatError.
 StoreMeta read_store_meta(const Storage& storage);
 // The store format version in the version file (1 or 2); nullopt when there is none.
 std::optional<int> detect_store_version(const Storage& storage);
 
-class KeyStore {
+// What every store version offers. The commands generate, rotate, list, read, destroy and
+// keystore verify, and the v1 backup, work through this, so that they behave the same on v1
+// and v2 stores.
+class Store {
+public:
+    virtual ~Store() = default;
+    virtual int store_version() const = 0;
+    virtual const StoreMeta& meta() const = 0;
+    virtual MasterKeys& keys() = 0;
+    virtual Storage& storage() = 0;
+    // A counter that grows with every write (v2: the manifest generation; v1 has none: 0).
+    virtual std::uint64_t generation() const = 0;
+    // Every ring, sorted by key id.
+    virtual std::vector<RingSummary> list() const = 0;
+    virtual std::vector<KeyId> key_ids() const = 0;
+    virtual bool contains(const KeyId& id) const = 0;
+    // The whole ring, authenticated. check_mac=false may skip a token MAC where something else
+    // already authenticates the bytes (v2: the manifest digest); v1 always checks.
+    virtual KeyRing load(const KeyId& id, bool check_mac = true) const = 0;
+    // Adds a new current version to each ring (creating rings as needed). The previous current
+    // version becomes deactivated, valid until now. Duplicate ids in one batch are refused.
+    virtual void generate(const std::vector<KeyId>& ids,
+                          const std::function<void(std::size_t)>& progress = {}) = 0;
+    // The key material of a version (the current one by default): unwrapped in the token as a
+    // non-sensitive session object, read, and destroyed. Throws for destroyed versions.
+    virtual SecureBytes read_secret(const KeyId& id, std::optional<std::uint32_t> version = {}) const = 0;
+    virtual Bytes read_public(const KeyId& id, std::optional<std::uint32_t> version = {}) const = 0;
+    // Wipes one version's wrapped key and marks it destroyed (nullopt: every version).
+    virtual void destroy(const KeyId& id, std::optional<std::uint32_t> version) = 0;
+    // Checks every MAC, unwraps every live key in the token and compares its key check value.
+    virtual VerifyReport verify(const std::function<void(std::size_t)>& progress = {}) const = 0;
+};
+
+class KeyStore : public Store {
 public:
     // Creates an empty store: version file, store.json, an empty signed manifest, the lock
     // file. Refuses a non-empty directory.
@@ -162,26 +197,27 @@ public:
                                           std::unique_ptr<StorageLock> lock = nullptr);
     ~KeyStore();
 
-    const StoreMeta& meta() const { return m_meta; }
-    Storage& storage() { return *m_storage; }
-    MasterKeys& keys() { return m_keys; }
-    std::uint64_t generation() const;
+    int store_version() const override { return 2; }
+    const StoreMeta& meta() const override { return m_meta; }
+    Storage& storage() override { return *m_storage; }
+    MasterKeys& keys() override { return m_keys; }
+    std::uint64_t generation() const override;
 
     // Every ring, sorted by key id, from the signed manifest.
-    std::vector<RingSummary> list() const;
-    std::vector<KeyId> key_ids() const;
-    bool contains(const KeyId& id) const;
+    std::vector<RingSummary> list() const override;
+    std::vector<KeyId> key_ids() const override;
+    bool contains(const KeyId& id) const override;
 
     // Reads a ring file, checking its digest against the manifest and its MAC before parsing.
     // check_mac=false skips the token MAC for bulk reads (export): the digest alone already ties
     // the bytes to the manifest, whose MAC was verified when the store was opened.
-    KeyRing load(const KeyId& id, bool check_mac = true) const;
+    KeyRing load(const KeyId& id, bool check_mac = true) const override;
 
     // Adds a new current version to each ring (creating rings as needed). The previous current
     // version becomes deactivated, valid until now. One manifest update for the whole batch.
     // Duplicate ids in one batch are refused.
     void generate(const std::vector<KeyId>& ids,
-                  const std::function<void(std::size_t)>& progress = {});
+                  const std::function<void(std::size_t)>& progress = {}) override;
 
     // Replaces or adds whole rings as given (import). One manifest update.
     void put_rings(const std::vector<KeyRing>& rings);
@@ -207,15 +243,15 @@ public:
 
     // The key material of a version (the current one by default): unwrapped in the token as a
     // non-sensitive session object, read, and destroyed. Throws for destroyed versions.
-    SecureBytes read_secret(const KeyId& id, std::optional<std::uint32_t> version = {}) const;
-    Bytes read_public(const KeyId& id, std::optional<std::uint32_t> version = {}) const;
+    SecureBytes read_secret(const KeyId& id, std::optional<std::uint32_t> version = {}) const override;
+    Bytes read_public(const KeyId& id, std::optional<std::uint32_t> version = {}) const override;
 
     // Wipes one version's wrapped key and marks it destroyed (nullopt: every version).
-    void destroy(const KeyId& id, std::optional<std::uint32_t> version);
+    void destroy(const KeyId& id, std::optional<std::uint32_t> version) override;
 
     // Checks every MAC and the manifest, unwraps every live key in the token and compares its
     // key check value. Prints nothing; returns the problems per ring.
-    VerifyReport verify(const std::function<void(std::size_t)>& progress = {}) const;
+    VerifyReport verify(const std::function<void(std::size_t)>& progress = {}) const override;
 
     // A fresh ring version's material comes from the backend; exposed for tests and backups.
     KeyVersion make_version(const KeyId& id, std::uint32_t number, std::int64_t now);
@@ -227,7 +263,6 @@ private:
     void recover_pending();
     void check_files(bool strict);
     void commit(const std::vector<KeyRing>& rings);
-    const KeyVersion& pick(const KeyRing& r, std::optional<std::uint32_t> version) const;
 
     std::unique_ptr<Storage> m_storage;
     MasterKeys m_keys;
@@ -239,6 +274,22 @@ private:
     std::vector<std::string> m_staged_files;
     std::vector<VerifyProblem> m_file_problems;
 };
+
+// The version of a ring that `read` means: the given one, else the current one. Throws
+// NotFoundError with a hint.
+const KeyVersion& pick_version(const KeyRing& r, std::optional<std::uint32_t> version);
+// A fresh key version made in the backend and wrapped under the master key.
+KeyVersion make_key_version(const MasterKeys& keys, const KeyId& id, std::uint32_t number, std::int64_t now);
+// Adds a new current version to a ring; the previous current one becomes deactivated.
+void add_current_version(const MasterKeys& keys, KeyRing& r, std::int64_t now);
+// Marks one version (or all) destroyed and drops its wrapped key. Throws NotFoundError when
+// there is no such version or nothing is left to destroy.
+void destroy_versions(KeyRing& r, std::optional<std::uint32_t> version, std::int64_t now);
+// The readable key material of one version (unwrapped in the token, check value compared).
+SecureBytes unwrap_readable(const MasterKeys& keys, const KeyId& id, const KeyVersion& v);
+// Unwraps every live version of a ring in the token and compares check values; problems go
+// into the report.
+void check_ring_keys(const MasterKeys& keys, const KeyRing& r, VerifyReport& rep);
 
 // Seconds since the epoch <-> "2026-11-28T19:09:48Z".
 std::string format_time(std::int64_t t);

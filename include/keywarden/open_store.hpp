@@ -51,6 +51,31 @@ OpenStore open_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> sto
 // The key-protection method name recorded in store.json -> the token mechanism.
 CK_MECHANISM_TYPE mechanism_for(const std::string& method);
 
+// ---- either store version ---------------------------------------------------------------
+
+struct OpenAnyStore {
+    pkcs11::TokenContext token;
+    StoreMeta meta;
+    std::unique_ptr<Store> store;
+};
+
+// Opens the store at path, v1 or v2 (the version file says which), as open_store does.
+OpenAnyStore open_any_store(const pkcs11::TokenOptions& options, const std::string& path,
+                            bool writable, bool strict = true);
+// The same on a token that is already open.
+OpenAnyStore open_any_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> storage,
+                               bool writable, bool strict = true,
+                               std::unique_ptr<StorageLock> lock = nullptr);
+
+// Creates an empty v1 store: one master key generated in the token (AES-256 with wrap/unwrap
+// and AES-CMAC sign/verify), or named by p.master_encryption_key. The token must offer
+// CKM_AES_CMAC. Generated keys are deleted again if anything fails.
+StoreMeta init_store_v1(pkcs11::TokenContext& ctx, const std::string& path, const InitParams& p);
+
+// The v1 store's master keys: the same token key wraps (AES key wrap) and signs (AES-CMAC).
+MasterKeys token_master_keys_v1(const pkcs11::TokenContext& ctx, CK_OBJECT_HANDLE master,
+                                CK_MECHANISM_TYPE mech);
+
 // Master keys backed by the token: AES key wrap, HMAC, and key generation in the session.
 MasterKeys token_master_keys(const pkcs11::TokenContext& ctx, CK_OBJECT_HANDLE enc,
                              CK_OBJECT_HANDLE sig, CK_MECHANISM_TYPE mech);

@@ -62,10 +62,12 @@ private:
     CK_MECHANISM_TYPE m_mech;
 };
 
-// HMAC-SHA256 in the token (CKM_SHA256_HMAC, C_Sign / C_Verify).
+// HMAC-SHA256 in the token (CKM_SHA256_HMAC, C_Sign / C_Verify); or, for the one master key of
+// a v1 store, AES-CMAC (CKM_AES_CMAC, 16-byte tags).
 class TokenMacKey : public MacKey {
 public:
-    TokenMacKey(std::shared_ptr<Session> s, CK_OBJECT_HANDLE key) : m_session(std::move(s)), m_key(key) {}
+    TokenMacKey(std::shared_ptr<Session> s, CK_OBJECT_HANDLE key, CK_MECHANISM_TYPE mech = CKM_SHA256_HMAC)
+        : m_session(std::move(s)), m_key(key), m_mech(mech) {}
     std::vector<std::uint8_t> mac(std::span<const std::uint8_t> data) override;
     bool verify(std::span<const std::uint8_t> data, std::span<const std::uint8_t> tag) override;
     std::vector<std::uint8_t> key_check_value() override;
@@ -76,6 +78,7 @@ public:
 private:
     std::shared_ptr<Session> m_session;
     CK_OBJECT_HANDLE m_key;
+    CK_MECHANISM_TYPE m_mech;
 };
 
 // Keys generated and checked in the token: nothing is exposed to host memory.
@@ -95,7 +98,9 @@ private:
 
 // ---- master keys: persistent, non-extractable token objects -------------------------------
 
-enum class MasterRole { encryption, signature };
+// single: the one master key of a v1 store, AES-256 with CKA_WRAP/CKA_UNWRAP for the keys and
+// CKA_SIGN/CKA_VERIFY for AES-CMAC over each key file's metadata; never encrypt or decrypt.
+enum class MasterRole { encryption, signature, single };
 
 struct MasterKeyInfo {
     CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;

@@ -75,8 +75,10 @@ Commands build_cli(CLI::App& app, Options& o) {
                        "Use this existing HMAC token key (pkcs11: URI) instead of generating one");
     c.init->add_flag("--allow-extractable-master", o.init.allow_extractable_master,
                      "Accept master keys with CKA_EXTRACTABLE=true (warns)");
-    c.init->add_option("--store-version", o.init.store_version, "Key store format version")
-        ->check(CLI::IsMember({2}));
+    c.init->add_option("--store-version", o.init.store_version,
+                       "Key store format: 2 (default; two master keys, signed manifest) or 1 (Acra's "
+                       "v1 layout, one master key)")
+        ->check(CLI::IsMember({1, 2}));
 
     c.generate = app.add_subcommand("generate", "Generate keys (a new current version if the key exists)");
     c.generate->add_option("--client-id,--client_id", o.generate.client_ids,

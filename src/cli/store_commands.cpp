@@ -35,6 +35,10 @@ OpenStore with_store(const GlobalOptions& g, bool writable, bool strict) {
     return open_store(g.tok, keystore_path(g), writable, strict);
 }
 
+keystore::OpenAnyStore with_any_store(const GlobalOptions& g, bool writable, bool strict) {
+    return open_any_store(g.tok, keystore_path(g), writable, strict);
+}
+
 int run_init(const GlobalOptions& g, const InitOptions& o) {
     std::string path = keystore_path(g);
     keystore::refuse_existing_store(path);  // before touching the token
@@ -43,9 +47,13 @@ int run_init(const GlobalOptions& g, const InitOptions& o) {
     params.master_encryption_key = o.master_encryption_key;
     params.master_signature_key = o.master_signature_key;
     params.allow_extractable_master = o.allow_extractable_master;
-    auto written = keystore::init_store(ctx, path, params);
+    if (o.store_version != 1 && o.store_version != 2)
+        throw UsageError("--store-version must be 1 or 2");
+    auto written = o.store_version == 1 ? keystore::init_store_v1(ctx, path, params)
+                                        : keystore::init_store(ctx, path, params);
     if (g.json) {
         nlohmann::json out = {{"keystore", path},
+                              {"store_version", written.store_version},
                               {"store_id", written.store_id},
                               {"token", {{"label", written.token_label}, {"serial", written.token_serial}}},
                               {"protection", written.protection},
@@ -54,11 +62,16 @@ int run_init(const GlobalOptions& g, const InitOptions& o) {
                                 {"signature", written.signature.label}}}};
         std::cout << out.dump(2) << "\n";
     } else {
-        std::cerr << "created key store " << path << " (id " << written.store_id << ")\n"
-                  << "  token: '" << written.token_label << "' serial " << written.token_serial
-                  << "\n  master keys: '" << written.encryption.label << "' (encryption, "
-                  << written.protection << "), '" << written.signature.label
-                  << "' (signature, HMAC-SHA256)\n";
+        std::cerr << "created key store " << path << " (version " << written.store_version << ", id "
+                  << written.store_id << ")\n"
+                  << "  token: '" << written.token_label << "' serial " << written.token_serial << "\n";
+        if (written.store_version == 1)
+            std::cerr << "  master key: '" << written.encryption.label << "' (" << written.protection
+                      << " for keys, AES-CMAC for key files)\n";
+        else
+            std::cerr << "  master keys: '" << written.encryption.label << "' (encryption, "
+                      << written.protection << "), '" << written.signature.label
+                      << "' (signature, HMAC-SHA256)\n";
     }
     return 0;
 }
@@ -115,7 +128,7 @@ int run_generate(const GlobalOptions& g, const GenerateOptions& o) {
     }
     if (o.audit_log_key) ids.push_back(KeyId::global(RingKind::audit_log));
 
-    auto s = with_store(g, true);
+    auto s = with_any_store(g, true);
     auto bar = progress_bar("generating");
     s.store->generate(ids, [&](std::size_t done) { if (bar) bar(done, ids.size()); });
     if (g.json) {
@@ -132,7 +145,7 @@ int run_generate(const GlobalOptions& g, const GenerateOptions& o) {
 int run_rotate(const GlobalOptions& g, const RotateOptions& o) {
     std::vector<KeyId> ids;
     for (const auto& k : o.key_ids) ids.push_back(KeyId::parse(k));
-    auto s = with_store(g, true);
+    auto s = with_any_store(g, true);
     for (const auto& id : ids)
         if (!s.store->contains(id))
             throw NotFoundError("no key ring " + id.str() + " to rotate",
@@ -143,7 +156,7 @@ int run_rotate(const GlobalOptions& g, const RotateOptions& o) {
 }
 
 int run_list(const GlobalOptions& g, const ListOptions& o) {
-    auto s = with_store(g, false);
+    auto s = with_any_store(g, false);
     auto rings = s.store->list();
     auto shown = [&](const VersionSummary& v, const RingSummary& r) {
         if (o.rotated) return true;
@@ -212,7 +225,7 @@ int run_read(const GlobalOptions& g, const ReadOptions& o) {
                          "use --private to read it");
     if (o.format == "pem" && !keypair)
         throw UsageError("--format pem is only for keypairs", "use raw or base64");
-    auto s = with_store(g, false);
+    auto s = with_any_store(g, false);
     if (o.public_half) {
         Bytes pub = s.store->read_public(id, o.version);
         if (o.format == "raw") std::cout.write(reinterpret_cast<const char*>(pub.data()),
@@ -245,7 +258,7 @@ int run_destroy(const GlobalOptions& g, const DestroyOptions& o) {
         throw UsageError("say which version of " + id.str() + " to destroy",
                          "pass --version N (see 'keywarden list --rotated'), or --all-versions");
     if (o.version && o.all_versions) throw UsageError("--version and --all-versions exclude each other");
-    auto s = with_store(g, true);
+    auto s = with_any_store(g, true);
     s.store->destroy(id, o.version);
     std::cerr << "destroyed " << id.str()
               << (o.version ? " version " + std::to_string(*o.version) : std::string(" (every version)"))
@@ -254,7 +267,7 @@ int run_destroy(const GlobalOptions& g, const DestroyOptions& o) {
 }
 
 int run_keystore_verify(const GlobalOptions& g) {
-    auto s = with_store(g, false, false);
+    auto s = with_any_store(g, false, false);
     auto bar = progress_bar("verifying");
     std::size_t rings = s.store->list().size();
     auto rep = s.store->verify([&](std::size_t done) { if (bar) bar(done, rings); });

@@ -10,5 +10,7 @@ using keystore::OpenStore;
 
 // What store commands need (mu's with_store): the store named by the options, opened.
 OpenStore with_store(const GlobalOptions& g, bool writable, bool strict = true);
+// The same for commands that work on either store version.
+keystore::OpenAnyStore with_any_store(const GlobalOptions& g, bool writable, bool strict = true);
 
 }  // namespace keywarden::cli

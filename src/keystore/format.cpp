@@ -257,7 +257,7 @@ json meta_to_json(const StoreMeta& m) {
         return json{{"label", k.label}, {"id", to_hex(k.id)}, {"kcv", to_hex(k.kcv)}};
     };
     return {{"format", m.format},
-            {"store_version", 2},
+            {"store_version", m.store_version},
             {"store_id", m.store_id},
             {"created", m.created},
             {"token", {{"serial", m.token_serial}, {"label", m.token_label}, {"model", m.token_model}}},
@@ -273,6 +273,7 @@ StoreMeta meta_from_json(const json& j) {
             throw FormatError("store.json has format " + std::to_string(m.format) +
                                   "; this keywarden reads format 1",
                               "upgrade keywarden");
+        m.store_version = j.value("store_version", 2);
         m.store_id = j.at("store_id").get<std::string>();
         if (m.store_id.size() != 32 || !from_hex(m.store_id))
             throw FormatError("store.json has a malformed store id");

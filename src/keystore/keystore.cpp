@@ -91,17 +91,18 @@ StoreMeta read_store_meta(const Storage& storage) {
         throw NotFoundError("no key store at " + storage.describe() + " (no version file)",
                             "create one with 'keywarden init', or point --keystore / "
                             "KEYWARDEN_KEYSTORE at an existing store");
-    if (*version != 2)
-        throw FormatError("the store at " + storage.describe() + " is a version " +
-                              std::to_string(*version) + " store",
-                          "this command needs a version 2 store");
     auto raw = storage.read(kMetaFile);
     if (!raw) throw IntegrityError("store.json is missing from " + storage.describe());
+    StoreMeta m;
     try {
-        return meta_from_json(json::parse(*raw));
+        m = meta_from_json(json::parse(*raw));
     } catch (const json::exception& e) {
         throw IntegrityError(std::string("store.json is not valid JSON: ") + e.what());
     }
+    if (m.store_version != *version)
+        throw IntegrityError("store.json says store version " + std::to_string(m.store_version) +
+                             " but the version file says " + std::to_string(*version));
+    return m;
 }
 
 // ---- init -----------------------------------------------------------------------------------
@@ -145,6 +146,11 @@ std::unique_ptr<KeyStore> KeyStore::open(std::unique_ptr<Storage> storage, Maste
                                          std::unique_ptr<StorageLock> lock) {
     std::unique_ptr<KeyStore> ks(new KeyStore(std::move(storage), std::move(keys), writable));
     ks->m_meta = read_store_meta(*ks->m_storage);
+    if (ks->m_meta.store_version != 2)
+        throw FormatError("the store at " + ks->m_storage->describe() + " is a version " +
+                              std::to_string(ks->m_meta.store_version) + " store",
+                          "this command needs a version 2 store; for a v1 store use 'keywarden "
+                          "backup', or move its keys into a v2 store with 'keywarden migrate'");
     // Readers share the lock, writers hold it alone: a reader sees the old or the new state.
     ks->m_lock = lock ? std::move(lock) : ks->m_storage->lock(writable);
     // The keys found in the token must be the ones store.json names, by check value.
@@ -271,34 +277,9 @@ KeyRing KeyStore::load(const KeyId& id, bool check_mac) const {
     return r;
 }
 
-const KeyVersion& KeyStore::pick(const KeyRing& r, std::optional<std::uint32_t> version) const {
-    std::uint32_t v = 0;
-    if (version) v = *version;
-    else if (r.current) v = *r.current;
-    else
-        throw NotFoundError(r.id.str() + " has no current version (it was destroyed)",
-                            "generate a new version, or name an older one with --version");
-    const KeyVersion* kv = r.find(v);
-    if (!kv) throw NotFoundError(r.id.str() + " has no version " + std::to_string(v));
-    return *kv;
-}
-
 SecureBytes KeyStore::read_secret(const KeyId& id, std::optional<std::uint32_t> version) const {
     KeyRing r = load(id);
-    const KeyVersion& v = pick(r, version);
-    if (v.state == KeyState::destroyed)
-        throw NotFoundError(id.str() + " version " + std::to_string(v.version) +
-                            " was destroyed; its key material is gone");
-    if (v.wrapped.empty())
-        throw NotFoundError(id.str() + " version " + std::to_string(v.version) +
-                                " holds only its public half",
-                            "it was restored from a backup made without --private-keys");
-    auto key = m_keys.protector->unprotect(v.wrapped, {v.key_type, v.key_length},
-                                           Exposure::readable);
-    if (!same_bytes(m_keys.backend->check_value(*key, v.public_key), v.kcv))
-        throw IntegrityError(id.str() + " version " + std::to_string(v.version) +
-                             " unwrapped to a key whose check value differs from the record");
-    return key->value();
+    return unwrap_readable(m_keys, id, pick_version(r, version));
 }
 
 Bytes KeyStore::read_public(const KeyId& id, std::optional<std::uint32_t> version) const {
@@ -306,24 +287,13 @@ Bytes KeyStore::read_public(const KeyId& id, std::optional<std::uint32_t> versio
         throw UsageError(id.str() + " is a symmetric key: it has no public half",
                          "use --private to read it");
     KeyRing r = load(id);
-    return pick(r, version).public_key;
+    return pick_version(r, version).public_key;
 }
 
 // ---- writing --------------------------------------------------------------------------------
 
 KeyVersion KeyStore::make_version(const KeyId& id, std::uint32_t number, std::int64_t now) {
-    KeyVersion v;
-    v.version = number;
-    v.state = KeyState::active;
-    v.created = now;
-    v.valid_from = now;
-    v.key_type = key_kind_of(id.kind);
-    v.key_length = 32;
-    auto key = m_keys.backend->generate(v.key_type, has_public(id.kind) ? &v.public_key : nullptr);
-    v.kcv = m_keys.backend->check_value(*key, v.public_key);
-    v.protection = m_keys.protector->method();
-    v.wrapped = m_keys.protector->protect(*key);
-    return v;
+    return make_key_version(m_keys, id, number, now);
 }
 
 void KeyStore::generate(const std::vector<KeyId>& ids,
@@ -344,17 +314,7 @@ void KeyStore::generate(const std::vector<KeyId>& ids,
         } else {
             r.id = id;
         }
-        std::uint32_t next = 1;
-        for (const auto& v : r.versions) next = std::max(next, v.version + 1);
-        if (r.current) {
-            KeyVersion* cur = r.find(*r.current);
-            if (cur && cur->state == KeyState::active) {
-                cur->state = KeyState::deactivated;
-                cur->valid_until = now;
-            }
-        }
-        r.versions.push_back(make_version(id, next, now));
-        r.current = next;
+        add_current_version(m_keys, r, now);
         rings.push_back(std::move(r));
         if (progress) progress(i + 1);
     }
@@ -369,24 +329,7 @@ void KeyStore::put_rings(const std::vector<KeyRing>& rings) {
 void KeyStore::destroy(const KeyId& id, std::optional<std::uint32_t> version) {
     if (!m_writable) throw Error("internal: store opened read-only");
     KeyRing r = load(id);
-    std::int64_t now = now_seconds();
-    bool changed = false;
-    for (auto& v : r.versions) {
-        if (version && v.version != *version) continue;
-        if (v.state == KeyState::destroyed) continue;
-        // Only the wrapped copy exists; dropping it destroys the key (the token never held it
-        // as a persistent object).
-        v.wrapped.clear();
-        v.state = KeyState::destroyed;
-        if (!v.valid_until || *v.valid_until > now) v.valid_until = now;
-        if (r.current && *r.current == v.version) r.current.reset();
-        changed = true;
-    }
-    if (version && !r.find(*version))
-        throw NotFoundError(id.str() + " has no version " + std::to_string(*version));
-    if (!changed)
-        throw NotFoundError(id.str() + (version ? " version " + std::to_string(*version) : "") +
-                            " is already destroyed");
+    destroy_versions(r, version, now_seconds());
     commit({r});
 }
 
@@ -457,34 +400,7 @@ VerifyReport KeyStore::verify(const std::function<void(std::size_t)>& progress) 
             KeyRing r = load(id);
             if (!same_summary(summarize(r), entry.summary))
                 throw IntegrityError("the ring differs from its summary in the manifest");
-            for (const auto& v : r.versions) {
-                if (v.state == KeyState::destroyed) {
-                    if (!v.wrapped.empty())
-                        rep.problems.push_back({idstr, "version " + std::to_string(v.version) +
-                                                           " is marked destroyed but still "
-                                                           "holds key material"});
-                    continue;
-                }
-                if (v.wrapped.empty()) {
-                    // A public half restored from a public-only backup: check what is there.
-                    auto h = sha256(v.public_key);
-                    h.resize(8);
-                    if (v.public_key.empty() || !same_bytes(h, v.kcv))
-                        rep.problems.push_back({idstr, "version " + std::to_string(v.version) +
-                                                           " has no key material"});
-                    continue;
-                }
-                try {
-                    auto key = m_keys.protector->unprotect(v.wrapped, {v.key_type, v.key_length},
-                                                           Exposure::sensitive);
-                    if (!same_bytes(m_keys.backend->check_value(*key, v.public_key), v.kcv))
-                        throw IntegrityError("key check value differs from the record");
-                    ++rep.keys_checked;
-                } catch (const Error& e) {
-                    rep.problems.push_back(
-                        {idstr, "version " + std::to_string(v.version) + ": " + e.what()});
-                }
-            }
+            check_ring_keys(m_keys, r, rep);
         } catch (const Error& e) {
             rep.problems.push_back({idstr, e.what()});
         }

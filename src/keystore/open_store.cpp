@@ -7,6 +7,7 @@
 #include "keywarden/encoding.hpp"
 #include "keywarden/log.hpp"
 #include "keywarden/error.hpp"
+#include "keywarden/keystore_v1.hpp"
 #include "keywarden/token_protector.hpp"
 
 namespace keywarden::keystore {
@@ -16,6 +17,15 @@ CK_MECHANISM_TYPE mechanism_for(const std::string& method) {
         if (pkcs11::AesWrapProtector::method_name(m) == method) return m;
     throw FormatError("the store uses key protection '" + method +
                       "', which this keywarden does not implement");
+}
+
+MasterKeys token_master_keys_v1(const pkcs11::TokenContext& ctx, CK_OBJECT_HANDLE master,
+                                CK_MECHANISM_TYPE mech) {
+    MasterKeys k;
+    k.protector = std::make_unique<pkcs11::AesWrapProtector>(ctx.session, master, mech);
+    k.mac = std::make_unique<pkcs11::TokenMacKey>(ctx.session, master, CKM_AES_CMAC);
+    k.backend = std::make_unique<pkcs11::TokenKeyBackend>(ctx.session);
+    return k;
 }
 
 MasterKeys token_master_keys(const pkcs11::TokenContext& ctx, CK_OBJECT_HANDLE enc, CK_OBJECT_HANDLE sig,
@@ -77,6 +87,44 @@ OpenStore open_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> sto
     return s;
 }
 
+OpenAnyStore open_any_store(const pkcs11::TokenOptions& options, const std::string& path,
+                            bool writable, bool strict) {
+    auto storage = open_file_storage(path);
+    StoreMeta meta = read_store_meta(*storage);
+    auto lock = storage->lock(writable);
+    pkcs11::TokenOptions tok = options;
+    if (tok.token.empty()) tok.token = "serial:" + meta.token_serial;
+    return open_any_store_on(pkcs11::open_token(tok, true), std::move(storage), writable, strict,
+                             std::move(lock));
+}
+
+OpenAnyStore open_any_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> storage,
+                               bool writable, bool strict, std::unique_ptr<StorageLock> lock) {
+    OpenAnyStore out;
+    out.meta = read_store_meta(*storage);
+    if (out.meta.store_version == 2) {
+        auto s = open_store_on(std::move(token), std::move(storage), writable, strict, std::move(lock));
+        out.token = s.token;
+        out.store = std::move(s.store);
+        return out;
+    }
+    out.token = std::move(token);
+    if (out.token.token.serial != out.meta.token_serial)
+        throw TokenError("the selected token (serial " + out.token.token.serial +
+                             ") is not the one holding this store's master key",
+                         master_key_hint(out.meta));
+    auto k = pkcs11::find_master_key(*out.token.session, out.meta.encryption.label, out.meta.encryption.id);
+    if (!k)
+        throw TokenError("the store's master key '" + out.meta.encryption.label + "' (id " +
+                             to_hex(out.meta.encryption.id) + ") is not on token '" +
+                             out.token.token.label + "'",
+                         "was it deleted? Without it the store cannot be opened: restore the "
+                         "store from a backup (keywarden backup --action=import)");
+    out.store = KeyStoreV1::open(std::move(storage),
+                                 token_master_keys_v1(out.token, k->handle, mechanism_for(out.meta.protection)),
+                                 writable, std::move(lock));
+    return out;
+}
 
 void refuse_existing_store(const std::string& path) {
     std::error_code ec;
@@ -88,14 +136,49 @@ void refuse_existing_store(const std::string& path) {
                             "--keystore path");
 }
 
-StoreMeta init_store(pkcs11::TokenContext& ctx, const std::string& path, const InitParams& p) {
-    refuse_existing_store(path);
-    auto storage = open_file_storage(path);
-    auto mech = pkcs11::AesWrapProtector::choose_mechanism(*ctx.session);
-    if (!mech)
-        throw TokenError("token '" + ctx.token.label + "' offers no AES key wrap mechanism",
-                         "run 'keywarden token check'; tokens without AES (smartcards) are not "
-                         "supported by this version");
+namespace {
+
+// A master key: generated in the token (its handle is added to `created`), or the key a
+// pkcs11: URI names, checked for the role.
+pkcs11::MasterKeyInfo obtain_master(pkcs11::TokenContext& ctx, const std::string& uri,
+                                    pkcs11::MasterRole role, const std::string& label,
+                                    const InitParams& p, std::vector<CK_OBJECT_HANDLE>& created) {
+    pkcs11::MasterKeyInfo info;
+    if (uri.empty()) {
+        info = pkcs11::generate_master_key(*ctx.session, role, label);
+        created.push_back(info.handle);
+        log::info("generated master key '" + info.label + "' in the token");
+        return info;
+    }
+    auto found = pkcs11::find_key_by_uri(*ctx.session, uri);
+    info = pkcs11::describe_master_key(*ctx.session, found.handle, role);
+    if (info.label.empty() || info.id.empty())
+        throw TokenError("the key named by " + uri + " has no label or no CKA_ID",
+                         "give it both, so the store can find it again");
+    if (!info.sensitive)
+        throw TokenError("master key '" + info.label + "' is not sensitive (CKA_SENSITIVE=false)",
+                         "its value can be read from the token: use a sensitive key");
+    // A wrapping key that may also decrypt lets anyone with the PIN decrypt a wrapped
+    // store key out of the token (wrap, then C_Decrypt the blob).
+    if (role != pkcs11::MasterRole::signature &&
+        (ctx.session->get_bool(found.handle, CKA_DECRYPT).value_or(false) ||
+         ctx.session->get_bool(found.handle, CKA_ENCRYPT).value_or(false)))
+        throw TokenError("master key '" + info.label + "' also allows encrypt or decrypt",
+                         "a wrapping key that can decrypt lets wrapped keys be decrypted out "
+                         "of the token: use a key with CKA_WRAP/CKA_UNWRAP only");
+    if (info.extractable) {
+        if (!p.allow_extractable_master)
+            throw TokenError("master key '" + info.label +
+                                 "' is extractable (CKA_EXTRACTABLE=true): it could leave "
+                                 "the token",
+                             "use a non-extractable key, or pass "
+                             "--allow-extractable-master if you accept the risk");
+        log::warn("master key '" + info.label + "' is extractable: its value can leave the token");
+    }
+    return info;
+}
+
+StoreMeta new_meta(pkcs11::TokenContext& ctx) {
     StoreMeta meta;
     std::uint8_t id[16];
     ctx.session->random(id);
@@ -103,54 +186,62 @@ StoreMeta init_store(pkcs11::TokenContext& ctx, const std::string& path, const I
     meta.token_serial = ctx.token.serial;
     meta.token_label = ctx.token.label;
     meta.token_model = ctx.token.model;
+    return meta;
+}
 
+CK_MECHANISM_TYPE wrap_mechanism_of(pkcs11::TokenContext& ctx) {
+    auto mech = pkcs11::AesWrapProtector::choose_mechanism(*ctx.session);
+    if (!mech)
+        throw TokenError("token '" + ctx.token.label + "' offers no AES key wrap mechanism",
+                         "run 'keywarden token check'; tokens without AES (smartcards) are not "
+                         "supported by this version");
+    return *mech;
+}
+
+}  // namespace
+
+StoreMeta init_store(pkcs11::TokenContext& ctx, const std::string& path, const InitParams& p) {
+    refuse_existing_store(path);
+    auto storage = open_file_storage(path);
+    CK_MECHANISM_TYPE mech = wrap_mechanism_of(ctx);
+    StoreMeta meta = new_meta(ctx);
     std::vector<CK_OBJECT_HANDLE> created;
     try {
-        auto obtain = [&](const std::string& uri, pkcs11::MasterRole role, const char* suffix) {
-            pkcs11::MasterKeyInfo info;
-            if (uri.empty()) {
-                info = pkcs11::generate_master_key(*ctx.session, role,
-                                                   "keywarden-" + meta.store_id.substr(0, 8) + suffix);
-                created.push_back(info.handle);
-                log::info("generated master key '" + info.label + "' in the token");
-                return info;
-            }
-            auto found = pkcs11::find_key_by_uri(*ctx.session, uri);
-            info = pkcs11::describe_master_key(*ctx.session, found.handle, role);
-            if (info.label.empty() || info.id.empty())
-                throw TokenError("the key named by " + uri + " has no label or no CKA_ID",
-                                 "give it both, so the store can find it again");
-            if (!info.sensitive)
-                throw TokenError("master key '" + info.label + "' is not sensitive (CKA_SENSITIVE=false)",
-                                 "its value can be read from the token: use a sensitive key");
-            // A wrapping key that may also decrypt lets anyone with the PIN decrypt a wrapped
-            // store key out of the token (wrap, then C_Decrypt the blob).
-            if (role == pkcs11::MasterRole::encryption &&
-                (ctx.session->get_bool(found.handle, CKA_DECRYPT).value_or(false) ||
-                 ctx.session->get_bool(found.handle, CKA_ENCRYPT).value_or(false)))
-                throw TokenError("master key '" + info.label + "' also allows encrypt or decrypt",
-                                 "a wrapping key that can decrypt lets wrapped keys be decrypted out "
-                                 "of the token: use a key with CKA_WRAP/CKA_UNWRAP only");
-            if (info.extractable) {
-                if (!p.allow_extractable_master)
-                    throw TokenError("master key '" + info.label +
-                                         "' is extractable (CKA_EXTRACTABLE=true): it could leave "
-                                         "the token",
-                                     "use a non-extractable key, or pass "
-                                     "--allow-extractable-master if you accept the risk");
-                log::warn("master key '" + info.label +
-                          "' is extractable: its value can leave the token");
-            }
-            return info;
-        };
-        auto enc = obtain(p.master_encryption_key, pkcs11::MasterRole::encryption, "-enc");
-        auto sig = obtain(p.master_signature_key, pkcs11::MasterRole::signature, "-sig");
+        std::string base = "keywarden-" + meta.store_id.substr(0, 8);
+        auto enc = obtain_master(ctx, p.master_encryption_key, pkcs11::MasterRole::encryption, base + "-enc", p, created);
+        auto sig = obtain_master(ctx, p.master_signature_key, pkcs11::MasterRole::signature, base + "-sig", p, created);
         meta.encryption = {enc.label, enc.id, {}};
         meta.signature = {sig.label, sig.id, {}};
-        auto keys = token_master_keys(ctx, enc.handle, sig.handle, *mech);
+        auto keys = token_master_keys(ctx, enc.handle, sig.handle, mech);
         KeyStore::init(*storage, keys, meta);
     } catch (...) {
         // Generated master keys are deleted again; named ones are never touched.
+        for (auto h : created) pkcs11::destroy_object(*ctx.session, h);
+        throw;
+    }
+    return read_store_meta(*storage);
+}
+
+StoreMeta init_store_v1(pkcs11::TokenContext& ctx, const std::string& path, const InitParams& p) {
+    refuse_existing_store(path);
+    if (!p.master_signature_key.empty())
+        throw UsageError("a v1 store has one master key: --master-signature-key does not apply",
+                         "name it with --master-encryption-key, or leave both out");
+    if (!ctx.session->has_mechanism(CKM_AES_CMAC))
+        throw TokenError("token '" + ctx.token.label + "' offers no AES-CMAC (CKM_AES_CMAC), which a "
+                         "v1 store needs to authenticate its key files",
+                         "create a v2 store instead (keywarden init), which uses HMAC");
+    auto storage = open_file_storage(path);
+    CK_MECHANISM_TYPE mech = wrap_mechanism_of(ctx);
+    StoreMeta meta = new_meta(ctx);
+    std::vector<CK_OBJECT_HANDLE> created;
+    try {
+        auto key = obtain_master(ctx, p.master_encryption_key, pkcs11::MasterRole::single,
+                                 "keywarden-" + meta.store_id.substr(0, 8) + "-v1", p, created);
+        meta.encryption = {key.label, key.id, {}};
+        auto keys = token_master_keys_v1(ctx, key.handle, mech);
+        KeyStoreV1::init(*storage, keys, meta);
+    } catch (...) {
         for (auto h : created) pkcs11::destroy_object(*ctx.session, h);
         throw;
     }

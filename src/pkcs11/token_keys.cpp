@@ -23,12 +23,12 @@ std::vector<std::uint8_t> AesWrapProtector::key_check_value() {
 // ---- MAC ------------------------------------------------------------------------------------
 
 std::vector<std::uint8_t> TokenMacKey::mac(std::span<const std::uint8_t> data) {
-    CK_MECHANISM m{CKM_SHA256_HMAC, nullptr, 0};
+    CK_MECHANISM m{m_mech, nullptr, 0};
     return m_session->sign(&m, m_key, data);
 }
 
 bool TokenMacKey::verify(std::span<const std::uint8_t> data, std::span<const std::uint8_t> tag) {
-    CK_MECHANISM m{CKM_SHA256_HMAC, nullptr, 0};
+    CK_MECHANISM m{m_mech, nullptr, 0};
     return m_session->verify(&m, m_key, data, tag);
 }
 
@@ -55,7 +55,7 @@ std::size_t total(const MacKey::Parts& parts) {
 
 std::vector<std::uint8_t> TokenMacKey::mac_parts(const Parts& parts) {
     if (total(parts) < kStreamAbove) return MacKey::mac_parts(parts);
-    CK_MECHANISM m{CKM_SHA256_HMAC, nullptr, 0};
+    CK_MECHANISM m{m_mech, nullptr, 0};
     Session& s = *m_session;
     KW_P11_CALL(s.fn(), C_SignInit, s.handle(), &m, m_key);
     for_each_piece(parts, [&](std::span<const std::uint8_t> piece) {
@@ -71,7 +71,7 @@ std::vector<std::uint8_t> TokenMacKey::mac_parts(const Parts& parts) {
 
 bool TokenMacKey::verify_parts(const Parts& parts, std::span<const std::uint8_t> tag) {
     if (total(parts) < kStreamAbove) return MacKey::verify_parts(parts, tag);
-    CK_MECHANISM m{CKM_SHA256_HMAC, nullptr, 0};
+    CK_MECHANISM m{m_mech, nullptr, 0};
     Session& s = *m_session;
     KW_P11_CALL(s.fn(), C_VerifyInit, s.handle(), &m, m_key);
     for_each_piece(parts, [&](std::span<const std::uint8_t> piece) {
@@ -150,10 +150,12 @@ MasterKeyInfo generate_master_key(Session& s, MasterRole role, const std::string
     t.add_string(CKA_LABEL, label).add_bytes(CKA_ID, info.id);
     t.add_ulong(CKA_VALUE_LEN, 32);
     CK_MECHANISM_TYPE gen;
-    if (role == MasterRole::encryption) {
+    if (role == MasterRole::encryption || role == MasterRole::single) {
         t.add_ulong(CKA_KEY_TYPE, CKK_AES);
         t.add_bool(CKA_WRAP, true).add_bool(CKA_UNWRAP, true);
         t.add_bool(CKA_ENCRYPT, false).add_bool(CKA_DECRYPT, false);
+        bool sign = role == MasterRole::single;
+        t.add_bool(CKA_SIGN, sign).add_bool(CKA_VERIFY, sign);
         gen = CKM_AES_KEY_GEN;
     } else {
         t.add_ulong(CKA_KEY_TYPE, CKK_GENERIC_SECRET);
@@ -177,12 +179,12 @@ MasterKeyInfo describe_master_key(Session& s, CK_OBJECT_HANDLE h, MasterRole rol
     auto cls = s.get_ulong(h, CKA_CLASS);
     auto type = s.get_ulong(h, CKA_KEY_TYPE);
     bool ok = cls && *cls == CKO_SECRET_KEY && type &&
-              (role == MasterRole::encryption ? *type == CKK_AES
+              (role != MasterRole::signature ? *type == CKK_AES
                                               : (*type == CKK_GENERIC_SECRET ||
                                                  *type == CKK_SHA256_HMAC));
     if (!ok)
         throw TokenError("key '" + info.label + "' is not " +
-                             (role == MasterRole::encryption ? "an AES secret key"
+                             (role != MasterRole::signature ? "an AES secret key"
                                                              : "a generic-secret HMAC key"),
                          "name a key of the right type");
     return info;
