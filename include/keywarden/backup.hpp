@@ -64,7 +64,11 @@ struct VerifyReport {
 // metadata; unwraps every wrapped key in `token` (session objects, destroyed) and checks its key
 // check value there. With `against`, compares the bundle with the live store by check value.
 VerifyReport verify_bundle(const std::string& bundle_path, const std::string& secret_path,
-                           pkcs11::TokenContext& token, const keystore::KeyStore* against,
+                           pkcs11::TokenContext& token, const keystore::Store* against,
+                           const Progress& progress = {}, std::size_t jobs = 1);
+// The same with the backup keys already in hand (a v1 backup's, derived from its backup key).
+VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& secret,
+                           pkcs11::TokenContext& token, const keystore::Store* against,
                            const Progress& progress = {}, std::size_t jobs = 1);
 
 enum class OnConflict { abort, skip, overwrite };

@@ -25,6 +25,11 @@ namespace keywarden::backup {
 using keystore::Bytes;
 
 constexpr std::string_view kMagicLine = "keywarden-bundle 1";
+// A key store v1 backup (`keywarden backup`) is a bundle with this first line, opened by keys
+// derived from the one backup key (v1_backup_secret).
+constexpr std::string_view kV1MagicLine = "keywarden-v1-backup 1";
+constexpr std::string_view kV1EncryptionLabel = "keywarden v1 backup encryption key";
+constexpr std::string_view kV1SignatureLabel = "keywarden v1 backup signature key";
 constexpr int kBundleFormat = 1;
 constexpr int kSecretFormat = 1;
 // The label whose HMAC under the signature key gives the metadata encryption key.
@@ -58,6 +63,9 @@ struct EntryMeta {
 };
 
 struct SecretFile {
+    // true: derived from a v1 backup key; it opens files with kV1MagicLine, and has no bundle id
+    // or wrap method of its own to compare with the header (its check values still must match).
+    bool v1_backup = false;
     int format = kSecretFormat;
     std::string bundle_id;
     SecureBytes encryption, signature;  // the backup keys' values
@@ -68,6 +76,10 @@ struct SecretFile {
 // The secret file is JSON in Acra's shape plus fields keywarden needs. Key values never pass
 // through std::string: the text is built and parsed in wiping buffers.
 SecureBytes encode_secret_file(const SecretFile& s);
+// The backup keys of a v1 backup, from its one 32-byte backup key:
+//   encryption = HMAC-SHA256(backup key, kV1EncryptionLabel)
+//   signature  = HMAC-SHA256(backup key, kV1SignatureLabel)
+SecretFile v1_backup_secret(const SecureBytes& backup_key);
 SecretFile parse_secret_file(const SecureBytes& text);  // throws FormatError
 
 std::string encode_header(const BundleHeader& h);  // one line, no newline

@@ -39,5 +39,8 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
 std::shared_ptr<Module> load_module(const TokenOptions& o);
 // Selects the token, opens a R/W session and, if `login`, reads the PIN and logs in once.
 TokenContext open_token(const TokenOptions& o, bool login);
+// The same with a module this process has already loaded (a second token of one module: a
+// module must not be initialised twice in one process).
+TokenContext open_token_on(std::shared_ptr<Module> module, const TokenOptions& o, bool login);
 
 }  // namespace keywarden::pkcs11

@@ -25,6 +25,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bundle_io.hpp"
+#include "internal.hpp"
 #include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
 #include "keywarden/log.hpp"
@@ -33,12 +34,13 @@
 namespace keywarden::backup {
 
 namespace fs = std::filesystem;
+using namespace detail;
 using keystore::KeyId;
 using keystore::KeyRing;
 using keystore::KeyState;
 using keystore::KeyVersion;
 
-namespace {
+namespace detail {
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -48,7 +50,7 @@ bool same(const Bytes& a, const Bytes& b) {
     return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
 }
 
-[[noreturn]] void io_fail(const std::string& what, const std::string& path) {
+void io_fail(const std::string& what, const std::string& path) {
     int e = errno;
     std::string hint;
     if (e == ENOSPC || e == EDQUOT || e == EFBIG)
@@ -66,67 +68,6 @@ void fsync_dir_of(const std::string& path) {
     ::close(fd);
 }
 
-// A file written in full or not at all: created beside its target with O_EXCL, linked into
-// place at the end (link() refuses to replace an existing file), removed on any failure.
-class ExclusiveFile {
-public:
-    explicit ExclusiveFile(std::string target) : m_target(std::move(target)) {
-        fs::path t = fs::absolute(m_target);
-        m_temp = (t.parent_path() / ("." + t.filename().string() + ".tmp-XXXXXX")).string();
-        int fd = ::mkstemp(m_temp.data());
-        if (fd < 0) io_fail("cannot create a file beside", m_target);
-        ::fchmod(fd, 0600);
-        m_fd = fd;
-    }
-    ~ExclusiveFile() {
-        if (m_fd >= 0) ::close(m_fd);
-        if (!m_temp.empty()) ::unlink(m_temp.c_str());
-    }
-    void write(const void* p, std::size_t n) {
-        const auto* b = static_cast<const std::uint8_t*>(p);
-        // Buffered: many small lines become few system calls.
-        m_buf.insert(m_buf.end(), b, b + n);
-        if (m_buf.size() >= (1u << 16)) flush();
-    }
-    void write(std::string_view s) { write(s.data(), s.size()); }
-    void flush() {
-        std::size_t off = 0;
-        while (off < m_buf.size()) {
-            ssize_t n = ::write(m_fd, m_buf.data() + off, m_buf.size() - off);
-            if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) io_fail("cannot write", m_target);
-            off += static_cast<std::size_t>(n);
-        }
-        m_bytes += m_buf.size();
-        wipe(m_buf.data(), m_buf.size());
-        m_buf.clear();
-    }
-    // fsync, then link into place; EEXIST means someone created the target meanwhile.
-    void commit() {
-        flush();
-        if (::fsync(m_fd) != 0) io_fail("cannot sync", m_target);
-        if (::close(m_fd) != 0) {
-            m_fd = -1;
-            io_fail("cannot close", m_target);
-        }
-        m_fd = -1;
-        if (::link(m_temp.c_str(), m_target.c_str()) != 0) {
-            if (errno == EEXIST)
-                throw ConflictError(m_target + " already exists", "choose another path; nothing was overwritten");
-            io_fail("cannot create", m_target);
-        }
-        ::unlink(m_temp.c_str());
-        m_temp.clear();
-        fsync_dir_of(m_target);
-    }
-    std::uint64_t bytes() const { return m_bytes + m_buf.size(); }
-
-private:
-    std::string m_target, m_temp;
-    int m_fd = -1;
-    std::vector<std::uint8_t> m_buf;
-    std::uint64_t m_bytes = 0;
-};
 
 std::string canonical_target(const std::string& p) {
     fs::path a = fs::absolute(p);
@@ -165,7 +106,7 @@ pkcs11::SessionObject make_backup_key(pkcs11::Session& s, bool encryption) {
 
 // The backup encryption key from its value, as a session object that can unwrap (import,
 // verify) or wrap (export workers).
-pkcs11::SessionObject load_backup_key(pkcs11::Session& s, const SecureBytes& value, bool wrap = false) {
+pkcs11::SessionObject load_backup_key(pkcs11::Session& s, const SecureBytes& value, bool wrap) {
     pkcs11::Template t;
     t.add_ulong(CKA_CLASS, CKO_SECRET_KEY).add_ulong(CKA_KEY_TYPE, CKK_AES);
     t.add_bool(CKA_TOKEN, false).add_bool(CKA_PRIVATE, true).add_bool(CKA_SENSITIVE, true);
@@ -174,7 +115,6 @@ pkcs11::SessionObject load_backup_key(pkcs11::Session& s, const SecureBytes& val
     return s.create_object(t);
 }
 
-class HeldElsewhere : public keystore::StorageLock {};  // the caller holds the real lock
 
 // A private directory beside `near` for worker output; removed with everything in it.
 class TempDir {
@@ -213,7 +153,7 @@ std::vector<std::vector<KeyId>> split_by_weight(const std::vector<KeyId>& ids,
 // The entries of the given rings, in order. Each key is unwrapped under the master key into a
 // sensitive session object, wrapped under the backup key and destroyed: never in host memory in
 // the clear.
-void export_entries(keystore::KeyStore& store, pkcs11::AesWrapProtector& under_backup,
+void export_entries(keystore::Store& store, pkcs11::AesWrapProtector& under_backup,
                     const SecureBytes& meta_key, bool private_keys, const std::vector<KeyId>& ids,
                     const std::function<void(const std::string&, bool)>& emit) {
     // Reading and parsing ring files is host work that needs no token: a second thread does it
@@ -311,7 +251,7 @@ CK_MECHANISM_TYPE mechanism_of(const std::string& method) {
     throw FormatError("the bundle uses wrap method '" + method + "', which this keywarden does not know");
 }
 
-}  // namespace
+}  // namespace detail
 
 // ---- export ---------------------------------------------------------------------------------
 
@@ -448,7 +388,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
 
 // ---- verify ---------------------------------------------------------------------------------
 
-namespace {
+namespace detail {
 
 // Unwraps one entry's key under the backup key in the token and checks its key check value
 // there; the session object is destroyed on return. Returns the problem, if any.
@@ -465,13 +405,19 @@ std::optional<std::string> trial_unwrap(pkcs11::AesWrapProtector& under_backup, 
     }
 }
 
-}  // namespace
+}  // namespace detail
 
 VerifyReport verify_bundle(const std::string& bundle_path, const std::string& secret_path,
-                           pkcs11::TokenContext& token, const keystore::KeyStore* against,
+                           pkcs11::TokenContext& token, const keystore::Store* against,
+                           const Progress& progress, std::size_t jobs) {
+    return verify_bundle(bundle_path, parse_secret_file(detail::read_secret_file(secret_path)), token,
+                         against, progress, jobs);
+}
+
+VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& secret,
+                           pkcs11::TokenContext& token, const keystore::Store* against,
                            const Progress& progress, std::size_t jobs) {
     VerifyReport rep;
-    SecretFile secret = parse_secret_file(detail::read_secret_file(secret_path));
     detail::BundleReader reader(bundle_path, secret);
     rep.header = reader.header();
     const CK_MECHANISM_TYPE mech = mechanism_of(rep.header.wrap_method);
@@ -578,7 +524,7 @@ VerifyReport verify_bundle(const std::string& bundle_path, const std::string& se
 
 // ---- import ---------------------------------------------------------------------------------
 
-namespace {
+namespace detail {
 
 void hardlink_clone(const fs::path& from, const fs::path& to) {
     for (auto it = fs::recursive_directory_iterator(from); it != fs::recursive_directory_iterator(); ++it) {
@@ -701,7 +647,7 @@ private:
 // destination's master key inside the token; `sink` receives each finished ring.
 void restore_rings(detail::BundleReader& reader, const std::set<std::string>& skip,
                    pkcs11::AesWrapProtector& under_backup, pkcs11::TokenKeyBackend& backend,
-                   keystore::KeyStore& dst, std::size_t count,
+                   keystore::Store& dst, std::size_t count,
                    const std::function<void(const KeyRing&)>& sink, const std::function<void()>& tick) {
     // (A plain KeyRing and a flag: g++ 12 warns falsely on std::optional<KeyRing> here.)
     KeyRing ring;
@@ -739,7 +685,7 @@ void restore_rings(detail::BundleReader& reader, const std::set<std::string>& sk
     flush();
 }
 
-}  // namespace
+}  // namespace detail
 
 ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions& o) {
     auto t0 = std::chrono::steady_clock::now();

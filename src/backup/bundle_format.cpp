@@ -192,13 +192,28 @@ EntryLine parse_entry(std::string_view line) {
     return e;
 }
 
-SecureBytes metadata_key(const SecureBytes& signature_key) {
-    auto k = hmac_sha256(signature_key, std::span<const std::uint8_t>(
-                                            reinterpret_cast<const std::uint8_t*>(kMetadataKeyLabel.data()),
-                                            kMetadataKeyLabel.size()));
+namespace {
+// HMAC-SHA256(key, label) in a wiping buffer: a key derived from another.
+SecureBytes derive(const SecureBytes& key, std::string_view label) {
+    auto k = hmac_sha256(key, std::span<const std::uint8_t>(
+                                  reinterpret_cast<const std::uint8_t*>(label.data()), label.size()));
     SecureBytes out(k.begin(), k.end());
     wipe(k.data(), k.size());
     return out;
+}
+}  // namespace
+
+SecureBytes metadata_key(const SecureBytes& signature_key) { return derive(signature_key, kMetadataKeyLabel); }
+
+SecretFile v1_backup_secret(const SecureBytes& backup_key) {
+    if (backup_key.size() != 32) throw UsageError("a v1 backup key is 32 bytes");
+    SecretFile s;
+    s.v1_backup = true;
+    s.encryption = derive(backup_key, kV1EncryptionLabel);
+    s.signature = derive(backup_key, kV1SignatureLabel);
+    s.kcv_encryption = encryption_kcv(s.encryption);
+    s.kcv_signature = signature_kcv(s.signature);
+    return s;
 }
 
 Bytes seal_metadata(const SecureBytes& meta_key, const EntryMeta& m) {

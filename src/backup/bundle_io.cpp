@@ -63,13 +63,22 @@ void BundleReader::start() {
     m_done = false;
     m_skipped = false;
     std::string line;
-    if (!read_line(line) || line != kMagicLine) {
-        if (line.starts_with("keywarden-bundle "))
-            throw FormatError("bundle " + m_path + " has an unsupported format (" + line + ")",
-                              "upgrade keywarden");
-        throw FormatError(m_path + " is not a keywarden key bundle",
-                          "pass the file 'keywarden export' wrote with --key-bundle-file (key store v1 "
-                          "backup files are not supported by this version)");
+    std::string_view want = m_secret.v1_backup ? kV1MagicLine : kMagicLine;
+    if (!read_line(line) || line != want) {
+        if (m_secret.v1_backup && line == kMagicLine)
+            throw FormatError(m_path + " is a key bundle of a v2 store, not a v1 backup",
+                              "import it with 'keywarden import --key-bundle-file " + m_path +
+                                  " --key-bundle-secret SECRET-FILE'");
+        if (!m_secret.v1_backup && line == kV1MagicLine)
+            throw FormatError(m_path + " is a key store v1 backup, not a key bundle",
+                              "restore it with 'keywarden backup --action=import --file " + m_path +
+                                  "' and the backup key in BACKUP_MASTER_KEY");
+        if (line.starts_with("keywarden-bundle ") || line.starts_with("keywarden-v1-backup "))
+            throw FormatError(m_path + " has an unsupported format (" + line + ")", "upgrade keywarden");
+        throw FormatError(m_path + (m_secret.v1_backup ? " is not a keywarden v1 backup file"
+                                                       : " is not a keywarden key bundle"),
+                          m_secret.v1_backup ? "pass the file 'keywarden backup --action=export' wrote"
+                                             : "pass the file 'keywarden export' wrote with --key-bundle-file");
     }
     m_mac->update(line);
     m_mac->update("\n");
@@ -82,11 +91,16 @@ void BundleReader::start() {
         !same(signature_kcv(m_secret.signature), m_header.kcv_signature)) {
         bool swapped = same(encryption_kcv(m_secret.signature), m_header.kcv_encryption) &&
                        same(signature_kcv(m_secret.encryption), m_header.kcv_signature);
+        if (m_secret.v1_backup)
+            throw IntegrityError("the backup key does not open this backup file (its check values differ)",
+                                 "set BACKUP_MASTER_KEY to the key 'keywarden backup --action=export' "
+                                 "showed for this file");
         throw IntegrityError(
             swapped ? "the secret file has the encryption and signature keys swapped"
                     : "the secret file does not belong to this bundle (its key check values differ)",
             "use the secret file written by the same export as this bundle");
     }
+    if (m_secret.v1_backup) return;
     if (m_header.bundle_id != m_secret.bundle_id)
         throw IntegrityError("the secret file names bundle " + m_secret.bundle_id +
                              " but this bundle is " + m_header.bundle_id);

@@ -157,8 +157,46 @@ Commands build_cli(CLI::App& app, Options& o) {
                        "Also compare the bundle with the live store (by key check values)");
     c.verify->add_option("--jobs,-j", o.verify.jobs, jobs_help)->check(CLI::Range(1, 64));
 
+    c.backup = app.add_subcommand(
+        "backup", "Key store v1 backup (acra-backup): one file, and a backup key shown once");
+    c.backup->add_option("--action", o.backup.action, "export or import")
+        ->required()
+        ->check(CLI::IsMember({"export", "import"}));
+    c.backup->add_option("--file", o.backup.file, "The backup file")->required();
+    c.backup->add_option("--backup-key-out", o.backup.key_out,
+                         "Export: where to show the backup key when there is no terminal: an open "
+                         "file descriptor number, or a new file (0600)");
+    c.backup->add_flag("--init", o.backup.init, "Import: create the v1 store and its master key first");
+    c.backup->add_flag("--merge", o.backup.merge,
+                       "Import: add to a store that already holds other keys (never overwrites)");
+    c.backup->add_flag("--dry-run", o.backup.dry_run, "Import: verify and list; write nothing");
+    c.backup->add_option("--keys_private_dir,--keys-private-dir", o.backup.keys_private_dir,
+                         "Acra's name for the key store directory (same as --keystore)");
+    c.backup->add_option("--keys_public_dir,--keys-public-dir", o.backup.keys_public_dir,
+                         "Acra's name for the public key directory: keywarden keeps both halves in "
+                         "the one store directory, so it must be that directory");
+    c.backup->add_option("--master-encryption-key", o.backup.init_options.master_encryption_key,
+                         "Import --init: use this existing token key (pkcs11: URI) as the master key");
+    c.backup->add_flag("--allow-extractable-master", o.backup.init_options.allow_extractable_master,
+                       "Import --init: accept an extractable master key");
+
+    c.migrate = app.add_subcommand("migrate", "Move every key of a v1 store into a v2 store, all or nothing");
+    c.migrate->add_option("--src-keystore,--src_keystore", o.migrate.src, "The v1 store")->required();
+    c.migrate->add_option("--dst-keystore,--dst_keystore", o.migrate.dst,
+                          "The v2 store (create it first with keywarden init)")
+        ->required();
+    c.migrate->add_option("--dst-token", o.migrate.dst_token,
+                          "The destination's token (default: the one its store.json names)");
+    c.migrate->add_option("--dst-module", o.migrate.dst_module,
+                          "The destination's PKCS#11 module (default: --module)");
+    c.migrate->add_option("--dst-pin-source", o.migrate.dst_pin_source,
+                          "Where the destination token's PIN comes from (default: --pin-source)");
+    c.migrate->add_flag("--dry-run", o.migrate.dry_run, "List what would move; write nothing");
+    c.migrate->add_flag("--force", o.migrate.force,
+                        "Allow a destination that already holds other keys (they are left as they are)");
+
     for (CLI::App* sub : {c.init, c.generate, c.rotate, c.list, c.read, c.destroy, c.keystore,
-                          c.keystore_verify, c.exp, c.imp, c.verify})
+                          c.keystore_verify, c.exp, c.imp, c.verify, c.backup, c.migrate})
         sub->footer(kExitCodes);
     return c;
 }
@@ -201,6 +239,8 @@ int run(int argc, char** argv) {
     if (c.exp->parsed()) return run_export(g, o.exp);
     if (c.imp->parsed()) return run_import(g, o.imp);
     if (c.verify->parsed()) return run_verify_bundle(g, o.verify);
+    if (c.backup->parsed()) return run_backup_v1(g, o.backup);
+    if (c.migrate->parsed()) return run_migrate(g, o.migrate);
     std::cerr << "error: no command given\n";
     return static_cast<int>(ExitCode::usage);
 }

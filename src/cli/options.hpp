@@ -75,8 +75,25 @@ struct VerifyBundleOptions {
     std::size_t jobs = 1;
 };
 
+struct BackupV1Options {
+    std::string action;  // export | import
+    std::string file;
+    std::string key_out;  // --backup-key-out FD|PATH
+    bool init = false, merge = false, dry_run = false;
+    std::string keys_private_dir, keys_public_dir;  // Acra's spellings of the store directory
+    InitOptions init_options;
+};
+
+struct MigrateOptions {
+    std::string src, dst;
+    std::string dst_token, dst_module, dst_pin_source;
+    bool dry_run = false, force = false;
+};
+
 struct Options {
     GlobalOptions g;
+    BackupV1Options backup;
+    MigrateOptions migrate;
     InitOptions init;
     GenerateOptions generate;
     ListOptions list;
@@ -103,6 +120,8 @@ struct Commands {
     CLI::App* exp = nullptr;
     CLI::App* imp = nullptr;
     CLI::App* verify = nullptr;
+    CLI::App* backup = nullptr;
+    CLI::App* migrate = nullptr;
 };
 
 // Builds the whole command tree on `app`, binding into `o`. No side effects.
@@ -130,5 +149,7 @@ int run_keystore_verify(const GlobalOptions& g);
 int run_export(const GlobalOptions& g, const ExportOptions& o);
 int run_import(const GlobalOptions& g, const ImportOptions& o);
 int run_verify_bundle(const GlobalOptions& g, const VerifyBundleOptions& o);
+int run_backup_v1(const GlobalOptions& g, const BackupV1Options& o);
+int run_migrate(const GlobalOptions& g, const MigrateOptions& o);
 
 }  // namespace keywarden::cli

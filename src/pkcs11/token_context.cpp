@@ -31,6 +31,8 @@ std::shared_ptr<Module> load_module(const TokenOptions& g) {
     return m;
 }
 
+TokenContext open_token_on(std::shared_ptr<Module> module, const TokenOptions& g, bool login, TokenInfo token);
+
 TokenContext open_token(const TokenOptions& g, bool login) {
     TokenContext c;
     c.module = load_module(g);
@@ -49,6 +51,17 @@ TokenContext open_token(const TokenOptions& g, bool login) {
             c.module = load_module(g);
         }
     }
+    return open_token_on(c.module, g, login, std::move(c.token));
+}
+
+TokenContext open_token_on(std::shared_ptr<Module> module, const TokenOptions& g, bool login) {
+    return open_token_on(module, g, login, select_token(list_tokens(*module), g.token));
+}
+
+TokenContext open_token_on(std::shared_ptr<Module> module, const TokenOptions& g, bool login, TokenInfo token) {
+    TokenContext c;
+    c.module = std::move(module);
+    c.token = std::move(token);
     log::info("using token '" + c.token.label + "' (serial " + c.token.serial + ")");
     c.session = Session::open(c.module, c.token.slot, true);
     if (!login) return c;

@@ -1,0 +1,341 @@
+// SPDX-License-Identifier: Apache-2.0
+// keywarden backup --action=export|import: the key store v1 backup.
+#include "keywarden/backup_v1.hpp"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "internal.hpp"
+#include "keywarden/encoding.hpp"
+#include "keywarden/error.hpp"
+#include "keywarden/keystore_v1.hpp"
+#include "keywarden/log.hpp"
+
+namespace keywarden::backup {
+
+using namespace detail;
+using keystore::KeyId;
+using keystore::KeyRing;
+
+namespace {
+
+// Where the backup key is shown: opened before any work, so that a missing terminal changes
+// nothing; a file it created is removed again unless the key was written.
+class KeyDestination {
+public:
+    KeyDestination(const std::string& spec, const std::string& backup_file) {
+        if (spec.empty()) {
+            m_fd = ::open("/dev/tty", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+            if (m_fd < 0)
+                throw UsageError("there is no terminal to show the backup key on",
+                                 "the key is shown once and never logged or written by default: pass "
+                                 "--backup-key-out FD (an open file descriptor) or --backup-key-out PATH "
+                                 "(a new file) to say where it goes");
+            m_close = true;
+            m_what = "/dev/tty";
+        } else if (spec.find_first_not_of("0123456789") == std::string::npos && spec.size() < 6) {
+            m_fd = std::stoi(spec);
+            if (::fcntl(m_fd, F_GETFD) < 0)
+                throw UsageError("--backup-key-out " + spec + ": file descriptor " + spec + " is not open");
+            m_what = "file descriptor " + spec;
+        } else {
+            if (canonical_target(spec) == canonical_target(backup_file))
+                throw UsageError("the backup key and the backup file must be different files",
+                                 "keep them apart: whoever holds both holds every key");
+            m_fd = ::open(spec.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+            if (m_fd < 0) {
+                if (errno == EEXIST)
+                    throw ConflictError(spec + " already exists", "choose another path for --backup-key-out; "
+                                                                  "nothing was overwritten");
+                io_fail("cannot create", spec);
+            }
+            m_close = true;
+            m_path = spec;
+            m_what = spec;
+        }
+    }
+    ~KeyDestination() {
+        if (m_close) ::close(m_fd);
+        if (!m_path.empty() && !m_written) ::unlink(m_path.c_str());
+    }
+    KeyDestination(const KeyDestination&) = delete;
+    KeyDestination& operator=(const KeyDestination&) = delete;
+
+    void show(const SecureBytes& text) {
+        std::size_t off = 0;
+        while (off < text.size()) {
+            ssize_t n = ::write(m_fd, text.data() + off, text.size() - off);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) io_fail("cannot write the backup key to", m_what);
+            off += static_cast<std::size_t>(n);
+        }
+        if (!m_path.empty() && ::fsync(m_fd) != 0) io_fail("cannot sync", m_path);
+        m_written = true;
+    }
+    const std::string& what() const { return m_what; }
+
+private:
+    int m_fd = -1;
+    bool m_close = false, m_written = false;
+    std::string m_path, m_what;
+};
+
+void append(SecureBytes& out, std::string_view s) { out.insert(out.end(), s.begin(), s.end()); }
+
+}  // namespace
+
+// ---- export ---------------------------------------------------------------------------------
+
+V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptions& o) {
+    auto t0 = std::chrono::steady_clock::now();
+    keystore::Store& store = *os.store;
+    if (store.store_version() != 1)
+        throw UsageError("the store at " + store.storage().describe() + " is a version " +
+                             std::to_string(store.store_version()) + " store",
+                         "back it up with 'keywarden export --all --private-keys --key-bundle-file F "
+                         "--key-bundle-secret S'");
+    if (o.file.empty()) throw UsageError("say where the backup goes: --file F");
+    {
+        std::error_code ec;
+        if (fs::exists(fs::symlink_status(o.file, ec)))
+            throw ConflictError(o.file + " already exists", "choose another path; keywarden never overwrites a backup");
+        if (!fs::is_directory(fs::absolute(o.file).parent_path(), ec))
+            throw UsageError("the directory for " + o.file + " does not exist");
+    }
+    KeyDestination dest(o.key_out, o.file);
+    pkcs11::Session& session = *os.token.session;
+
+    std::vector<KeyId> ids = store.key_ids();
+    if (ids.empty()) throw UsageError("the store holds no keys: there is nothing to back up");
+    BundleHeader h;
+    std::uint8_t bid[16];
+    session.random(bid);
+    h.bundle_id = to_hex(bid);
+    h.created = keystore::now_seconds();
+    h.private_keys = true;
+    h.rings = ids.size();
+    for (const auto& s : store.list()) h.entries += s.versions.size();
+
+    // The backup key: fresh, made in the token for this backup only, read once to be shown.
+    CK_MECHANISM_TYPE mech = bundle_mechanism(session);
+    SecureBytes backup_key;
+    {
+        auto k = make_backup_key(session, false);
+        backup_key = session.get_secret(k.handle(), CKA_VALUE);
+    }
+    SecretFile secret = v1_backup_secret(backup_key);
+    h.wrap_method = pkcs11::AesWrapProtector::method_name(mech);
+    h.wrap_mechanism = pkcs11::mechanism_name(mech);
+    h.kcv_encryption = secret.kcv_encryption;
+    h.kcv_signature = secret.kcv_signature;
+    auto bek = load_backup_key(session, secret.encryption, true);
+    pkcs11::AesWrapProtector under_backup(os.token.session, bek.handle(), mech);
+    if (!same(under_backup.key_check_value(), secret.kcv_encryption))
+        throw TokenError("the token's " + h.wrap_mechanism +
+                             " is not RFC 5649, so a backup could not be opened with openssl",
+                         "report the token model");
+    SecureBytes meta_key = metadata_key(secret.signature);
+
+    V1ExportSummary sum;
+    sum.bundle_id = h.bundle_id;
+    {
+        ExclusiveFile out(o.file);
+        HmacStream mac(secret.signature);
+        auto line = [&](std::string_view s) {
+            out.write(s);
+            out.write("\n");
+            mac.update(s);
+            mac.update("\n");
+        };
+        line(kV1MagicLine);
+        line(encode_header(h));
+        export_entries(store, under_backup, meta_key, true, ids, [&](const std::string& l, bool wrapped) {
+            line(l);
+            ++sum.entries;
+            sum.wrapped_keys += wrapped;
+            if (o.progress) o.progress(sum.entries, h.entries);
+        });
+        if (sum.entries != h.entries) throw Error("internal: the store changed during the backup");
+        out.write("mac " + to_hex(mac.final()) + "\n");
+        out.commit();
+        sum.bytes = out.bytes();
+    }
+    sum.rings = ids.size();
+    // Read back and verified completely; only then is the key shown.
+    try {
+        auto rep = verify_bundle(o.file, secret, os.token, nullptr);
+        if (!rep.ok() || rep.entries != sum.entries || rep.unwrapped != sum.wrapped_keys)
+            throw IntegrityError("the backup just written does not verify" +
+                                 (rep.problems.empty() ? std::string() : ": " + rep.problems.front().problem));
+        SecureBytes text;
+        append(text, "Backup master key: ");
+        SecureBytes b64 = base64_secret(backup_key);
+        text.insert(text.end(), b64.begin(), b64.end());
+        append(text, "\n");
+        dest.show(text);
+    } catch (...) {
+        ::unlink(o.file.c_str());
+        throw;
+    }
+    sum.key_shown_on = dest.what();
+    sum.seconds = seconds_since(t0);
+    return sum;
+}
+
+// ---- import ---------------------------------------------------------------------------------
+
+SecureBytes backup_key_from_env() {
+    char* v = std::getenv("BACKUP_MASTER_KEY");
+    if (!v || !*v)
+        throw UsageError("BACKUP_MASTER_KEY is not set",
+                         "export BACKUP_MASTER_KEY=<the key 'keywarden backup --action=export' showed>; "
+                         "the backup key is read from the environment only, never from the command line");
+    std::size_t n = std::strlen(v);
+    SecureBytes text(v, v + n);
+    // This process's copy of the variable is wiped: it would otherwise sit in memory all along.
+    wipe(v, n);
+    ::unsetenv("BACKUP_MASTER_KEY");
+    while (!text.empty() && (text.back() == '\n' || text.back() == ' ' || text.back() == '\r')) text.pop_back();
+    auto key = secret_from_base64(std::string_view(reinterpret_cast<const char*>(text.data()), text.size()));
+    if (!key)
+        throw UsageError("BACKUP_MASTER_KEY is not valid base64",
+                         "copy the whole key as the export showed it, after 'Backup master key: '");
+    if (key->size() != 32)
+        throw UsageError("BACKUP_MASTER_KEY decodes to " + std::to_string(key->size()) +
+                             " bytes, but a backup key is 32 bytes",
+                         "copy the whole key as the export showed it, after 'Backup master key: '");
+    return std::move(*key);
+}
+
+V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBytes& backup_key,
+                                 const V1ImportOptions& o) {
+    auto t0 = std::chrono::steady_clock::now();
+    V1ImportSummary sum;
+    sum.dry_run = o.dry_run;
+    if (o.file.empty()) throw UsageError("say which backup to import: --file F");
+    SecretFile secret = v1_backup_secret(backup_key);
+    BundleReader reader(o.file, secret);
+    sum.bundle_id = reader.header().bundle_id;
+
+    std::optional<keystore::OpenAnyStore> target;
+    pkcs11::TokenContext ctx;
+    if (o.init) {
+        keystore::refuse_existing_store(o.keystore_path);
+        ctx = pkcs11::open_token(tok, true);
+    } else {
+        if (!keystore::open_file_storage(o.keystore_path)->exists())
+            throw NotFoundError("no key store at " + o.keystore_path,
+                                "pass --init to create a v1 store (with a new master key) as part of the "
+                                "import, or create it first with 'keywarden init --store-version 1'");
+        target.emplace(keystore::open_any_store(tok, o.keystore_path, !o.dry_run));
+        if (target->store->store_version() != 1)
+            throw UsageError("the store at " + o.keystore_path + " is a version 2 store; a v1 backup "
+                             "restores into a v1 store",
+                             "restore into a new v1 store (--init and another --keystore), then move "
+                             "its keys with 'keywarden migrate'");
+        ctx = target->token;
+    }
+
+    // Pass 1: the whole file verifies (MAC, counts, every entry's metadata) before anything is
+    // written; every key id it holds is checked against the target.
+    while (auto e = reader.next()) {
+        ++sum.entries;
+        if (sum.key_ids.empty() || sum.key_ids.back() != e->meta.key_id) {
+            sum.key_ids.push_back(e->meta.key_id);
+            if (target && target->store->contains(KeyId::parse(e->meta.key_id)))
+                sum.conflicts.push_back(e->meta.key_id);
+        }
+    }
+    sum.rings = sum.key_ids.size();
+    if (target) {
+        std::size_t existing = target->store->key_ids().size();
+        if (existing != 0 && !o.merge)
+            sum.refused = "the target store already holds " + std::to_string(existing) + " keys";
+        else if (!sum.conflicts.empty())
+            sum.refused = std::to_string(sum.conflicts.size()) + " keys of the backup already exist in the store, " +
+                          sum.conflicts.front() + " first";
+        if (!sum.refused.empty() && !o.dry_run)
+            throw ConflictError(sum.refused, sum.conflicts.empty()
+                                                 ? "restore into an empty store (--init, or 'keywarden init "
+                                                   "--store-version 1'), or pass --merge to add the keys "
+                                                   "to this one"
+                                                 : "a v1 import never overwrites a key: restore into an "
+                                                   "empty store, or destroy and remove those keys first");
+    }
+    if (o.dry_run) {
+        sum.seconds = seconds_since(t0);
+        return sum;
+    }
+
+    // Staging: a sibling directory holding the complete result, switched in at the end.
+    fs::path path = fs::absolute(o.keystore_path);
+    fs::path parent = path.parent_path();
+    std::error_code ec;
+    fs::create_directories(parent, ec);
+    std::unique_ptr<keystore::StorageLock> init_lock;
+    if (o.init) {
+        init_lock = keystore::open_file_storage(parent.string())->lock_file(
+            "." + path.filename().string() + ".import.lock");
+        keystore::refuse_existing_store(o.keystore_path);
+    }
+    for (const auto& e : fs::directory_iterator(parent, ec))
+        if (e.path().filename().string().starts_with("." + path.filename().string() + ".import-"))
+            fs::remove_all(e.path(), ec);
+    std::string staging = (parent / ("." + path.filename().string() + ".import-XXXXXX")).string();
+    if (!::mkdtemp(staging.data())) io_fail("cannot create a staging directory in", parent.string());
+    bool switched = false;
+    std::optional<keystore::StoreMeta> created;
+    try {
+        keystore::StoreMeta meta;
+        if (o.init) {
+            ::rmdir(staging.c_str());  // init_store_v1 creates it
+            created = meta = keystore::init_store_v1(ctx, staging, o.init_params);
+        } else {
+            ::chmod(staging.c_str(), 0700);
+            hardlink_clone(path, staging);
+            meta = target->meta;
+        }
+        auto master = pkcs11::find_master_key(*ctx.session, meta.encryption.label, meta.encryption.id);
+        if (!master) throw TokenError("the store's master key is not on the token");
+        auto dst = keystore::KeyStoreV1::open(
+            keystore::open_file_storage(staging),
+            keystore::token_master_keys_v1(ctx, master->handle, keystore::mechanism_for(meta.protection)), true,
+            std::make_unique<HeldElsewhere>());
+
+        // Pass 2: the backup key goes into the destination token; every key is unwrapped there
+        // and wrapped again under the destination's master key.
+        auto bek = load_backup_key(*ctx.session, secret.encryption);
+        pkcs11::AesWrapProtector under_backup(ctx.session, bek.handle(), mechanism_of(reader.header().wrap_method));
+        pkcs11::TokenKeyBackend backend(ctx.session);
+        reader.rewind();
+        std::size_t done = 0;
+        restore_rings(reader, {}, under_backup, backend, *dst, SIZE_MAX,
+                      [&](const KeyRing& r) { dst->put_ring(r); },
+                      [&] { if (o.progress) o.progress(++done, sum.entries); });
+        dst->sync();
+        dst.reset();
+        if (o.init) {
+            if (::rename(staging.c_str(), path.c_str()) != 0) io_fail("cannot move the new store to", path.string());
+        } else if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, path.c_str(), RENAME_EXCHANGE) != 0) {
+            io_fail("cannot switch the imported store into", path.string());
+        }
+        switched = true;
+        fsync_dir_of(path.string());
+    } catch (...) {
+        if (!switched) {
+            fs::remove_all(staging, ec);
+            if (created && o.init_params.master_encryption_key.empty())
+                if (auto k = pkcs11::find_master_key(*ctx.session, created->encryption.label, created->encryption.id))
+                    pkcs11::destroy_object(*ctx.session, k->handle);
+        }
+        throw;
+    }
+    if (!o.init) fs::remove_all(staging, ec);  // after the exchange: the previous store
+    sum.seconds = seconds_since(t0);
+    return sum;
+}
+
+}  // namespace keywarden::backup

@@ -1,0 +1,120 @@
+// SPDX-License-Identifier: Apache-2.0
+// Pieces shared by the v2 backups (backup.cpp) and the v1 backup (backup_v1.cpp).
+#pragma once
+
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <set>
+#include <string>
+
+#include "bundle_io.hpp"
+#include "keywarden/backup.hpp"
+#include "keywarden/error.hpp"
+#include "keywarden/token_protector.hpp"
+
+namespace keywarden::backup::detail {
+
+namespace fs = std::filesystem;
+
+double seconds_since(std::chrono::steady_clock::time_point t0);
+bool same(const Bytes& a, const Bytes& b);
+// Throws Error naming errno, with a hint for a full disk or a file size limit.
+[[noreturn]] void io_fail(const std::string& what, const std::string& path);
+void fsync_dir_of(const std::string& path);
+// An absolute path with its directory resolved, to compare two output paths.
+std::string canonical_target(const std::string& p);
+
+// A readable AES (encryption) or generic-secret session key generated in the token.
+pkcs11::SessionObject make_backup_key(pkcs11::Session& s, bool encryption);
+// An AES backup key from its value, as a session object that can unwrap, or wrap.
+pkcs11::SessionObject load_backup_key(pkcs11::Session& s, const SecureBytes& value, bool wrap = false);
+
+class HeldElsewhere : public keystore::StorageLock {};  // the caller holds the real lock
+
+// Every entry of the given rings, in order, each key rewrapped under the backup key in the token.
+void export_entries(keystore::Store& store, pkcs11::AesWrapProtector& under_backup,
+                    const SecureBytes& meta_key, bool private_keys, const std::vector<keystore::KeyId>& ids,
+                    const std::function<void(const std::string&, bool)>& emit);
+// RFC 5649 wrap mechanism of the token, for bundles; and back from the recorded method name.
+CK_MECHANISM_TYPE bundle_mechanism(pkcs11::Session& s);
+CK_MECHANISM_TYPE mechanism_of(const std::string& method);
+
+// Hard links of every file of a store, for a staging copy (files are only ever replaced).
+void hardlink_clone(const std::filesystem::path& from, const std::filesystem::path& to);
+// Rebuilds rings from `count` entries, each key unwrapped under the backup key and wrapped under
+// dst's master key in the token; rings named in `skip` are read but not rebuilt.
+void restore_rings(BundleReader& reader, const std::set<std::string>& skip,
+                   pkcs11::AesWrapProtector& under_backup, pkcs11::TokenKeyBackend& backend,
+                   keystore::Store& dst, std::size_t count,
+                   const std::function<void(const keystore::KeyRing&)>& sink, const std::function<void()>& tick);
+
+// A file written in full or not at all: created beside its target with O_EXCL, linked into
+// place at the end (link() refuses to replace an existing file), removed on any failure.
+class ExclusiveFile {
+public:
+    explicit ExclusiveFile(std::string target) : m_target(std::move(target)) {
+        fs::path t = fs::absolute(m_target);
+        m_temp = (t.parent_path() / ("." + t.filename().string() + ".tmp-XXXXXX")).string();
+        int fd = ::mkstemp(m_temp.data());
+        if (fd < 0) io_fail("cannot create a file beside", m_target);
+        ::fchmod(fd, 0600);
+        m_fd = fd;
+    }
+    ~ExclusiveFile() {
+        if (m_fd >= 0) ::close(m_fd);
+        if (!m_temp.empty()) ::unlink(m_temp.c_str());
+    }
+    void write(const void* p, std::size_t n) {
+        const auto* b = static_cast<const std::uint8_t*>(p);
+        // Buffered: many small lines become few system calls.
+        m_buf.insert(m_buf.end(), b, b + n);
+        if (m_buf.size() >= (1u << 16)) flush();
+    }
+    void write(std::string_view s) { write(s.data(), s.size()); }
+    void flush() {
+        std::size_t off = 0;
+        while (off < m_buf.size()) {
+            ssize_t n = ::write(m_fd, m_buf.data() + off, m_buf.size() - off);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) io_fail("cannot write", m_target);
+            off += static_cast<std::size_t>(n);
+        }
+        m_bytes += m_buf.size();
+        wipe(m_buf.data(), m_buf.size());
+        m_buf.clear();
+    }
+    // fsync, then link into place; EEXIST means someone created the target meanwhile.
+    void commit() {
+        flush();
+        if (::fsync(m_fd) != 0) io_fail("cannot sync", m_target);
+        if (::close(m_fd) != 0) {
+            m_fd = -1;
+            io_fail("cannot close", m_target);
+        }
+        m_fd = -1;
+        if (::link(m_temp.c_str(), m_target.c_str()) != 0) {
+            if (errno == EEXIST)
+                throw ConflictError(m_target + " already exists", "choose another path; nothing was overwritten");
+            io_fail("cannot create", m_target);
+        }
+        ::unlink(m_temp.c_str());
+        m_temp.clear();
+        fsync_dir_of(m_target);
+    }
+    std::uint64_t bytes() const { return m_bytes + m_buf.size(); }
+
+private:
+    std::string m_target, m_temp;
+    int m_fd = -1;
+    std::vector<std::uint8_t> m_buf;
+    std::uint64_t m_bytes = 0;
+};
+
+}  // namespace keywarden::backup::detail
