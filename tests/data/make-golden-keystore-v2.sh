@@ -22,25 +22,7 @@ export KEYWARDEN_KEYSTORE="$out/store"
 "$kw" rotate client/golden-client/symmetric client/golden-client/storage
 "$kw" destroy "client/second client/hmac" --version 1
 
-{
-  echo '{'
-  first=1
-  while IFS=$'\t' read -r id version state; do
-    [ $first = 1 ] || echo ','
-    first=0
-    if [ "$state" = destroyed ]; then priv=null; else
-      priv="\"$("$kw" read "$id" --private --version "$version")\""
-    fi
-    pub=null
-    case "$id" in */storage|poison/keypair) pub="\"$("$kw" read "$id" --public --version "$version")\"";; esac
-    printf '  "%s@%s": {"state": "%s", "private": %s, "public": %s}' "$id" "$version" "$state" "$priv" "$pub"
-  done < <("$kw" list --rotated --json | python3 -c '
-import json, sys
-for r in json.load(sys.stdin):
-    for v in r["versions"]:
-        print(r["key_id"], v["version"], v["state"], sep="\t")')
-  echo
-  echo '}'
-} > "$out/expected.json"
+. tests/data/expected-json.sh
+write_expected "$kw" "$out/expected.json"
 rm "$out/softhsm2.conf"  # rendered again by the test, for its own directory
 echo "wrote $out"

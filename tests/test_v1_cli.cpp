@@ -1,0 +1,448 @@
+// SPDX-License-Identifier: Apache-2.0
+// Key store v1, its one-file backup, and migration to v2, end to end through the CLI.
+#include <sys/stat.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "support.hpp"
+
+using kwtest::run_cli;
+using Env = std::map<std::string, std::optional<std::string>>;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Two tokens; store A is a v1 store on the first with every kind of key, a rotated key, and a
+// destroyed version.
+struct V1Fixture {
+    kwtest::SoftHsm hsm{"softhsm2.conf.in", {"kw-src", "kw-dst"}};
+    std::string dir = hsm.dir();
+    std::string a = dir + "/A", b = dir + "/B";
+    Env env{{"KEYWARDEN_MODULE", kwtest::module_path()},
+            {"KEYWARDEN_PIN", kwtest::SoftHsm::user_pin},
+            {"KEYWARDEN_PIN_SOURCE", std::nullopt},
+            {"KEYWARDEN_TOKEN", std::nullopt},
+            {"KEYWARDEN_KEYSTORE", std::nullopt},
+            {"BACKUP_MASTER_KEY", std::nullopt}};
+
+    explicit V1Fixture(bool populate = true) {
+        hsm.unload();
+        if (!populate) return;
+        must({"--keystore", a, "--token", "kw-src", "init", "--store-version", "1"});
+        must({"--keystore", a, "generate", "--client-id", "alice01", "--poison-record-keys", "--audit-log-key"});
+        must({"--keystore", a, "generate", "--client-id", "bob the client"});
+        must({"--keystore", a, "rotate", "client/alice01/symmetric", "client/alice01/storage"});
+        must({"--keystore", a, "rotate", "client/alice01/storage"});
+        must({"--keystore", a, "destroy", "client/bob the client/hmac", "--version", "1"});
+    }
+    kwtest::CliResult run(const std::vector<std::string>& args, const Env& more = {}) const {
+        Env e = env;
+        for (const auto& [k, v] : more) e[k] = v;
+        return run_cli(args, e);
+    }
+    kwtest::CliResult must(const std::vector<std::string>& args, const Env& more = {}) const {
+        auto r = run(args, more);
+        INFO(args.back() << ": " << r.err);
+        REQUIRE(r.code == 0);
+        return r;
+    }
+    // Exports store A; returns the backup key as shown.
+    std::string export_a(const std::string& file, const std::string& key_file) const {
+        must({"--keystore", a, "backup", "--action=export", "--file", file, "--backup-key-out", key_file});
+        std::string shown = kwtest::read_text(key_file);
+        REQUIRE(shown.starts_with("Backup master key: "));
+        REQUIRE(shown.ends_with("\n"));
+        return shown.substr(19, shown.size() - 20);
+    }
+    std::vector<std::tuple<std::string, std::string, std::string>> versions(const std::string& store) const {
+        auto doc = nlohmann::json::parse(must({"--keystore", store, "list", "--rotated", "--json"}).out);
+        std::vector<std::tuple<std::string, std::string, std::string>> out;
+        for (const auto& r : doc)
+            for (const auto& v : r["versions"])
+                out.emplace_back(r["key_id"], std::to_string(v["version"].get<int>()), v["state"]);
+        return out;
+    }
+    // Every version of every key of x reads the same (private and public halves) in y; y may
+    // hold other keys too.
+    void same_material(const std::string& x, const std::string& y, std::size_t expect_versions) const {
+        auto vx = versions(x), vy = versions(y);
+        REQUIRE(vx.size() == expect_versions);
+        std::set<std::string> ids;
+        for (const auto& v : vx) ids.insert(std::get<0>(v));
+        std::erase_if(vy, [&](const auto& v) { return !ids.count(std::get<0>(v)); });
+        CHECK(vx == vy);
+        for (const auto& [id, version, state] : vx) {
+            INFO(id << " v" << version);
+            auto px = run({"--keystore", x, "read", id, "--version", version, "--private"});
+            auto py = run({"--keystore", y, "read", id, "--version", version, "--private"});
+            CHECK(px.code == py.code);
+            CHECK(px.out == py.out);
+            if (state == "destroyed") CHECK(px.code == 1);
+            else CHECK(px.out.size() == 45);
+            if (id.ends_with("/storage") || id == "poison/keypair") {
+                auto qx = run({"--keystore", x, "read", id, "--version", version, "--public"});
+                auto qy = run({"--keystore", y, "read", id, "--version", version, "--public"});
+                CHECK(qx.code == 0);
+                CHECK(qx.out == qy.out);
+            }
+        }
+    }
+};
+
+std::string other_key(const std::string& key) {
+    // Another valid 32-byte key: the first base64 character changed.
+    std::string k = key;
+    k[0] = k[0] == 'A' ? 'B' : 'A';
+    return k;
+}
+
+}  // namespace
+
+TEST_CASE("v1 store: Acra's layout, the same commands and output as v2", "[cli]") {
+    V1Fixture f;
+    for (const char* file : {"alice01_storage", "alice01_storage.pub", "alice01_storage_sym", "alice01_hmac",
+                             "bob the client_storage", "secure_log_key", ".poison_key/poison_key",
+                             ".poison_key/poison_key.pub", ".poison_key/poison_key_sym", "version", "store.json"}) {
+        INFO(file);
+        struct stat st {};
+        REQUIRE(::stat((f.a + "/" + file).c_str(), &st) == 0);
+        CHECK((st.st_mode & 0777) == 0600);
+    }
+    CHECK(kwtest::read_text(f.a + "/version") == "keywarden-keystore 1\n");
+    // Two rotations of the storage keypair: two versions under .old/, named by UTC time.
+    std::vector<std::string> olds;
+    for (const auto& e : fs::directory_iterator(f.a + "/alice01_storage.old")) olds.push_back(e.path().filename());
+    REQUIRE(olds.size() == 2);
+    for (const auto& n : olds) CHECK(n.size() == 27);
+    struct stat st {};
+    ::stat((f.a + "/alice01_storage.old").c_str(), &st);
+    CHECK((st.st_mode & 0777) == 0700);
+
+    // The same operations on a v2 store give the same list, apart from dates.
+    std::string v2 = f.dir + "/V2";
+    f.must({"--keystore", v2, "--token", "kw-src", "init"});
+    f.must({"--keystore", v2, "generate", "--client-id", "alice01", "--poison-record-keys", "--audit-log-key"});
+    f.must({"--keystore", v2, "generate", "--client-id", "bob the client"});
+    f.must({"--keystore", v2, "rotate", "client/alice01/symmetric", "client/alice01/storage"});
+    f.must({"--keystore", v2, "rotate", "client/alice01/storage"});
+    f.must({"--keystore", v2, "destroy", "client/bob the client/hmac", "--version", "1"});
+    CHECK(f.versions(f.a) == f.versions(v2));
+    CHECK(f.versions(f.a).size() == 12);
+    auto la = f.must({"--keystore", f.a, "list"}), l2 = f.must({"--keystore", v2, "list"});
+    CHECK(la.err == l2.err);
+
+    // read, destroy, verify
+    auto priv = f.must({"--keystore", f.a, "read", "client/alice01/storage", "--version", "1", "--private"});
+    CHECK(priv.out.size() == 45);
+    auto pem = f.must({"--keystore", f.a, "read", "poison/keypair", "--public", "--format", "pem"});
+    CHECK_THAT(pem.out, Catch::StartsWith("-----BEGIN PUBLIC KEY-----"));
+    auto gone = f.run({"--keystore", f.a, "read", "client/bob the client/hmac", "--private"});
+    CHECK(gone.code == 1);
+    CHECK_THAT(gone.err, Catch::Contains("destroyed"));
+    f.must({"--keystore", f.a, "destroy", "client/alice01/storage", "--version", "1"});
+    auto v1 = f.run({"--keystore", f.a, "read", "client/alice01/storage", "--version", "1", "--private"});
+    CHECK(v1.code == 1);
+    auto ver = f.must({"--keystore", f.a, "keystore", "verify", "--json"});
+    auto doc = nlohmann::json::parse(ver.out);
+    CHECK(doc["ok"] == true);
+    CHECK(doc["rings"] == 9);
+    CHECK(doc["keys_checked"] == 10);
+
+    // A v2-only command says what to use instead.
+    auto exp = f.run({"--keystore", f.a, "export", "--all", "--private-keys", "--key-bundle-file", f.dir + "/x.dat",
+                      "--key-bundle-secret", f.dir + "/x.json"});
+    CHECK(exp.code == 4);
+    CHECK_THAT(exp.err, Catch::Contains("keywarden backup"));
+    CHECK(!fs::exists(f.dir + "/x.dat"));
+}
+
+TEST_CASE("v1 store: renamed, tampered or foreign key files are refused", "[cli]") {
+    V1Fixture f;
+    std::string other = f.dir + "/OTHER";
+    f.must({"--keystore", other, "--token", "kw-src", "init", "--store-version", "1"});
+    f.must({"--keystore", other, "generate", "--client-id", "carol01"});
+    const std::string pristine = f.dir + "/pristine";
+    fs::copy(f.a, pristine, fs::copy_options::recursive);
+
+    struct Row {
+        const char* name;
+        std::function<void()> damage;
+        std::string read_id;  // read that must fail with exit 4
+    };
+    std::string s = f.a + "/";
+    std::vector<Row> rows = {
+        {"a key file renamed to another client's name",
+         [&] { fs::rename(s + "alice01_hmac", s + "bob the client_hmac"); }, "client/bob the client/hmac"},
+        {"a symmetric key file renamed to another kind",
+         [&] { fs::remove(s + "alice01_hmac"); fs::copy_file(s + "alice01_storage_sym", s + "alice01_hmac"); },
+         "client/alice01/hmac"},
+        {"a rotated version copied over the current one",
+         [&] {
+             auto old = fs::directory_iterator(s + "alice01_storage_sym.old")->path();
+             fs::remove(s + "alice01_storage_sym");
+             fs::copy_file(old, s + "alice01_storage_sym");
+         },
+         "client/alice01/symmetric"},
+        {"a key file from another store", [&] {
+             fs::remove(s + "alice01_hmac");
+             fs::copy_file(other + "/carol01_hmac", s + "alice01_hmac");
+         }, "client/alice01/hmac"},
+        {"a flipped byte in a key file", [&] {
+             std::string t = kwtest::read_text(s + "secure_log_key");
+             t[t.size() / 2] ^= 0x01;
+             kwtest::write_file(s + "secure_log_key", t);
+         }, "audit/log"},
+        {"a truncated key file", [&] {
+             std::string t = kwtest::read_text(s + "secure_log_key");
+             kwtest::write_file(s + "secure_log_key", t.substr(0, t.size() - 5));
+         }, "audit/log"},
+    };
+    for (const auto& row : rows) {
+        INFO(row.name);
+        fs::remove_all(f.a);
+        fs::copy(pristine, f.a, fs::copy_options::recursive);
+        ::chmod(f.a.c_str(), 0700);
+        row.damage();
+        auto before = kwtest::tree_digest(f.a);
+        auto r = f.run({"--keystore", f.a, "read", row.read_id, "--private"});
+        INFO(r.err);
+        CHECK(r.code == 4);
+        CHECK_THAT(r.err, Catch::StartsWith("error: "));
+        auto v = f.run({"--keystore", f.a, "keystore", "verify"});
+        CHECK(v.code == 4);
+        CHECK(kwtest::tree_digest(f.a) == before);
+    }
+    // A wrong master key: the store's key check values do not match the other token's key.
+    fs::remove_all(f.a);
+    fs::copy(pristine, f.a, fs::copy_options::recursive);
+    ::chmod(f.a.c_str(), 0700);
+    auto before = kwtest::tree_digest(f.a);
+    auto wrong = f.run({"--keystore", f.a, "--token", "kw-dst", "list"});
+    CHECK(wrong.code == 3);
+    CHECK_THAT(wrong.err, Catch::Contains("not the one holding"));
+    auto bad_id = f.run({"--keystore", f.a, "generate", "--client-id", std::string(250, 'x')});
+    CHECK(bad_id.code == 2);
+    CHECK_THAT(bad_id.err, Catch::Contains("too long for a v1 store"));
+    CHECK(kwtest::tree_digest(f.a) == before);
+}
+
+TEST_CASE("v1 backup: export, then import on another token under another master key", "[cli]") {
+    V1Fixture f;
+    std::string file = f.dir + "/encrypted-keys.dat", keyf = f.dir + "/backup-key.txt";
+    std::string key = f.export_a(file, keyf);
+    CHECK(key.size() == 44);
+    for (const auto& p : {file, keyf}) {
+        struct stat st {};
+        ::stat(p.c_str(), &st);
+        CHECK((st.st_mode & 0777) == 0600);
+    }
+    std::string text = kwtest::read_text(file);
+    CHECK_THAT(text, Catch::StartsWith("keywarden-v1-backup 1\n"));
+    CHECK(text.find("alice01") == std::string::npos);  // metadata is encrypted
+    CHECK(text.find(key) == std::string::npos);
+
+    auto r = f.must({"--keystore", f.b, "--token", "kw-dst", "backup", "--action=import", "--file", file, "--init"},
+                    {{"BACKUP_MASTER_KEY", key}});
+    CHECK_THAT(r.err, Catch::Contains("restored 9 keys (12 key versions)"));
+    CHECK(kwtest::read_text(f.b + "/version") == "keywarden-keystore 1\n");
+    f.same_material(f.a, f.b, 12);
+    f.must({"--keystore", f.b, "keystore", "verify"});
+    auto ma = nlohmann::json::parse(kwtest::read_text(f.a + "/store.json"));
+    auto mb = nlohmann::json::parse(kwtest::read_text(f.b + "/store.json"));
+    CHECK(mb["token"]["label"] == "kw-dst");
+    CHECK(ma["master_keys"]["encryption"]["kcv"] != mb["master_keys"]["encryption"]["kcv"]);
+
+    // Acra's directory flags name the store; the key never goes to stdout or stderr.
+    std::string c = f.dir + "/C";
+    auto acra = f.must({"--token", "kw-dst", "backup", "--action=import", "--file", file, "--init",
+                        "--keys_private_dir", c, "--keys_public_dir", c},
+                       {{"BACKUP_MASTER_KEY", key}});
+    CHECK(acra.out.find(key) == std::string::npos);
+    CHECK(acra.err.find(key) == std::string::npos);
+    f.same_material(f.a, c, 12);
+
+    // A second export has a fresh backup key.
+    std::string key2 = f.export_a(f.dir + "/second.dat", f.dir + "/second-key.txt");
+    CHECK(key2 != key);
+}
+
+TEST_CASE("v1 backup: bad input is refused with a clear error and changes nothing", "[cli]") {
+    V1Fixture f;
+    std::string file = f.dir + "/b.dat", keyf = f.dir + "/k.txt";
+    std::string key = f.export_a(file, keyf);
+    f.must({"--keystore", f.b, "--token", "kw-dst", "init", "--store-version", "1"});  // the empty target
+    // A v2 bundle, for the row that feeds one to the v1 import.
+    std::string v2 = f.dir + "/V2";
+    f.must({"--keystore", v2, "--token", "kw-src", "init"});
+    f.must({"--keystore", v2, "generate", "--audit-log-key"});
+    f.must({"--keystore", v2, "export", "--all", "--private-keys", "--key-bundle-file", f.dir + "/v2.dat",
+            "--key-bundle-secret", f.dir + "/v2.json"});
+    const std::string good = kwtest::read_text(file);
+    const std::string t = f.dir + "/t.dat";
+
+    struct Row {
+        const char* name;
+        std::string file_text;
+        std::optional<std::string> env_key;
+        int code;
+        const char* message;
+    };
+    std::vector<Row> rows = {
+        {"wrong BACKUP_MASTER_KEY", good, other_key(key), 4, "does not open this backup"},
+        {"missing BACKUP_MASTER_KEY", good, std::nullopt, 2, "BACKUP_MASTER_KEY is not set"},
+        {"BACKUP_MASTER_KEY of the wrong length", good, "AAAAAAAAAAAAAAAAAAAAAA==", 2, "16 bytes"},
+        {"BACKUP_MASTER_KEY not base64", good, "not base64 at all!", 2, "not valid base64"},
+        {"a v2 bundle fed to the v1 import", kwtest::read_text(f.dir + "/v2.dat"), key, 4, "keywarden import"},
+        {"not a backup at all", "hello\n", key, 4, "not a keywarden v1 backup"},
+        {"a future format", "keywarden-v1-backup 2\n" + good.substr(good.find('\n') + 1), key, 4, "upgrade keywarden"},
+        {"data after the MAC", good + "extra\n", key, 4, "after its MAC"},
+    };
+    for (std::size_t cut : {0ul, 10ul, 200ul, good.size() / 2, good.size() - 40, good.size() - 1})
+        rows.push_back({"truncated", good.substr(0, cut), key, 4, ""});
+
+    auto before = kwtest::tree_digest(f.b);
+    for (const auto& row : rows) {
+        INFO(row.name);
+        kwtest::write_file(t, row.file_text);
+        auto r = f.run({"--keystore", f.b, "--token", "kw-dst", "backup", "--action=import", "--file", t},
+                       {{"BACKUP_MASTER_KEY", row.env_key}});
+        INFO(r.err);
+        CHECK(r.code == row.code);
+        if (*row.message) CHECK_THAT(r.err, Catch::Contains(row.message));
+        CHECK_THAT(r.err, Catch::StartsWith("error: "));
+        CHECK(kwtest::tree_digest(f.b) == before);
+    }
+
+    SECTION("every single-byte flip of a small backup file") {
+        std::string small_store = f.dir + "/SMALL";
+        f.must({"--keystore", small_store, "--token", "kw-src", "init", "--store-version", "1"});
+        f.must({"--keystore", small_store, "generate", "--audit-log-key"});
+        std::string sf = f.dir + "/small.dat";
+        f.must({"--keystore", small_store, "backup", "--action=export", "--file", sf, "--backup-key-out",
+                f.dir + "/small.key"});
+        std::string skey = kwtest::read_text(f.dir + "/small.key").substr(19, 44);
+        std::string small = kwtest::read_text(sf);
+        int refused = 0;
+        for (std::size_t i = 0; i < small.size(); ++i) {
+            std::string x = small;
+            x[i] = static_cast<char>(x[i] ^ 0x01);
+            kwtest::write_file(t, x);
+            auto r = f.run({"--keystore", f.b, "--token", "kw-dst", "backup", "--action=import", "--file", t},
+                           {{"BACKUP_MASTER_KEY", skey}});
+            INFO("offset " << i << ": " << r.err);
+            CHECK(r.code == 4);
+            refused += r.code == 4;
+        }
+        CHECK(refused == static_cast<int>(small.size()));
+        CHECK(kwtest::tree_digest(f.b) == before);
+    }
+    SECTION("import into a non-empty store never overwrites") {
+        f.must({"--keystore", f.b, "--token", "kw-dst", "backup", "--action=import", "--file", file},
+               {{"BACKUP_MASTER_KEY", key}});
+        auto filled = kwtest::tree_digest(f.b);
+        auto again = f.run({"--keystore", f.b, "--token", "kw-dst", "backup", "--action=import", "--file", file},
+                           {{"BACKUP_MASTER_KEY", key}});
+        CHECK(again.code == 1);
+        CHECK_THAT(again.err, Catch::Contains("already holds 9 keys"));
+        auto merge = f.run({"--keystore", f.b, "--token", "kw-dst", "backup", "--action=import", "--file", file,
+                            "--merge"},
+                           {{"BACKUP_MASTER_KEY", key}});
+        CHECK(merge.code == 1);
+        CHECK_THAT(merge.err, Catch::Contains("never overwrites"));
+        CHECK(kwtest::tree_digest(f.b) == filled);
+    }
+    SECTION("export: existing output, no terminal, key file equal to the backup file") {
+        auto src_before = kwtest::tree_digest(f.a);
+        auto exists = f.run({"--keystore", f.a, "backup", "--action=export", "--file", file, "--backup-key-out",
+                             f.dir + "/new.key"});
+        CHECK(exists.code == 1);
+        CHECK_THAT(exists.err, Catch::Contains("already exists"));
+        CHECK(!fs::exists(f.dir + "/new.key"));
+        CHECK(kwtest::read_text(file) == good);
+        // run_cli starts keywarden without a controlling terminal.
+        auto no_tty = f.run({"--keystore", f.a, "backup", "--action=export", "--file", f.dir + "/n.dat"});
+        CHECK(no_tty.code == 2);
+        CHECK_THAT(no_tty.err, Catch::Contains("--backup-key-out"));
+        CHECK(!fs::exists(f.dir + "/n.dat"));
+        auto key_exists = f.run({"--keystore", f.a, "backup", "--action=export", "--file", f.dir + "/m.dat",
+                                 "--backup-key-out", keyf});
+        CHECK(key_exists.code == 1);
+        CHECK(!fs::exists(f.dir + "/m.dat"));
+        auto same = f.run({"--keystore", f.a, "backup", "--action=export", "--file", f.dir + "/s.dat",
+                           "--backup-key-out", f.dir + "/s.dat"});
+        CHECK(same.code == 2);
+        CHECK(!fs::exists(f.dir + "/s.dat"));
+        CHECK(kwtest::tree_digest(f.a) == src_before);
+    }
+}
+
+TEST_CASE("migrate: a v1 store with rotated keys into v2, all or nothing, idempotent", "[cli]") {
+    V1Fixture f;
+    f.must({"--keystore", f.b, "--token", "kw-dst", "init"});
+    auto empty = kwtest::tree_digest(f.b);
+    auto src_before = kwtest::tree_digest(f.a);
+
+    auto dry = f.must({"migrate", "--src-keystore", f.a, "--dst-keystore", f.b, "--dry-run"});
+    CHECK_THAT(dry.out, Catch::Contains("move     client/alice01/storage"));
+    CHECK(kwtest::tree_digest(f.b) == empty);
+
+    // Across two tokens, with different master keys.
+    auto m = f.must({"migrate", "--src-keystore", f.a, "--dst-keystore", f.b, "--json"});
+    auto doc = nlohmann::json::parse(m.out);
+    CHECK(doc["moved"].size() == 9);
+    CHECK(doc["key_versions"] == 12);
+    CHECK(doc["same_token"] == false);
+    CHECK(kwtest::read_text(f.b + "/version") == "keywarden-keystore 2\n");
+    f.same_material(f.a, f.b, 12);
+    // Rotated v1 keys are the older versions, in date order.
+    auto list = nlohmann::json::parse(f.must({"--keystore", f.b, "list", "--rotated", "--json"}).out);
+    for (const auto& r : list) {
+        if (r["key_id"] != "client/alice01/storage") continue;
+        REQUIRE(r["versions"].size() == 3);
+        CHECK(r["versions"][0]["state"] == "deactivated");
+        CHECK(r["versions"][1]["state"] == "deactivated");
+        CHECK(r["versions"][2]["current"] == true);
+        CHECK(r["versions"][0]["valid_until"] <= r["versions"][1]["valid_until"]);
+    }
+    f.must({"--keystore", f.b, "keystore", "verify"});
+    CHECK(kwtest::tree_digest(f.a) == src_before);  // the source is only read
+
+    // Run twice: nothing is duplicated, nothing changes.
+    auto migrated = kwtest::tree_digest(f.b);
+    auto again = f.must({"migrate", "--src-keystore", f.a, "--dst-keystore", f.b});
+    CHECK_THAT(again.err, Catch::Contains("nothing to migrate"));
+    CHECK(kwtest::tree_digest(f.b) == migrated);
+
+    // A non-empty destination with other keys needs --force; on the same token this time.
+    std::string c = f.dir + "/C";
+    f.must({"--keystore", c, "--token", "kw-src", "init"});
+    f.must({"--keystore", c, "generate", "--client-id", "zed0001"});
+    auto c_before = kwtest::tree_digest(c);
+    auto refused = f.run({"migrate", "--src-keystore", f.a, "--dst-keystore", c});
+    CHECK(refused.code == 1);
+    CHECK_THAT(refused.err, Catch::Contains("--force"));
+    CHECK(kwtest::tree_digest(c) == c_before);
+    auto forced = f.must({"migrate", "--src-keystore", f.a, "--dst-keystore", c, "--force", "--json"});
+    CHECK(nlohmann::json::parse(forced.out)["same_token"] == true);
+    f.same_material(f.a, c, 12);
+    CHECK(f.versions(c).size() == 15);
+
+    // The same id with other keys is refused, even with --force.
+    std::string d = f.dir + "/D";
+    f.must({"--keystore", d, "--token", "kw-src", "init"});
+    f.must({"--keystore", d, "generate", "--audit-log-key"});
+    auto d_before = kwtest::tree_digest(d);
+    auto conflict = f.run({"migrate", "--src-keystore", f.a, "--dst-keystore", d, "--force"});
+    CHECK(conflict.code == 1);
+    CHECK_THAT(conflict.err, Catch::Contains("different keys"));
+    CHECK(kwtest::tree_digest(d) == d_before);
+    // A missing destination, or a v2 source.
+    auto none = f.run({"migrate", "--src-keystore", f.a, "--dst-keystore", f.dir + "/nowhere"});
+    CHECK(none.code == 1);
+    CHECK_THAT(none.err, Catch::Contains("keywarden init"));
+    auto v2src = f.run({"migrate", "--src-keystore", f.b, "--dst-keystore", d});
+    CHECK(v2src.code == 2);
+}
