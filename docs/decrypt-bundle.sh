@@ -4,6 +4,7 @@
 # It is the step-by-step procedure of docs/bundle-format.md as a script; CI runs it.
 #
 #   docs/decrypt-bundle.sh BUNDLE SECRET OUTDIR
+#   BACKUP_MASTER_KEY=... docs/decrypt-bundle.sh BACKUP - OUTDIR     (a key store v1 backup)
 #
 # For entry N (counting from 1) it writes OUTDIR/N.json (the key's metadata) and, when the entry
 # carries a key, OUTDIR/N.key (the key: 32 raw bytes for AES and HMAC keys, PKCS#8 DER for EC
@@ -13,14 +14,24 @@ bundle=$1 secret=$2 out=$3
 mkdir -p "$out"
 chmod 700 "$out"
 
-# The secret file's fields, as hex.
-field() { grep -o "\"$1\": *\"[^\"]*\"" "$secret" | sed 's/.*"\([^"]*\)"$/\1/'; }
 hexof() { base64 -d | od -An -v -tx1 | tr -d ' \n'; }
-ENC=$(field encryption | hexof)
-SIG=$(field signature | hexof)
+if [ "$secret" = "-" ]; then
+  # A key store v1 backup: its two keys are HMAC-SHA256(backup key, label).
+  BK=$(printf %s "$BACKUP_MASTER_KEY" | hexof)
+  derive() { printf %s "$1" | openssl mac -digest SHA256 -macopt "hexkey:$BK" HMAC; }
+  ENC=$(derive "keywarden v1 backup encryption key")
+  SIG=$(derive "keywarden v1 backup signature key")
+  magic="keywarden-v1-backup 1"
+else
+  # The secret file's fields, as hex.
+  field() { grep -o "\"$1\": *\"[^\"]*\"" "$secret" | sed 's/.*"\([^"]*\)"$/\1/'; }
+  ENC=$(field encryption | hexof)
+  SIG=$(field signature | hexof)
+  magic="keywarden-bundle 1"
+fi
 
 # 1. The first line names the format.
-[ "$(head -n 1 "$bundle")" = "keywarden-bundle 1" ] || { echo "not a keywarden bundle, format 1" >&2; exit 4; }
+[ "$(head -n 1 "$bundle")" = "$magic" ] || { echo "not a $magic file" >&2; exit 4; }
 
 # 2. The last line is "mac " and the HMAC-SHA256, under the signature key, of every byte before it.
 lines=$(wc -l < "$bundle")

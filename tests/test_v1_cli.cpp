@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "decrypt_check.hpp"
 #include "support.hpp"
 
 using kwtest::run_cli;
@@ -267,6 +268,21 @@ TEST_CASE("v1 backup: export, then import on another token under another master 
     // A second export has a fresh backup key.
     std::string key2 = f.export_a(f.dir + "/second.dat", f.dir + "/second-key.txt");
     CHECK(key2 != key);
+}
+
+TEST_CASE("v1 backup: the openssl command line and the backup key alone decrypt it", "[cli]") {
+    V1Fixture f;
+    std::string file = f.dir + "/b.dat", out = f.dir + "/plain";
+    std::string key = f.export_a(file, f.dir + "/k.txt");
+    REQUIRE(kwtest::sh("BACKUP_MASTER_KEY='" + key + "' " + kwtest::source_root() + "/docs/decrypt-bundle.sh " +
+                       file + " - " + out + " >/dev/null") == 0);
+    int compared = kwtest::compare_decrypted(out, [&](const std::string& id, const std::string& version) {
+        return f.must({"--keystore", f.a, "read", id, "--private", "--format", "raw", "--version", version}).out;
+    });
+    CHECK(compared == 11);
+    // A wrong key does not get past the MAC.
+    CHECK(kwtest::sh("BACKUP_MASTER_KEY='" + other_key(key) + "' " + kwtest::source_root() +
+                     "/docs/decrypt-bundle.sh " + file + " - " + out + "2 2>/dev/null") != 0);
 }
 
 TEST_CASE("v1 backup: bad input is refused with a clear error and changes nothing", "[cli]") {
