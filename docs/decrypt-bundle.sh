@@ -9,6 +9,10 @@
 # For entry N (counting from 1) it writes OUTDIR/N.json (the key's metadata) and, when the entry
 # carries a key, OUTDIR/N.key (the key: 32 raw bytes for AES and HMAC keys, PKCS#8 DER for EC
 # private keys, possibly followed by zero padding). Exit 4 if the bundle does not verify.
+#
+# The openssl command line takes keys as arguments (-K, -macopt hexkey:), which other users of
+# the machine can read in ps and /proc/*/cmdline while it runs. Run this only on an offline,
+# single-user machine, and remove OUTDIR afterwards: it holds every key in the clear.
 set -eu
 bundle=$1 secret=$2 out=$3
 mkdir -p "$out"

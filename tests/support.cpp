@@ -147,6 +147,8 @@ CliResult run_program(const std::vector<std::string>& args,
         dup2(devnull, 0);
         dup2(out_pipe[1], 1);
         dup2(err_pipe[1], 2);
+        // Only 0, 1 and 2 reach the program, as from a shell.
+        ::close_range(3, ~0U, 0);
         execvpe(argv[0], argv.data(), envp.data());
         _exit(127);
     }

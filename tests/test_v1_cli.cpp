@@ -155,7 +155,7 @@ TEST_CASE("v1 store: Acra's layout, the same commands and output as v2", "[cli]"
     // A v2-only command says what to use instead.
     auto exp = f.run({"--keystore", f.a, "export", "--all", "--private-keys", "--key-bundle-file", f.dir + "/x.dat",
                       "--key-bundle-secret", f.dir + "/x.json"});
-    CHECK(exp.code == 4);
+    CHECK(exp.code == 2);
     CHECK_THAT(exp.err, Catch::Contains("keywarden backup"));
     CHECK(!fs::exists(f.dir + "/x.dat"));
 }
@@ -214,6 +214,9 @@ TEST_CASE("v1 store: renamed, tampered or foreign key files are refused", "[cli]
         CHECK_THAT(r.err, Catch::StartsWith("error: "));
         auto v = f.run({"--keystore", f.a, "keystore", "verify"});
         CHECK(v.code == 4);
+        // The full report, as on a v2 store: the other keys are still checked.
+        CHECK_THAT(v.out, Catch::Contains("PROBLEM "));
+        CHECK_THAT(v.out, Catch::Contains("FAILED: "));
         CHECK(kwtest::tree_digest(f.a) == before);
     }
     // A wrong master key: the store's key check values do not match the other token's key.
@@ -248,6 +251,7 @@ TEST_CASE("v1 backup: export, then import on another token under another master 
     auto r = f.must({"--keystore", f.b, "--token", "kw-dst", "backup", "--action=import", "--file", file, "--init"},
                     {{"BACKUP_MASTER_KEY", key}});
     CHECK_THAT(r.err, Catch::Contains("restored 9 keys (12 key versions)"));
+    CHECK(!fs::exists(f.dir + "/.B.import.lock"));
     CHECK(kwtest::read_text(f.b + "/version") == "keywarden-keystore 1\n");
     f.same_material(f.a, f.b, 12);
     f.must({"--keystore", f.b, "keystore", "verify"});
@@ -268,6 +272,17 @@ TEST_CASE("v1 backup: export, then import on another token under another master 
     // A second export has a fresh backup key.
     std::string key2 = f.export_a(f.dir + "/second.dat", f.dir + "/second-key.txt");
     CHECK(key2 != key);
+    // To a descriptor the shell opened.
+    auto lock_before = kwtest::read_text(f.a + "/.lock");
+    auto viafd = kwtest::run_program({"sh", "-c", "\"$0\" --keystore \"$1\" backup --action=export --file \"$2\" "
+                                                  "--backup-key-out 3 3>\"$3\"",
+                                      kwtest::binary_path(), f.a, f.dir + "/third.dat", f.dir + "/third-key.txt"},
+                                     f.env);
+    INFO(viafd.err);
+    CHECK(viafd.code == 0);
+    CHECK_THAT(viafd.err, Catch::Contains("on file descriptor 3"));
+    CHECK_THAT(kwtest::read_text(f.dir + "/third-key.txt"), Catch::StartsWith("Backup master key: "));
+    CHECK(kwtest::read_text(f.a + "/.lock") == lock_before);
 }
 
 TEST_CASE("v1 backup: the openssl command line and the backup key alone decrypt it", "[cli]") {
@@ -391,6 +406,15 @@ TEST_CASE("v1 backup: bad input is refused with a clear error and changes nothin
                            "--backup-key-out", f.dir + "/s.dat"});
         CHECK(same.code == 2);
         CHECK(!fs::exists(f.dir + "/s.dat"));
+        // A descriptor number must be one the operator opened: not keywarden's own files, and
+        // not stdout or stderr.
+        for (const char* fd : {"1", "2", "3", "7", "99"}) {
+            INFO("fd " << fd);
+            auto r = f.run({"--keystore", f.a, "backup", "--action=export", "--file", f.dir + "/fd.dat",
+                            "--backup-key-out", fd});
+            CHECK(r.code == 2);
+            CHECK(!fs::exists(f.dir + "/fd.dat"));
+        }
         CHECK(kwtest::tree_digest(f.a) == src_before);
     }
 }
@@ -445,6 +469,23 @@ TEST_CASE("migrate: a v1 store with rotated keys into v2, all or nothing, idempo
     CHECK(nlohmann::json::parse(forced.out)["same_token"] == true);
     f.same_material(f.a, c, 12);
     CHECK(f.versions(c).size() == 15);
+
+    // Once forced, a second run finds nothing to move and needs no --force.
+    auto forced_again = f.must({"migrate", "--src-keystore", f.a, "--dst-keystore", c});
+    CHECK_THAT(forced_again.err, Catch::Contains("nothing to migrate"));
+
+    // A tampered source key file: refused before anything is written, no pending file left.
+    std::string e = f.dir + "/E";
+    f.must({"--keystore", e, "--token", "kw-src", "init"});
+    auto e_before = kwtest::tree_digest(e);
+    std::string victim = f.a + "/secure_log_key";
+    std::string orig = kwtest::read_text(victim), bad = orig;
+    bad[bad.size() / 2] ^= 0x01;
+    kwtest::write_file(victim, bad);
+    auto tampered = f.run({"migrate", "--src-keystore", f.a, "--dst-keystore", e});
+    CHECK(tampered.code == 4);
+    CHECK(kwtest::tree_digest(e) == e_before);
+    kwtest::write_file(victim, orig);
 
     // The same id with other keys is refused, even with --force.
     std::string d = f.dir + "/D";

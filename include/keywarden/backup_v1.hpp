@@ -14,8 +14,12 @@ namespace keywarden::backup {
 
 struct V1ExportOptions {
     std::string file;
-    // Where the backup key is shown: empty for the terminal (/dev/tty) only; a number for an open
-    // file descriptor; otherwise a new file (O_EXCL, 0600). Nowhere else, never in a log.
+    // Where the backup key is shown, and nowhere else (never in a log): key_fd if it is set (an
+    // open descriptor that this call closes; the caller duplicates the operator's descriptor
+    // before it opens any file of its own); else key_out, a new file (O_EXCL, 0600); else the
+    // terminal (/dev/tty).
+    int key_fd = -1;
+    std::string key_fd_name;  // how messages name it ("file descriptor 3")
     std::string key_out;
     Progress progress;
 };

@@ -226,6 +226,9 @@ public:
     // one manifest update. Nothing staged is visible before that.
     void stage(const KeyRing& ring);
     void commit_staged();
+    // Drops what was staged and removes its pending files (best effort: the next writer removes
+    // any that remain). The store is as it was before the first stage().
+    void abort_staged() noexcept;
 
     // The two halves of stage(), for worker processes (--jobs): a worker seals a ring and writes
     // it as a pending file, which stays invisible until a manifest names it, so a store opened

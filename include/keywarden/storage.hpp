@@ -30,8 +30,9 @@ public:
     // Atomic: temp file, fsync, rename, fsync of the directory. Refuses to replace an existing
     // file when exclusive is set.
     virtual void write(const std::string& name, const Bytes& data, bool exclusive = false) = 0;
-    // Writes in place without fsync, for files that nothing reads until a later commit names them
-    // (".pending" ring files); batches end with sync().
+    // Writes without fsync, for files that nothing reads until a later commit names them
+    // (".pending" ring files, an import's staging copy); batches end with sync(). An existing
+    // file is unlinked first, never changed in place (it may be a hard link into a live store).
     virtual void write_unsynced(const std::string& name, const Bytes& data) = 0;
     // Makes everything written so far durable (syncfs).
     virtual void sync() = 0;

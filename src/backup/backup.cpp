@@ -857,6 +857,9 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         }
         switched = true;
         fsync_dir_of(path.string());
+        // The new store exists now: an import waiting for this lock re-checks and is refused, so
+        // the lock file can go (it is still held until init_lock is released).
+        if (o.init) ::unlink((parent / ("." + path.filename().string() + ".import.lock")).c_str());
     } catch (...) {
         if (!switched) {
             fs::remove_all(staging, ec);

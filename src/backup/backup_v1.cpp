@@ -26,8 +26,14 @@ namespace {
 // nothing; a file it created is removed again unless the key was written.
 class KeyDestination {
 public:
-    KeyDestination(const std::string& spec, const std::string& backup_file) {
-        if (spec.empty()) {
+    explicit KeyDestination(const V1ExportOptions& o) {
+        const std::string& spec = o.key_out;
+        const std::string& backup_file = o.file;
+        if (o.key_fd >= 0) {
+            m_fd = o.key_fd;
+            m_close = true;
+            m_what = o.key_fd_name.empty() ? "file descriptor " + std::to_string(o.key_fd) : o.key_fd_name;
+        } else if (spec.empty()) {
             m_fd = ::open("/dev/tty", O_WRONLY | O_NOCTTY | O_CLOEXEC);
             if (m_fd < 0)
                 throw UsageError("there is no terminal to show the backup key on",
@@ -36,11 +42,6 @@ public:
                                  "(a new file) to say where it goes");
             m_close = true;
             m_what = "/dev/tty";
-        } else if (spec.find_first_not_of("0123456789") == std::string::npos && spec.size() < 6) {
-            m_fd = std::stoi(spec);
-            if (::fcntl(m_fd, F_GETFD) < 0)
-                throw UsageError("--backup-key-out " + spec + ": file descriptor " + spec + " is not open");
-            m_what = "file descriptor " + spec;
         } else {
             if (canonical_target(spec) == canonical_target(backup_file))
                 throw UsageError("the backup key and the backup file must be different files",
@@ -105,7 +106,7 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
         if (!fs::is_directory(fs::absolute(o.file).parent_path(), ec))
             throw UsageError("the directory for " + o.file + " does not exist");
     }
-    KeyDestination dest(o.key_out, o.file);
+    KeyDestination dest(o);
     pkcs11::Session& session = *os.token.session;
 
     std::vector<KeyId> ids = store.key_ids();
@@ -324,6 +325,9 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
         }
         switched = true;
         fsync_dir_of(path.string());
+        // The new store exists now: an import waiting for this lock re-checks and is refused, so
+        // the lock file can go (it is still held until init_lock is released).
+        if (o.init) ::unlink((parent / ("." + path.filename().string() + ".import.lock")).c_str());
     } catch (...) {
         if (!switched) {
             fs::remove_all(staging, ec);

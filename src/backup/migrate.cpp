@@ -76,16 +76,19 @@ MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
 
     // What moves: rings already there with the same keys are skipped; the same id with other
     // keys is refused; rings of the destination that the source does not have need --force.
+    // Every source ring is read and authenticated here, before anything is written.
     std::vector<KeyId> ids = src.store->key_ids();
     std::set<std::string> in_src;
     std::vector<std::string> conflicts;
     for (const auto& id : ids) {
         in_src.insert(id.str());
+        KeyRing r = src.store->load(id);
         if (!dst.store->contains(id)) {
             sum.to_move.push_back(id.str());
+            sum.versions += r.versions.size();
             continue;
         }
-        if (same_ring(src.store->load(id), dst.store->load(id))) sum.already_present.push_back(id.str());
+        if (same_ring(r, dst.store->load(id))) sum.already_present.push_back(id.str());
         else conflicts.push_back(id.str());
     }
     for (const auto& id : dst.store->key_ids())
@@ -95,6 +98,10 @@ MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
                                 " key rings exist in both stores with different keys, " + conflicts.front() + " first",
                             "nothing was changed; migrate into a new v2 store (keywarden init), or look at both "
                             "with 'keywarden list --rotated'");
+    if (sum.to_move.empty() && !o.dry_run) {  // already migrated: nothing to add, nothing to refuse
+        sum.seconds = seconds_since(t0);
+        return sum;
+    }
     if (!sum.others.empty() && !o.force && !o.dry_run)
         throw ConflictError("the destination store already holds " + std::to_string(sum.others.size()) +
                                 " key rings that are not from this v1 store, " + sum.others.front() + " first",
@@ -123,6 +130,14 @@ MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
     keystore::Store& from = *src.store;
     keystore::KeyStore& to = *dst.store;
     std::size_t done = 0;
+    // A failure below leaves no pending file behind in the destination.
+    struct Abort {
+        keystore::KeyStore& store;
+        bool armed = true;
+        ~Abort() {
+            if (armed) store.abort_staged();
+        }
+    } abort{to};
     for (const auto& idstr : sum.to_move) {
         KeyId id = KeyId::parse(idstr);
         KeyRing r = from.load(id);
@@ -137,12 +152,12 @@ MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
                                      ": the key's check value differs from its record");
             v.wrapped = to.keys().protector->protect(*k);
         }
-        sum.versions += r.versions.size();
         to.stage(r);
         if (o.progress) o.progress(++done, sum.to_move.size());
     }
     // The commit point: one signed manifest names every migrated ring, or none.
     to.commit_staged();
+    abort.armed = false;
     sum.seconds = seconds_since(t0);
     return sum;
 }

@@ -269,7 +269,7 @@ int run_destroy(const GlobalOptions& g, const DestroyOptions& o) {
 int run_keystore_verify(const GlobalOptions& g) {
     auto s = with_any_store(g, false, false);
     auto bar = progress_bar("verifying");
-    std::size_t rings = s.store->list().size();
+    std::size_t rings = s.store->key_ids().size();
     auto rep = s.store->verify([&](std::size_t done) { if (bar) bar(done, rings); });
     if (g.json) {
         nlohmann::json problems = nlohmann::json::array();

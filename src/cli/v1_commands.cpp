@@ -1,5 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // keywarden backup --action=export|import (key store v1) and keywarden migrate (v1 -> v2).
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -46,6 +49,24 @@ int run_backup_v1(const GlobalOptions& g, const BackupV1Options& o) {
         backup::V1ExportOptions eo;
         eo.file = o.file;
         eo.key_out = o.key_out;
+        if (!o.key_out.empty() && o.key_out.size() < 6 &&
+            o.key_out.find_first_not_of("0123456789") == std::string::npos) {
+            // A descriptor the operator opened: duplicated now, before keywarden opens anything
+            // of its own, so that a number can never name the store's lock file or the token.
+            int n = std::stoi(o.key_out);
+            if (n <= 2)
+                throw UsageError("--backup-key-out " + o.key_out + " would put the backup key on " +
+                                     (n == 0 ? "standard input" : n == 1 ? "stdout" : "stderr") +
+                                     ", which is often captured or logged",
+                                 "open a descriptor for it (e.g. 3>key.txt ... --backup-key-out 3), or "
+                                 "give a new file's path");
+            eo.key_fd = ::fcntl(n, F_DUPFD_CLOEXEC, 3);
+            if (eo.key_fd < 0)
+                throw UsageError("--backup-key-out " + o.key_out + ": file descriptor " + o.key_out + " is not open",
+                                 "open it in the shell (e.g. 3>key.txt), or give a path");
+            eo.key_fd_name = "file descriptor " + o.key_out;
+            eo.key_out.clear();
+        }
         eo.progress = progress_bar("backing up");
         auto s = keystore::open_any_store(g.tok, store_path, false);
         auto sum = backup::export_v1_backup(s, eo);

@@ -147,7 +147,7 @@ std::unique_ptr<KeyStore> KeyStore::open(std::unique_ptr<Storage> storage, Maste
     std::unique_ptr<KeyStore> ks(new KeyStore(std::move(storage), std::move(keys), writable));
     ks->m_meta = read_store_meta(*ks->m_storage);
     if (ks->m_meta.store_version != 2)
-        throw FormatError("the store at " + ks->m_storage->describe() + " is a version " +
+        throw UsageError("the store at " + ks->m_storage->describe() + " is a version " +
                               std::to_string(ks->m_meta.store_version) + " store",
                           "this command needs a version 2 store; for a v1 store use 'keywarden "
                           "backup', or move its keys into a v2 store with 'keywarden migrate'");
@@ -378,6 +378,19 @@ void KeyStore::commit_staged() {
     for (const auto& f : m_staged_files) {
         m_storage->rename(f + kPending, f);
         m_manifest->pending.erase(f);
+    }
+    m_staged_files.clear();
+}
+
+void KeyStore::abort_staged() noexcept {
+    if (!m_staged) return;
+    m_staged.reset();
+    for (const auto& f : m_staged_files) {
+        try {
+            if (!m_manifest->pending.count(f)) m_storage->remove(f + kPending);
+        } catch (...) {
+            // Left for the next writer, which removes uncommitted pending files.
+        }
     }
     m_staged_files.clear();
 }

@@ -197,6 +197,9 @@ struct KeyStoreV1::Loaded {
     KeyRing ring;
     std::map<std::uint32_t, std::string> file_of;  // which file holds each version
     std::optional<std::uint32_t> in_key_file;       // the version in the key file itself
+    // Copies of a version that another file also holds (the trace of an interrupted rotation):
+    // never read, but they hold a key, so destroy and the next rotation remove them.
+    std::vector<std::string> duplicates;
 };
 
 KeyStoreV1::Loaded KeyStoreV1::load_files(const KeyId& id) const {
@@ -226,7 +229,11 @@ KeyStoreV1::Loaded KeyStoreV1::load_files(const KeyId& id) const {
         // A version found twice is the trace of an interrupted rotation: the key file wins,
         // then the newest rotated copy (the names sort by time).
         if (out.file_of.count(v.version)) {
-            if (!key_file && out.file_of[v.version] > name) return;
+            if (!key_file && out.file_of[v.version] > name) {
+                out.duplicates.push_back(name);
+                return;
+            }
+            out.duplicates.push_back(out.file_of[v.version]);
             std::erase_if(out.ring.versions, [&](const KeyVersion& x) { return x.version == v.version; });
         }
         out.file_of[v.version] = name;
@@ -339,28 +346,47 @@ void KeyStoreV1::generate(const std::vector<KeyId>& ids, const std::function<voi
         if (!seen.insert(id.str()).second)
             throw UsageError("key id " + id.str() + " appears twice in one request");
     }
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-        const KeyId& id = ids[i];
-        std::string f = v1_file(id);
-        auto now_tp = std::chrono::system_clock::now();
-        std::int64_t now = std::chrono::duration_cast<std::chrono::seconds>(now_tp.time_since_epoch()).count();
-        int micros = static_cast<int>(
-            std::chrono::duration_cast<std::chrono::microseconds>(now_tp.time_since_epoch()).count() % 1000000);
+    // Every new key is made and wrapped in the token before the first file is written, so that
+    // a token failure changes nothing. (A v1 store has no manifest: the files of a batch are
+    // then written one by one, and a failure of the disk there leaves the earlier ones done.)
+    auto now_tp = std::chrono::system_clock::now();
+    std::int64_t now = std::chrono::duration_cast<std::chrono::seconds>(now_tp.time_since_epoch()).count();
+    int micros = static_cast<int>(
+        std::chrono::duration_cast<std::chrono::microseconds>(now_tp.time_since_epoch()).count() % 1000000);
+    std::vector<Loaded> plans;
+    plans.reserve(ids.size());
+    for (const auto& id : ids) {
         Loaded l;
-        bool exists = contains(id);
-        if (exists) l = load_files(id);
+        if (contains(id)) l = load_files(id);
         else l.ring.id = id;
-        std::optional<std::uint32_t> old_in_file = l.in_key_file;
         add_current_version(m_keys, l.ring, now);
-        // 1. the version leaving the key file is kept under <file>.old/<time>;
-        // 2. the new version replaces the key file (atomic rename); 3. the public half.
-        // A crash between 1 and 2 leaves the same version twice, which load() resolves.
-        if (old_in_file) {
-            const KeyVersion* old = l.ring.find(*old_in_file);
-            write_key_file(fresh_stamp(f, now, micros), single(l.ring, *old, false), true);
+        plans.push_back(std::move(l));
+    }
+    for (std::size_t i = 0; i < plans.size(); ++i) {
+        Loaded& l = plans[i];
+        const KeyId& id = l.ring.id;
+        std::string f = v1_file(id);
+        // 1. the version leaving the key file is kept under <file>.old/<time>, unless an
+        //    interrupted rotation already left a copy there; 2. the new version replaces the key
+        //    file (atomic rename); 3. the public half. A crash between 1 and 2 leaves the same
+        //    version twice, which load_files resolves and the next rotation or destroy removes.
+        std::string old_copy;
+        if (l.in_key_file) {
+            bool copied = false;
+            for (const auto& d : l.duplicates) copied |= d.starts_with(f + kOld);
+            if (!copied) {
+                const KeyVersion* old = l.ring.find(*l.in_key_file);
+                old_copy = fresh_stamp(f, now, micros);
+                write_key_file(old_copy, single(l.ring, *old, false), true);
+            }
         }
         const KeyVersion& fresh = l.ring.versions.back();
-        write_key_file(f, single(l.ring, fresh, true), true);
+        try {
+            write_key_file(f, single(l.ring, fresh, true), true);
+        } catch (...) {
+            if (!old_copy.empty()) m_storage->remove(old_copy);  // the key file still holds it
+            throw;
+        }
         if (has_public(id.kind)) write_pub_file(id, fresh, true);
         if (progress) progress(i + 1);
     }
@@ -379,6 +405,10 @@ void KeyStoreV1::destroy(const KeyId& id, std::optional<std::uint32_t> version) 
         // The key file keeps a destroyed current version as a tombstone: it is no longer current.
         write_key_file(file, single(l.ring, v, in_key_file && l.ring.current == v.version), true);
     }
+    // Copies left by an interrupted rotation hold keys too: a destroyed key must not survive in
+    // one. Each is removed once the tombstone is written; a copy of a version that is still live
+    // goes as well, since the file that load_files reads holds that version.
+    for (const auto& d : l.duplicates) m_storage->remove(d);
 }
 
 void KeyStoreV1::put_ring(const KeyRing& r) {
@@ -420,6 +450,9 @@ VerifyReport KeyStoreV1::verify(const std::function<void(std::size_t)>& progress
         try {
             Loaded l = load_files(id);
             check_ring_keys(m_keys, l.ring, rep);
+            for (const auto& d : l.duplicates)
+                rep.problems.push_back({idstr, d + " is a second copy of a version, left by an interrupted "
+                                               "rotation: run 'keywarden rotate " + idstr + "' to finish it"});
             if (!l.in_key_file)
                 rep.problems.push_back({idstr, "the key file " + v1_file(id) + " is missing; only rotated versions remain"});
             if (has_public(id.kind) && l.ring.current) {

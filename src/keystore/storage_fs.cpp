@@ -197,7 +197,10 @@ public:
         // later commit names them by digest, so a torn write is simply never adopted.
         std::string p = path(name);
         make_parents(p);
-        Fd fd(::open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
+        // A file that exists is unlinked, never truncated: in an import's staging copy it may be
+        // a hard link to the live store's file, which must not change.
+        if (::unlink(p.c_str()) != 0 && errno != ENOENT) io_fail("cannot replace", p);
+        Fd fd(::open(p.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
         if (fd.get() < 0) io_fail("cannot create", p);
         write_all(fd.get(), data, p);
         if (::close(fd.release()) != 0) io_fail("cannot close", p);
