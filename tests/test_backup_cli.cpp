@@ -244,6 +244,10 @@ TEST_CASE("backup: bad input is refused with a clear error and changes nothing",
         if (!message.empty()) CHECK_THAT(r.err, Catch::Contains(message));
         CHECK_THAT(r.err, Catch::StartsWith("error: "));
         CHECK(kwtest::tree_digest(f.b) == before_b);
+        // The same into a store that --init would create: nothing is created.
+        auto fresh = f.run([&] { auto v = f.imp(f.dir + "/fresh", tb, ts); v.push_back("--init"); return v; }());
+        CHECK(fresh.code == code);
+        CHECK_FALSE(fs::exists(f.dir + "/fresh"));
         auto v = f.run({"--keystore", f.a, "verify", "--key-bundle-file", tb, "--key-bundle-secret", ts});
         CHECK(v.code == code);
     };

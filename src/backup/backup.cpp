@@ -464,8 +464,9 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
     if (rep.problems.empty() && (jobs <= 1 || rep.header.entries < 2)) {
         try {
             detail::BundleReader again(bundle_path, secret);
+            EntryPrefetcher ahead(again);
             std::size_t i = 0;
-            while (auto e = again.next()) {
+            while (auto e = ahead.next()) {
                 if (!e->wrapped.empty()) {
                     if (auto problem = trial_unwrap(under_backup, backend, *e))
                         rep.problems.push_back({e->meta.key_id + "@" + std::to_string(e->meta.version), *problem});
@@ -656,8 +657,10 @@ void restore_rings(detail::BundleReader& reader, const std::set<std::string>& sk
         if (open && wanted) sink(ring);
         open = false;
     };
+    std::optional<EntryPrefetcher> ahead;
+    if (count == SIZE_MAX) ahead.emplace(reader);
     for (std::size_t n = 0; n < count; ++n) {
-        auto e = reader.next();
+        auto e = ahead ? ahead->next() : reader.next();
         if (!e) break;
         const auto& m = e->meta;
         if (!open || ring.id.str() != m.key_id) {
@@ -712,7 +715,15 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     // Pass 1: the whole bundle verifies before anything is written. Only conflicts are kept in
     // memory (and, for jobs, where each ring starts: one integer per ring).
     std::vector<std::size_t> ring_starts;
-    {
+    // Into a store that --init creates there is nothing to conflict with: pass 1 checks only the
+    // whole-file MAC (the signed header holds the counts), and pass 2 decrypts each entry once.
+    // Anything wrong in an entry then stops pass 2, before the switch.
+    bool mac_only = o.init && !o.dry_run && o.jobs <= 1;
+    if (mac_only) {
+        reader.check_mac_only();
+        sum.rings = reader.header().rings;
+        sum.entries = reader.header().entries;
+    } else {
         std::string last;
         while (auto e = reader.next()) {
             if (e->meta.key_id != last) {
@@ -796,14 +807,19 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             std::size_t done = 0;
             // Token work here; writing the ring files on a second thread (no token calls).
             RingWriter writer(dst);
+            std::size_t wrapped = 0;
             restore_rings(reader, skip, under_backup, backend, dst, SIZE_MAX,
                           [&](const KeyRing& r) {
                               writer.push(r, dst.seal_ring(r));
                               ++sum.rings_written;
                               sum.entries_written += r.versions.size();
+                              for (const auto& v : r.versions) wrapped += !v.wrapped.empty();
                           },
                           [&] { if (o.progress) o.progress(++done, sum.entries); });
             if (reader.next()) throw IntegrityError("internal: entries left after the last ring");
+            if (mac_only) sum.wrapped_keys = wrapped;
+            if (mac_only && (sum.entries_written != sum.entries || sum.rings_written != sum.rings))
+                throw IntegrityError("the bundle holds other counts than its header says");
             for (const auto& p : writer.finish()) dst.adopt_pending(p);
         } else {
             TempDir results(o.bundle_path, "import");

@@ -48,8 +48,26 @@ CK_MECHANISM_TYPE mechanism_of(const std::string& method);
 
 // Hard links of every file of a store, for a staging copy (files are only ever replaced).
 void hardlink_clone(const std::filesystem::path& from, const std::filesystem::path& to);
+// Reads a bundle's entries with BundleReader::next() on a second thread, ahead of the token work:
+// SoftHSM serialises token calls, and the metadata decryption and parsing can run meanwhile on
+// the host's other core. Errors (a MAC mismatch at the end, a bad entry) come out of next() at
+// the same place they would without the thread.
+class EntryPrefetcher {
+public:
+    explicit EntryPrefetcher(BundleReader& reader, std::size_t ahead = 512);
+    ~EntryPrefetcher();
+    EntryPrefetcher(const EntryPrefetcher&) = delete;
+    EntryPrefetcher& operator=(const EntryPrefetcher&) = delete;
+    std::optional<Entry> next();
+
+private:
+    struct State;
+    std::unique_ptr<State> m;
+};
+
 // Rebuilds rings from `count` entries, each key unwrapped under the backup key and wrapped under
-// dst's master key in the token; rings named in `skip` are read but not rebuilt.
+// dst's master key in the token; rings named in `skip` are read but not rebuilt. With count ==
+// SIZE_MAX the whole rest of the bundle is read, ahead on a second thread.
 void restore_rings(BundleReader& reader, const std::set<std::string>& skip,
                    pkcs11::AesWrapProtector& under_backup, pkcs11::TokenKeyBackend& backend,
                    keystore::Store& dst, std::size_t count,
