@@ -57,22 +57,44 @@ step --keystore "$a" verify --key-bundle-file "$bundle" --key-bundle-secret "$se
 step --keystore "$b" --token "label:$restore" import --init --key-bundle-file "$bundle" --key-bundle-secret "$secret"
 step --keystore "$b" keystore verify
 
-# Compare every key version of A and B byte for byte, without showing any key.
-printf '\ncomparing every key in store A (token %s) with store B (token %s)\n' "$label" "$restore"
-same=0
-while IFS=$'\t' read -r id version state; do
-  for half in --private --public; do
-    case "$half$id" in --public*/storage|--publicpoison/keypair|--private*) ;; *) continue;; esac
-    [ "$state" = destroyed ] && [ "$half" = --private ] && continue
-    if cmp -s <("$kw" --keystore "$a" read "$id" "$half" --version "$version" --format raw) \
-              <("$kw" --keystore "$b" read "$id" "$half" --version "$version" --format raw); then
-      same=$((same + 1))
-    else
-      echo "DIFFERENT: $id version $version ($half)" >&2
-      exit 1
-    fi
-  done
-done < <("$kw" --keystore "$a" list --rotated 2>/dev/null |
-         awk 'NR > 1 { v = $3; sub(/\*$/, "", v); printf "%s\t%s\t%s\n", $1, v, $4 }')
-printf 'all %d key halves are identical in both stores\n' "$same"
+# Compares every key version of two stores byte for byte, without showing any key.
+compare() {
+  local x=$1 y=$2 same=0
+  printf '\ncomparing every key in %s with %s\n' "$x" "$y"
+  while IFS=$'\t' read -r id version state; do
+    for half in --private --public; do
+      case "$half$id" in --public*/storage|--publicpoison/keypair|--private*) ;; *) continue;; esac
+      [ "$state" = destroyed ] && [ "$half" = --private ] && continue
+      if cmp -s <("$kw" --keystore "$x" read "$id" "$half" --version "$version" --format raw) \
+                <("$kw" --keystore "$y" read "$id" "$half" --version "$version" --format raw); then
+        same=$((same + 1))
+      else
+        echo "DIFFERENT: $id version $version ($half)" >&2
+        exit 1
+      fi
+    done
+  done < <("$kw" --keystore "$x" list --rotated 2>/dev/null |
+           awk 'NR > 1 { v = $3; sub(/\*$/, "", v); printf "%s\t%s\t%s\n", $1, v, $4 }')
+  printf 'all %d key halves are identical in both stores\n' "$same"
+}
+
+compare "$a" "$b"
+
+# Key store v1 (Acra's v1 layout, one master key): its one-file backup restored on the second
+# token, then the v1 store migrated into a new v2 store there.
+v1="$run/store-v1" v1b="$run/store-v1-restored" v2m="$run/store-v2-migrated"
+v1file="$run/v1-encrypted-keys.dat" v1key="$run/v1-backup-key.txt"
+step --keystore "$v1" --token "label:$label" init --store-version 1
+step --keystore "$v1" generate --client-id alice01 --audit-log-key
+step --keystore "$v1" rotate client/alice01/storage
+# No terminal in CI: the backup key goes to a new 0600 file instead of /dev/tty.
+step --keystore "$v1" backup --action=export --file "$v1file" --backup-key-out "$v1key"
+BACKUP_MASTER_KEY=$(sed -n 's/^Backup master key: //p' "$v1key")
+export BACKUP_MASTER_KEY
+step --keystore "$v1b" --token "label:$restore" backup --action=import --file "$v1file" --init
+unset BACKUP_MASTER_KEY
+compare "$v1" "$v1b"
+step --keystore "$v2m" --token "label:$restore" init
+step migrate --src-keystore "$v1" --dst-keystore "$v2m"
+compare "$v1" "$v2m"
 printf '\nquickstart done: tokens in %s, this run in %s\n' "$qs/tokens" "$run"
