@@ -11,6 +11,7 @@
 
 #include "decrypt_check.hpp"
 #include "support.hpp"
+#include "two_tokens.hpp"
 
 using kwtest::run_cli;
 using Env = std::map<std::string, std::optional<std::string>>;
@@ -18,18 +19,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct BackupFixture {
-    kwtest::SoftHsm hsm{"softhsm2.conf.in", {"kw-src", "kw-dst"}};
-    std::string dir = hsm.dir();
-    std::string a = dir + "/A", b = dir + "/B";
-    Env env{{"KEYWARDEN_MODULE", kwtest::module_path()},
-            {"KEYWARDEN_PIN", kwtest::SoftHsm::user_pin},
-            {"KEYWARDEN_PIN_SOURCE", std::nullopt},
-            {"KEYWARDEN_TOKEN", std::nullopt},
-            {"KEYWARDEN_KEYSTORE", std::nullopt}};
-
+struct BackupFixture : kwtest::TwoTokens {
     explicit BackupFixture(bool populate = true) {
-        hsm.unload();
         if (!populate) return;
         must({"--keystore", a, "--token", "kw-src", "init"});
         // All six kinds, a rotated ring, and a destroyed version.
@@ -37,17 +28,6 @@ struct BackupFixture {
         must({"--keystore", a, "generate", "--client-id", "bob the client"});
         must({"--keystore", a, "rotate", "client/alice01/symmetric", "client/alice01/storage"});
         must({"--keystore", a, "destroy", "client/bob the client/hmac", "--version", "1"});
-    }
-    kwtest::CliResult run(const std::vector<std::string>& args, const Env& more = {}) const {
-        Env e = env;
-        for (const auto& [k, v] : more) e[k] = v;
-        return run_cli(args, e);
-    }
-    kwtest::CliResult must(const std::vector<std::string>& args, const Env& more = {}) const {
-        auto r = run(args, more);
-        INFO(args.back() << ": " << r.err);
-        REQUIRE(r.code == 0);
-        return r;
     }
     std::vector<std::string> exp(const std::string& bundle, const std::string& secret) const {
         return {"--keystore", a, "export", "--key-bundle-file", bundle, "--key-bundle-secret", secret};
@@ -57,21 +37,11 @@ struct BackupFixture {
         return {"--keystore", store, "--token", "kw-dst", "import", "--key-bundle-file", bundle,
                 "--key-bundle-secret", secret};
     }
-    // Every key id and version of a store with its state.
-    std::vector<std::tuple<std::string, std::string, std::string>> versions(const std::string& store) const {
-        auto doc = nlohmann::json::parse(must({"--keystore", store, "list", "--rotated", "--json"}).out);
-        std::vector<std::tuple<std::string, std::string, std::string>> out;
-        for (const auto& r : doc)
-            for (const auto& v : r["versions"])
-                out.emplace_back(r["key_id"], std::to_string(v["version"].get<int>()), v["state"]);
-        return out;
-    }
 };
 
 bool keypair(const std::string& id) {
     return id.ends_with("/storage") || id == "poison/keypair";
 }
-
 
 }  // namespace
 

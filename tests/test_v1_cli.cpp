@@ -9,6 +9,7 @@
 
 #include "decrypt_check.hpp"
 #include "support.hpp"
+#include "two_tokens.hpp"
 
 using kwtest::run_cli;
 using Env = std::map<std::string, std::optional<std::string>>;
@@ -18,19 +19,8 @@ namespace {
 
 // Two tokens; store A is a v1 store on the first with every kind of key, a rotated key, and a
 // destroyed version.
-struct V1Fixture {
-    kwtest::SoftHsm hsm{"softhsm2.conf.in", {"kw-src", "kw-dst"}};
-    std::string dir = hsm.dir();
-    std::string a = dir + "/A", b = dir + "/B";
-    Env env{{"KEYWARDEN_MODULE", kwtest::module_path()},
-            {"KEYWARDEN_PIN", kwtest::SoftHsm::user_pin},
-            {"KEYWARDEN_PIN_SOURCE", std::nullopt},
-            {"KEYWARDEN_TOKEN", std::nullopt},
-            {"KEYWARDEN_KEYSTORE", std::nullopt},
-            {"BACKUP_MASTER_KEY", std::nullopt}};
-
+struct V1Fixture : kwtest::TwoTokens {
     explicit V1Fixture(bool populate = true) {
-        hsm.unload();
         if (!populate) return;
         must({"--keystore", a, "--token", "kw-src", "init", "--store-version", "1"});
         must({"--keystore", a, "generate", "--client-id", "alice01", "--poison-record-keys", "--audit-log-key"});
@@ -39,17 +29,6 @@ struct V1Fixture {
         must({"--keystore", a, "rotate", "client/alice01/storage"});
         must({"--keystore", a, "destroy", "client/bob the client/hmac", "--version", "1"});
     }
-    kwtest::CliResult run(const std::vector<std::string>& args, const Env& more = {}) const {
-        Env e = env;
-        for (const auto& [k, v] : more) e[k] = v;
-        return run_cli(args, e);
-    }
-    kwtest::CliResult must(const std::vector<std::string>& args, const Env& more = {}) const {
-        auto r = run(args, more);
-        INFO(args.back() << ": " << r.err);
-        REQUIRE(r.code == 0);
-        return r;
-    }
     // Exports store A; returns the backup key as shown.
     std::string export_a(const std::string& file, const std::string& key_file) const {
         must({"--keystore", a, "backup", "--action=export", "--file", file, "--backup-key-out", key_file});
@@ -57,14 +36,6 @@ struct V1Fixture {
         REQUIRE(shown.starts_with("Backup master key: "));
         REQUIRE(shown.ends_with("\n"));
         return shown.substr(19, shown.size() - 20);
-    }
-    std::vector<std::tuple<std::string, std::string, std::string>> versions(const std::string& store) const {
-        auto doc = nlohmann::json::parse(must({"--keystore", store, "list", "--rotated", "--json"}).out);
-        std::vector<std::tuple<std::string, std::string, std::string>> out;
-        for (const auto& r : doc)
-            for (const auto& v : r["versions"])
-                out.emplace_back(r["key_id"], std::to_string(v["version"].get<int>()), v["state"]);
-        return out;
     }
     // Every version of every key of x reads the same (private and public halves) in y; y may
     // hold other keys too.

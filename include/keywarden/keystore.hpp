@@ -169,10 +169,11 @@ public:
     // version becomes deactivated, valid until now. Duplicate ids in one batch are refused.
     virtual void generate(const std::vector<KeyId>& ids,
                           const std::function<void(std::size_t)>& progress = {}) = 0;
+    virtual const MasterKeys& master_keys() const = 0;
     // The key material of a version (the current one by default): unwrapped in the token as a
     // non-sensitive session object, read, and destroyed. Throws for destroyed versions.
-    virtual SecureBytes read_secret(const KeyId& id, std::optional<std::uint32_t> version = {}) const = 0;
-    virtual Bytes read_public(const KeyId& id, std::optional<std::uint32_t> version = {}) const = 0;
+    SecureBytes read_secret(const KeyId& id, std::optional<std::uint32_t> version = {}) const;
+    Bytes read_public(const KeyId& id, std::optional<std::uint32_t> version = {}) const;
     // Wipes one version's wrapped key and marks it destroyed (nullopt: every version).
     virtual void destroy(const KeyId& id, std::optional<std::uint32_t> version) = 0;
     // Checks every MAC, unwraps every live key in the token and compares its key check value.
@@ -246,8 +247,7 @@ public:
 
     // The key material of a version (the current one by default): unwrapped in the token as a
     // non-sensitive session object, read, and destroyed. Throws for destroyed versions.
-    SecureBytes read_secret(const KeyId& id, std::optional<std::uint32_t> version = {}) const override;
-    Bytes read_public(const KeyId& id, std::optional<std::uint32_t> version = {}) const override;
+    const MasterKeys& master_keys() const override { return m_keys; }
 
     // Wipes one version's wrapped key and marks it destroyed (nullopt: every version).
     void destroy(const KeyId& id, std::optional<std::uint32_t> version) override;

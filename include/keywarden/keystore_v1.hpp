@@ -48,8 +48,7 @@ public:
     KeyRing load(const KeyId& id, bool check_mac = true) const override;
     void generate(const std::vector<KeyId>& ids,
                   const std::function<void(std::size_t)>& progress = {}) override;
-    SecureBytes read_secret(const KeyId& id, std::optional<std::uint32_t> version = {}) const override;
-    Bytes read_public(const KeyId& id, std::optional<std::uint32_t> version = {}) const override;
+    const MasterKeys& master_keys() const override { return m_keys; }
     void destroy(const KeyId& id, std::optional<std::uint32_t> version) override;
     VerifyReport verify(const std::function<void(std::size_t)>& progress = {}) const override;
 

@@ -251,6 +251,94 @@ CK_MECHANISM_TYPE mechanism_of(const std::string& method) {
     throw FormatError("the bundle uses wrap method '" + method + "', which this keywarden does not know");
 }
 
+BundleHeader new_header(pkcs11::Session& s) {
+    BundleHeader h;
+    std::uint8_t bid[16];
+    s.random(bid);
+    h.bundle_id = to_hex(bid);
+    h.created = keystore::now_seconds();
+    return h;
+}
+
+void check_rfc5649(pkcs11::AesWrapProtector& under_backup, const Bytes& host_kcv, const std::string& mech_name) {
+    if (!same(under_backup.key_check_value(), host_kcv))
+        throw TokenError("the token's " + mech_name + " is not RFC 5649, so a bundle could not be opened with openssl",
+                         "report the token model");
+}
+
+struct BundleWriter::State {
+    ExclusiveFile out;
+    HmacStream mac;
+    State(const std::string& path, const SecureBytes& key) : out(path), mac(key) {}
+};
+
+BundleWriter::BundleWriter(const std::string& path, std::string_view magic, const BundleHeader& h,
+                           const SecureBytes& signature_key)
+    : m(std::make_unique<State>(path, signature_key)) {
+    line(magic);
+    line(encode_header(h));
+}
+
+BundleWriter::~BundleWriter() = default;
+
+void BundleWriter::line(std::string_view s) {
+    m->out.write(s);
+    m->out.write("\n");
+    m->mac.update(s);
+    m->mac.update("\n");
+}
+
+void BundleWriter::finish() {
+    m->out.write("mac " + to_hex(m->mac.final()) + "\n");
+    m->out.commit();
+}
+
+std::uint64_t BundleWriter::bytes() const { return m->out.bytes(); }
+
+StagingDir::StagingDir(const std::string& store_path, bool init)
+    : m_path(fs::absolute(store_path)), m_parent(m_path.parent_path()), m_init(init) {
+    std::error_code ec;
+    fs::create_directories(m_parent, ec);
+    std::string name = m_path.filename().string();
+    if (init) {
+        m_lock_file = (m_parent / ("." + name + ".import.lock")).string();
+        m_init_lock = keystore::open_file_storage(m_parent.string())->lock_file("." + name + ".import.lock");
+        keystore::refuse_existing_store(store_path);  // again, now that we hold the lock
+    }
+    // Leftovers of an import that was killed are removed: no other import is running.
+    for (const auto& e : fs::directory_iterator(m_parent, ec))
+        if (e.path().filename().string().starts_with("." + name + ".import-")) fs::remove_all(e.path(), ec);
+    m_staging = (m_parent / ("." + name + ".import-XXXXXX")).string();
+    if (!::mkdtemp(m_staging.data())) io_fail("cannot create a staging directory in", m_parent.string());
+}
+
+StagingDir::~StagingDir() {
+    std::error_code ec;
+    // Not switched: the staging directory is the unfinished result. Switched by an exchange: it
+    // holds the previous store.
+    if (!m_switched || !m_init) fs::remove_all(m_staging, ec);
+}
+
+void StagingDir::make_room_for_init() { ::rmdir(m_staging.c_str()); }
+
+void StagingDir::clone_live_store() {
+    ::chmod(m_staging.c_str(), 0700);
+    hardlink_clone(m_path, m_staging);
+}
+
+void StagingDir::switch_in() {
+    if (m_init) {
+        if (::rename(m_staging.c_str(), m_path.c_str()) != 0) io_fail("cannot move the new store to", m_path.string());
+    } else if (::renameat2(AT_FDCWD, m_staging.c_str(), AT_FDCWD, m_path.c_str(), RENAME_EXCHANGE) != 0) {
+        io_fail("cannot switch the imported store into", m_path.string());
+    }
+    m_switched = true;
+    fsync_dir_of(m_path.string());
+    // The new store exists now: an import waiting for the lock re-checks and is refused, so the
+    // lock file can go (it is still held until this object is destroyed).
+    if (m_init) ::unlink(m_lock_file.c_str());
+}
+
 }  // namespace detail
 
 // ---- export ---------------------------------------------------------------------------------
@@ -278,11 +366,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
     }
     std::map<std::string, std::size_t> versions;
     for (const auto& s : store.list()) versions[s.key_id] = s.versions.size();
-    BundleHeader h;
-    std::uint8_t bid[16];
-    session.random(bid);
-    h.bundle_id = to_hex(bid);
-    h.created = keystore::now_seconds();
+    BundleHeader h = new_header(session);
     h.private_keys = o.private_keys;
     h.rings = ids.size();
     for (const auto& id : ids) h.entries += versions.at(id.str());
@@ -300,29 +384,16 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
     secret.kcv_encryption = h.kcv_encryption = encryption_kcv(secret.encryption);
     secret.kcv_signature = h.kcv_signature = signature_kcv(secret.signature);
     pkcs11::AesWrapProtector under_backup(os.token.session, bek.handle(), mech);
-    // The token's wrap must be the RFC 5649 the bundle promises: its check value says so.
-    if (!same(under_backup.key_check_value(), secret.kcv_encryption))
-        throw TokenError("the token's " + secret.wrap_mechanism +
-                         " is not RFC 5649, so a bundle could not be opened with openssl",
-                         "report the token model");
+    check_rfc5649(under_backup, secret.kcv_encryption, secret.wrap_mechanism);
     SecureBytes meta_key = metadata_key(secret.signature);
 
     ExportSummary sum;
     sum.bundle_id = h.bundle_id;
     {
-        ExclusiveFile out(o.bundle_path);
-        HmacStream mac(secret.signature);
-        auto line = [&](std::string_view s) {
-            out.write(s);
-            out.write("\n");
-            mac.update(s);
-            mac.update("\n");
-        };
-        line(kMagicLine);
-        line(encode_header(h));
+        BundleWriter out(o.bundle_path, kMagicLine, h, secret.signature);
         std::size_t done = 0;
         auto emit = [&](const std::string& l, bool wrapped) {
-            line(l);
+            out.line(l);
             ++sum.entries;
             sum.wrapped_keys += wrapped;
             if (o.progress) o.progress(++done, h.entries);
@@ -356,9 +427,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
         }
         if (sum.entries != h.entries)
             throw Error("internal: the store changed during export");
-        std::string tag = "mac " + to_hex(mac.final()) + "\n";
-        out.write(tag);
-        out.commit();
+        out.finish();
         sum.bytes = out.bytes();
     }
     // The secret file: 0600, O_EXCL. If it cannot be written, the bundle goes too.
@@ -761,35 +830,17 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     }
 
     // Staging: a sibling directory holding the complete result, switched in at the end.
-    fs::path path = fs::absolute(o.keystore_path);
-    fs::path parent = path.parent_path();
-    std::error_code ec;
-    fs::create_directories(parent, ec);
-    // Imports into one path take turns: the store's own lock when it exists; for --init, where
-    // there is no store yet, a lock file beside where it will be.
-    std::unique_ptr<keystore::StorageLock> init_lock;
-    if (o.init) {
-        init_lock = keystore::open_file_storage(parent.string())->lock_file(
-            "." + path.filename().string() + ".import.lock");
-        keystore::refuse_existing_store(o.keystore_path);  // again, now that we hold the lock
-    }
-    // Leftovers of an import that was killed are removed: no other import is running.
-    for (const auto& e : fs::directory_iterator(parent, ec))
-        if (e.path().filename().string().starts_with("." + path.filename().string() + ".import-"))
-            fs::remove_all(e.path(), ec);
-    std::string staging = (parent / ("." + path.filename().string() + ".import-XXXXXX")).string();
-    if (!::mkdtemp(staging.data())) io_fail("cannot create a staging directory in", parent.string());
-    bool switched = false;
+    StagingDir staging_dir(o.keystore_path, o.init);
+    const std::string& staging = staging_dir.path();
     std::optional<keystore::StoreMeta> created_meta;  // master keys made by --init
     try {
         std::optional<keystore::OpenStore> stage;
         if (o.init) {
-            ::rmdir(staging.c_str());  // init_store creates it
+            staging_dir.make_room_for_init();
             created_meta = keystore::init_store(ctx, staging, o.init_params);
             stage.emplace(keystore::open_store_on(ctx, keystore::open_file_storage(staging), true));
         } else {
-            ::chmod(staging.c_str(), 0700);
-            hardlink_clone(path, staging);
+            staging_dir.clone_live_store();
             stage.emplace(keystore::open_store_on(ctx, keystore::open_file_storage(staging), true, true,
                                                   std::make_unique<HeldElsewhere>()));
         }
@@ -866,19 +917,9 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         stage.reset();
 
         // The switch: one atomic rename.
-        if (o.init) {
-            if (::rename(staging.c_str(), path.c_str()) != 0) io_fail("cannot move the new store to", path.string());
-        } else if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, path.c_str(), RENAME_EXCHANGE) != 0) {
-            io_fail("cannot switch the imported store into", path.string());
-        }
-        switched = true;
-        fsync_dir_of(path.string());
-        // The new store exists now: an import waiting for this lock re-checks and is refused, so
-        // the lock file can go (it is still held until init_lock is released).
-        if (o.init) ::unlink((parent / ("." + path.filename().string() + ".import.lock")).c_str());
+        staging_dir.switch_in();
     } catch (...) {
-        if (!switched) {
-            fs::remove_all(staging, ec);
+        if (!staging_dir.switched()) {
             // The master keys --init generated belong to a store that never came to be.
             if (created_meta && o.init_params.master_encryption_key.empty() &&
                 o.init_params.master_signature_key.empty())
@@ -888,8 +929,6 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         }
         throw;
     }
-    // After the exchange, the staging path holds the previous store: remove it.
-    if (!o.init) fs::remove_all(staging, ec);
     sum.seconds = seconds_since(t0);
     return sum;
 }

@@ -111,11 +111,7 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
 
     std::vector<KeyId> ids = store.key_ids();
     if (ids.empty()) throw UsageError("the store holds no keys: there is nothing to back up");
-    BundleHeader h;
-    std::uint8_t bid[16];
-    session.random(bid);
-    h.bundle_id = to_hex(bid);
-    h.created = keystore::now_seconds();
+    BundleHeader h = new_header(session);
     h.private_keys = true;
     h.rings = ids.size();
     for (const auto& s : store.list()) h.entries += s.versions.size();
@@ -134,34 +130,21 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
     h.kcv_signature = secret.kcv_signature;
     auto bek = load_backup_key(session, secret.encryption, true);
     pkcs11::AesWrapProtector under_backup(os.token.session, bek.handle(), mech);
-    if (!same(under_backup.key_check_value(), secret.kcv_encryption))
-        throw TokenError("the token's " + h.wrap_mechanism +
-                             " is not RFC 5649, so a backup could not be opened with openssl",
-                         "report the token model");
+    check_rfc5649(under_backup, secret.kcv_encryption, h.wrap_mechanism);
     SecureBytes meta_key = metadata_key(secret.signature);
 
     V1ExportSummary sum;
     sum.bundle_id = h.bundle_id;
     {
-        ExclusiveFile out(o.file);
-        HmacStream mac(secret.signature);
-        auto line = [&](std::string_view s) {
-            out.write(s);
-            out.write("\n");
-            mac.update(s);
-            mac.update("\n");
-        };
-        line(kV1MagicLine);
-        line(encode_header(h));
+        BundleWriter out(o.file, kV1MagicLine, h, secret.signature);
         export_entries(store, under_backup, meta_key, true, ids, [&](const std::string& l, bool wrapped) {
-            line(l);
+            out.line(l);
             ++sum.entries;
             sum.wrapped_keys += wrapped;
             if (o.progress) o.progress(sum.entries, h.entries);
         });
         if (sum.entries != h.entries) throw Error("internal: the store changed during the backup");
-        out.write("mac " + to_hex(mac.final()) + "\n");
-        out.commit();
+        out.finish();
         sum.bytes = out.bytes();
     }
     sum.rings = ids.size();
@@ -272,31 +255,16 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
     }
 
     // Staging: a sibling directory holding the complete result, switched in at the end.
-    fs::path path = fs::absolute(o.keystore_path);
-    fs::path parent = path.parent_path();
-    std::error_code ec;
-    fs::create_directories(parent, ec);
-    std::unique_ptr<keystore::StorageLock> init_lock;
-    if (o.init) {
-        init_lock = keystore::open_file_storage(parent.string())->lock_file(
-            "." + path.filename().string() + ".import.lock");
-        keystore::refuse_existing_store(o.keystore_path);
-    }
-    for (const auto& e : fs::directory_iterator(parent, ec))
-        if (e.path().filename().string().starts_with("." + path.filename().string() + ".import-"))
-            fs::remove_all(e.path(), ec);
-    std::string staging = (parent / ("." + path.filename().string() + ".import-XXXXXX")).string();
-    if (!::mkdtemp(staging.data())) io_fail("cannot create a staging directory in", parent.string());
-    bool switched = false;
+    StagingDir staging_dir(o.keystore_path, o.init);
+    const std::string& staging = staging_dir.path();
     std::optional<keystore::StoreMeta> created;
     try {
         keystore::StoreMeta meta;
         if (o.init) {
-            ::rmdir(staging.c_str());  // init_store_v1 creates it
+            staging_dir.make_room_for_init();
             created = meta = keystore::init_store_v1(ctx, staging, o.init_params);
         } else {
-            ::chmod(staging.c_str(), 0700);
-            hardlink_clone(path, staging);
+            staging_dir.clone_live_store();
             meta = target->meta;
         }
         auto master = pkcs11::find_master_key(*ctx.session, meta.encryption.label, meta.encryption.id);
@@ -318,26 +286,15 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
                       [&] { if (o.progress) o.progress(++done, sum.entries); });
         dst->sync();
         dst.reset();
-        if (o.init) {
-            if (::rename(staging.c_str(), path.c_str()) != 0) io_fail("cannot move the new store to", path.string());
-        } else if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, path.c_str(), RENAME_EXCHANGE) != 0) {
-            io_fail("cannot switch the imported store into", path.string());
-        }
-        switched = true;
-        fsync_dir_of(path.string());
-        // The new store exists now: an import waiting for this lock re-checks and is refused, so
-        // the lock file can go (it is still held until init_lock is released).
-        if (o.init) ::unlink((parent / ("." + path.filename().string() + ".import.lock")).c_str());
+        staging_dir.switch_in();
     } catch (...) {
-        if (!switched) {
-            fs::remove_all(staging, ec);
+        if (!staging_dir.switched()) {
             if (created && o.init_params.master_encryption_key.empty())
                 if (auto k = pkcs11::find_master_key(*ctx.session, created->encryption.label, created->encryption.id))
                     pkcs11::destroy_object(*ctx.session, k->handle);
         }
         throw;
     }
-    if (!o.init) fs::remove_all(staging, ec);  // after the exchange: the previous store
     sum.seconds = seconds_since(t0);
     return sum;
 }

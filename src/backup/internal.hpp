@@ -48,6 +48,57 @@ CK_MECHANISM_TYPE mechanism_of(const std::string& method);
 
 // Hard links of every file of a store, for a staging copy (files are only ever replaced).
 void hardlink_clone(const std::filesystem::path& from, const std::filesystem::path& to);
+// A new bundle header: a random bundle id and the time now; the caller fills in the rest.
+BundleHeader new_header(pkcs11::Session& s);
+// Refuses a token whose wrap mechanism is not the RFC 5649 that `openssl enc -id-aes256-wrap-pad`
+// undoes: the protector's key check value must be the one computed on the host.
+void check_rfc5649(pkcs11::AesWrapProtector& under_backup, const Bytes& host_kcv, const std::string& mech_name);
+
+// Writes a bundle file: the magic line, the header, the entry lines, then the MAC line over every
+// byte before it (HMAC-SHA256 under the signature key). Through an ExclusiveFile: the file
+// appears complete at finish(), or not at all.
+class BundleWriter {
+public:
+    BundleWriter(const std::string& path, std::string_view magic, const BundleHeader& h,
+                 const SecureBytes& signature_key);
+    ~BundleWriter();
+    BundleWriter(const BundleWriter&) = delete;
+    BundleWriter& operator=(const BundleWriter&) = delete;
+    void line(std::string_view s);
+    void finish();
+    std::uint64_t bytes() const;
+
+private:
+    struct State;
+    std::unique_ptr<State> m;
+};
+
+// The staging directory of an import: a sibling of the store, holding the complete result, switched
+// in with one rename at the end. Imports into one path take turns (the store's own lock, or for
+// --init a lock file beside where the store will be); leftovers of a killed import are removed.
+// Destroyed without switch_in(): the staging directory goes, the target is as it was.
+class StagingDir {
+public:
+    StagingDir(const std::string& store_path, bool init);
+    ~StagingDir();
+    StagingDir(const StagingDir&) = delete;
+    StagingDir& operator=(const StagingDir&) = delete;
+    const std::string& path() const { return m_staging; }
+    // For --init: the store's init creates the directory itself.
+    void make_room_for_init();
+    // Otherwise: a hard-linked copy of the live store to add to.
+    void clone_live_store();
+    // rename() for --init, renameat2(RENAME_EXCHANGE) otherwise; then fsync of the parent.
+    void switch_in();
+    bool switched() const { return m_switched; }
+
+private:
+    std::filesystem::path m_path, m_parent;
+    std::string m_staging, m_lock_file;
+    bool m_init, m_switched = false;
+    std::unique_ptr<keystore::StorageLock> m_init_lock;
+};
+
 // Reads a bundle's entries with BundleReader::next() on a second thread, ahead of the token work:
 // SoftHSM serialises token calls, and the metadata decryption and parsing can run meanwhile on
 // the host's other core. Errors (a MAC mismatch at the end, a bad entry) come out of next() at

@@ -277,19 +277,6 @@ KeyRing KeyStore::load(const KeyId& id, bool check_mac) const {
     return r;
 }
 
-SecureBytes KeyStore::read_secret(const KeyId& id, std::optional<std::uint32_t> version) const {
-    KeyRing r = load(id);
-    return unwrap_readable(m_keys, id, pick_version(r, version));
-}
-
-Bytes KeyStore::read_public(const KeyId& id, std::optional<std::uint32_t> version) const {
-    if (!has_public(id.kind))
-        throw UsageError(id.str() + " is a symmetric key: it has no public half",
-                         "use --private to read it");
-    KeyRing r = load(id);
-    return pick_version(r, version).public_key;
-}
-
 // ---- writing --------------------------------------------------------------------------------
 
 KeyVersion KeyStore::make_version(const KeyId& id, std::uint32_t number, std::int64_t now) {

@@ -285,19 +285,6 @@ bool KeyStoreV1::contains(const KeyId& id) const {
     return m_storage->read(f).has_value() || !m_storage->list(f + ".old").empty();
 }
 
-SecureBytes KeyStoreV1::read_secret(const KeyId& id, std::optional<std::uint32_t> version) const {
-    KeyRing r = load(id);
-    return unwrap_readable(m_keys, id, pick_version(r, version));
-}
-
-Bytes KeyStoreV1::read_public(const KeyId& id, std::optional<std::uint32_t> version) const {
-    if (!has_public(id.kind))
-        throw UsageError(id.str() + " is a symmetric key: it has no public half",
-                         "use --private to read it");
-    KeyRing r = load(id);
-    return pick_version(r, version).public_key;
-}
-
 // ---- writing --------------------------------------------------------------------------------
 
 void KeyStoreV1::write_key_file(const std::string& file, const KeyRing& single, bool synced) {

@@ -121,4 +121,17 @@ void check_ring_keys(const MasterKeys& keys, const KeyRing& r, VerifyReport& rep
     }
 }
 
+SecureBytes Store::read_secret(const KeyId& id, std::optional<std::uint32_t> version) const {
+    KeyRing r = load(id);
+    return unwrap_readable(master_keys(), id, pick_version(r, version));
+}
+
+Bytes Store::read_public(const KeyId& id, std::optional<std::uint32_t> version) const {
+    if (!has_public(id.kind))
+        throw UsageError(id.str() + " is a symmetric key: it has no public half",
+                         "use --private to read it");
+    KeyRing r = load(id);
+    return pick_version(r, version).public_key;
+}
+
 }  // namespace keywarden::keystore
