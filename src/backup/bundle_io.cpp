@@ -6,11 +6,6 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <condition_variable>
-#include <deque>
-#include <exception>
-#include <mutex>
-#include <thread>
 #include <cstring>
 #include <openssl/crypto.h>
 
@@ -203,71 +198,3 @@ std::optional<Entry> BundleReader::next() {
 
 }  // namespace keywarden::backup::detail
 
-namespace keywarden::backup::detail {
-
-struct EntryPrefetcher::State {
-    BundleReader& reader;
-    std::size_t ahead;
-    std::mutex mu;
-    std::condition_variable cv;
-    struct Item {
-        std::optional<Entry> entry;  // nullopt: the end (the MAC verified)
-        std::exception_ptr error;
-    };
-    std::deque<Item> queue;
-    bool stop = false, finished = false;
-    std::thread thread;
-
-    State(BundleReader& r, std::size_t n) : reader(r), ahead(n) {
-        thread = std::thread([this] { run(); });
-    }
-    void run() {
-        for (;;) {
-            Item item;
-            try {
-                item.entry = reader.next();
-            } catch (...) {
-                item.error = std::current_exception();
-            }
-            bool last = !item.entry || item.error;
-            std::unique_lock lock(mu);
-            cv.wait(lock, [&] { return queue.size() < ahead || stop; });
-            if (stop) return;
-            queue.push_back(std::move(item));
-            cv.notify_all();
-            if (last) return;
-        }
-    }
-};
-
-EntryPrefetcher::EntryPrefetcher(BundleReader& reader, std::size_t ahead)
-    : m(std::make_unique<State>(reader, ahead)) {}
-
-EntryPrefetcher::~EntryPrefetcher() {
-    {
-        std::lock_guard lock(m->mu);
-        m->stop = true;
-    }
-    m->cv.notify_all();
-    m->thread.join();
-}
-
-std::optional<Entry> EntryPrefetcher::next() {
-    if (m->finished) return std::nullopt;
-    State::Item item;
-    {
-        std::unique_lock lock(m->mu);
-        m->cv.wait(lock, [&] { return !m->queue.empty(); });
-        item = std::move(m->queue.front());
-        m->queue.pop_front();
-        m->cv.notify_all();
-    }
-    if (item.error) {
-        m->finished = true;
-        std::rethrow_exception(item.error);
-    }
-    if (!item.entry) m->finished = true;
-    return std::move(item.entry);
-}
-
-}  // namespace keywarden::backup::detail

@@ -8,7 +8,13 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <filesystem>
 #include <functional>
 #include <set>
@@ -99,21 +105,96 @@ private:
     std::unique_ptr<keystore::StorageLock> m_init_lock;
 };
 
-// Reads a bundle's entries with BundleReader::next() on a second thread, ahead of the token work:
-// SoftHSM serialises token calls, and the metadata decryption and parsing can run meanwhile on
-// the host's other core. Errors (a MAC mismatch at the end, a bad entry) come out of next() at
-// the same place they would without the thread.
-class EntryPrefetcher {
+// Runs `produce` on a second thread, ahead of the caller, and hands its results over in order:
+// SoftHSM serialises token calls, and host work (reading and parsing files, decrypting
+// metadata) can meanwhile run on the host's other core. Items travel in batches, so that there
+// is one hand-over (and at most one wake-up) per batch, not per item. produce() returns nullopt
+// at the end; an exception it throws comes out of next() at the same place. Not threaded when
+// `threaded` is false (a producer that uses the token: a PKCS#11 session is for one thread).
+template <typename T>
+class ReadAhead {
 public:
-    explicit EntryPrefetcher(BundleReader& reader, std::size_t ahead = 512);
-    ~EntryPrefetcher();
-    EntryPrefetcher(const EntryPrefetcher&) = delete;
-    EntryPrefetcher& operator=(const EntryPrefetcher&) = delete;
-    std::optional<Entry> next();
+    explicit ReadAhead(std::function<std::optional<T>()> produce, bool threaded = true, std::size_t ahead = 512)
+        : m_produce(std::move(produce)), m_threaded(threaded),
+          m_max_batches(std::max<std::size_t>(2, ahead / kBatch)) {
+        if (m_threaded) m_thread = std::thread([this] { run(); });
+    }
+    ~ReadAhead() {
+        if (!m_threaded) return;
+        {
+            std::lock_guard lock(m_mu);
+            m_stop = true;
+        }
+        m_cv.notify_all();
+        m_thread.join();
+    }
+    ReadAhead(const ReadAhead&) = delete;
+    ReadAhead& operator=(const ReadAhead&) = delete;
+
+    std::optional<T> next() {
+        if (m_finished) return std::nullopt;
+        if (!m_threaded) {
+            auto v = m_produce();
+            m_finished = !v;
+            return v;
+        }
+        if (m_pos == m_current.size()) {
+            std::unique_lock lock(m_mu);
+            m_cv.wait(lock, [&] { return !m_queue.empty(); });
+            bool was_full = m_queue.size() == m_max_batches;
+            m_current = std::move(m_queue.front());
+            m_queue.pop_front();
+            m_pos = 0;
+            if (was_full) m_cv.notify_all();
+        }
+        Item& item = m_current[m_pos++];
+        if (item.error) {
+            m_finished = true;
+            std::rethrow_exception(item.error);
+        }
+        if (!item.value) m_finished = true;
+        return std::move(item.value);
+    }
 
 private:
-    struct State;
-    std::unique_ptr<State> m;
+    static constexpr std::size_t kBatch = 64;
+    struct Item {
+        std::optional<T> value;  // nullopt: the end
+        std::exception_ptr error;
+    };
+    void run() {
+        for (bool last = false; !last;) {
+            std::vector<Item> batch;
+            batch.reserve(kBatch);
+            while (batch.size() < kBatch && !last) {
+                Item item;
+                try {
+                    item.value = m_produce();
+                } catch (...) {
+                    item.error = std::current_exception();
+                }
+                last = !item.value || item.error;
+                batch.push_back(std::move(item));
+            }
+            std::unique_lock lock(m_mu);
+            m_cv.wait(lock, [&] { return m_queue.size() < m_max_batches || m_stop; });
+            if (m_stop) return;
+            bool was_empty = m_queue.empty();
+            m_queue.push_back(std::move(batch));
+            if (was_empty) m_cv.notify_all();
+        }
+    }
+
+    std::function<std::optional<T>()> m_produce;
+    bool m_threaded;
+    std::size_t m_max_batches;
+    std::mutex m_mu;
+    std::condition_variable m_cv;
+    std::deque<std::vector<Item>> m_queue;
+    std::vector<Item> m_current;
+    std::size_t m_pos = 0;
+    bool m_stop = false, m_finished = false;
+    std::thread m_thread;
 };
 
 // Rebuilds rings from `count` entries, each key unwrapped under the backup key and wrapped under
