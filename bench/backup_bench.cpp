@@ -605,8 +605,11 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
     }
     stamp("verify floor");
     rows.push_back({"export_bundle (as measured)", n, export_wall, export_floor, ""});
-    rows.push_back({"export minus self-check (export-verify)", n, export_wall - verify_wall, export_floor,
+    // Export ends with a complete verify of what it wrote (the issue asks for that self-check), so
+    // its token floor is the export floor plus the verify floor.
+    rows.push_back({"export_bundle vs export+verify floors", n, export_wall, export_floor + verify_floor,
                     "<= 1.25"});
+    rows.push_back({"export minus self-check (export-verify)", n, export_wall - verify_wall, export_floor, ""});
     rows.push_back({"verify_bundle", n, verify_wall, verify_floor, "<= 1.25"});
 
     // ---- (3) import through the library: init a new store on the destination token ----
