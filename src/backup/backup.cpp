@@ -627,20 +627,31 @@ public:
     explicit RingWriter(keystore::KeyStore& store) : m_store(store), m_thread([this] { run(); }) {}
     ~RingWriter() { stop(); }
     void push(const KeyRing& r, Bytes file) {
-        std::unique_lock lock(m_mu);
-        m_cv.wait(lock, [&] { return m_queue.size() < 256 || m_error; });
-        if (m_error) std::rethrow_exception(m_error);
-        m_queue.emplace_back(r, std::move(file));
-        m_cv.notify_all();
+        m_batch.emplace_back(r, std::move(file));
+        if (m_batch.size() >= kBatch) hand_over();
     }
     // Waits for every queued ring; rethrows a write error.
     std::vector<keystore::KeyStore::PendingRing> finish() {
+        hand_over();
         stop();
         if (m_error) std::rethrow_exception(m_error);
         return std::move(m_done);
     }
 
 private:
+    // Rings travel in batches: one hand-over (and at most one wake-up) per batch.
+    static constexpr std::size_t kBatch = 64, kMaxBatches = 4;
+    using Batch = std::vector<std::pair<KeyRing, Bytes>>;
+    void hand_over() {
+        if (m_batch.empty()) return;
+        std::unique_lock lock(m_mu);
+        m_cv.wait(lock, [&] { return m_queue.size() < kMaxBatches || m_error; });
+        if (m_error) std::rethrow_exception(m_error);
+        bool was_empty = m_queue.empty();
+        m_queue.push_back(std::move(m_batch));
+        m_batch = Batch();
+        if (was_empty) m_cv.notify_all();
+    }
     void stop() {
         {
             std::lock_guard lock(m_mu);
@@ -652,17 +663,18 @@ private:
     }
     void run() {
         for (;;) {
-            std::pair<KeyRing, Bytes> item;
+            Batch batch;
             {
                 std::unique_lock lock(m_mu);
                 m_cv.wait(lock, [&] { return !m_queue.empty() || m_stopping; });
                 if (m_queue.empty()) return;
-                item = std::move(m_queue.front());
+                bool was_full = m_queue.size() == kMaxBatches;
+                batch = std::move(m_queue.front());
                 m_queue.pop_front();
-                m_cv.notify_all();
+                if (was_full) m_cv.notify_all();
             }
             try {
-                m_done.push_back(m_store.store_sealed(item.first, item.second));
+                for (auto& [ring, file] : batch) m_done.push_back(m_store.store_sealed(ring, file));
             } catch (...) {
                 std::lock_guard lock(m_mu);
                 m_error = std::current_exception();
@@ -673,9 +685,10 @@ private:
         }
     }
     keystore::KeyStore& m_store;
+    Batch m_batch;  // the producer's, not yet handed over
     std::mutex m_mu;
     std::condition_variable m_cv;
-    std::deque<std::pair<KeyRing, Bytes>> m_queue;
+    std::deque<Batch> m_queue;
     std::vector<keystore::KeyStore::PendingRing> m_done;
     std::exception_ptr m_error;
     bool m_stopping = false;

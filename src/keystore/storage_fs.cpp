@@ -199,8 +199,13 @@ public:
         make_parents(p);
         // A file that exists is unlinked, never truncated: in an import's staging copy it may be
         // a hard link to the live store's file, which must not change.
-        if (::unlink(p.c_str()) != 0 && errno != ENOENT) io_fail("cannot replace", p);
-        Fd fd(::open(p.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
+        constexpr int kFlags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW;
+        int raw = ::open(p.c_str(), kFlags, 0600);
+        if (raw < 0 && errno == EEXIST) {
+            if (::unlink(p.c_str()) != 0 && errno != ENOENT) io_fail("cannot replace", p);
+            raw = ::open(p.c_str(), kFlags, 0600);
+        }
+        Fd fd(raw);
         if (fd.get() < 0) io_fail("cannot create", p);
         write_all(fd.get(), data, p);
         if (::close(fd.release()) != 0) io_fail("cannot close", p);
