@@ -247,6 +247,32 @@ TEST_CASE("an interrupted write is finished or rolled back by the next writer", 
     }
 }
 
+TEST_CASE("abort_staged drops staged rings and their pending files (a failed migrate)", "[unit]") {
+    SoftStore s;
+    s.open(true)->generate({kAliceSym});
+    auto before = kwtest::tree_digest(s.dir);
+    {
+        auto ks = s.open(true);
+        // Stage a new ring and a new version of an existing one, as migrate does, then fail.
+        KeyRing bob;
+        bob.id = {RingKind::hmac, "bob0001"};
+        bob.versions.push_back(ks->make_version(bob.id, 1, now_seconds()));
+        bob.current = 1;
+        KeyRing alice = ks->load(kAliceSym);
+        alice.versions.push_back(ks->make_version(kAliceSym, 2, now_seconds()));
+        ks->stage(bob);
+        ks->stage(alice);
+        CHECK(fs::exists(s.path(bob.id) + ".pending"));
+        ks->abort_staged();
+        CHECK_FALSE(fs::exists(s.path(bob.id) + ".pending"));
+        CHECK_FALSE(fs::exists(s.path(kAliceSym) + ".pending"));
+        CHECK_FALSE(ks->contains(bob.id));
+        ks->commit_staged();  // nothing is staged any more: no new manifest
+    }
+    CHECK(kwtest::tree_digest(s.dir) == before);
+    CHECK(s.open()->verify().ok());
+}
+
 TEST_CASE("init refuses an existing store", "[unit]") {
     SoftStore s;
     auto before = kwtest::tree_digest(s.dir);

@@ -128,8 +128,8 @@ public:
     void make_parents(const std::string& p) {
         std::string dir = p.substr(0, p.rfind('/'));
         if (dir.size() <= m_root.size()) return;
-        // Directories are never removed while a store is open: remember the ones seen, so that
-        // bulk writes (import) do not pay three mkdir calls per file.
+        // Remember the directories seen, so that bulk writes (import) do not pay three mkdir calls
+        // per file; remove() forgets the ones it removes.
         if (m_known_dirs.count(dir)) return;
         std::string cur = m_root;
         std::string rest = dir.substr(m_root.size() + 1);
@@ -225,6 +225,14 @@ public:
     void remove(const std::string& name) override {
         std::string p = path(name);
         if (::unlink(p.c_str()) != 0 && errno != ENOENT) io_fail("cannot remove", p);
+        // Directories the removed file leaves empty go too (a client directory that only an
+        // aborted write had created), never the root. Only a writer removes, and it holds the
+        // store's lock, so no other process is creating files in them meanwhile.
+        for (std::string dir = p.substr(0, p.rfind('/')); dir.size() > m_root.size();
+             dir = dir.substr(0, dir.rfind('/'))) {
+            if (::rmdir(dir.c_str()) != 0) break;
+            m_known_dirs.erase(dir);
+        }
     }
 
     void list_dir(const std::string& dir, const std::string& rel,
