@@ -37,6 +37,8 @@ public:
     // Makes everything written so far durable (syncfs).
     virtual void sync() = 0;
     virtual void rename(const std::string& from, const std::string& to) = 0;
+    // Removes a file (a missing one is not an error), and the directories it leaves empty, never
+    // the root.
     virtual void remove(const std::string& name) = 0;
     // Every file name below prefix (recursively), lock and temp files excluded.
     virtual std::vector<std::string> list(const std::string& prefix) const = 0;
