@@ -61,7 +61,8 @@ public:
 private:
     KeyStoreV1(std::unique_ptr<Storage> storage, MasterKeys keys, bool writable);
     struct Loaded;
-    Loaded load_files(const KeyId& id) const;
+    Loaded load_files(const KeyId& id) const;        // throws NotFoundError
+    std::optional<Loaded> find_files(const KeyId& id) const;  // nullopt: no file of this key
     void write_key_file(const std::string& file, const KeyRing& single, bool synced);
     void write_pub_file(const KeyId& id, const KeyVersion& v, bool synced);
     std::string fresh_stamp(const std::string& file, std::int64_t seconds, int micros) const;

@@ -150,44 +150,40 @@ std::vector<std::vector<KeyId>> split_by_weight(const std::vector<KeyId>& ids,
     return out;
 }
 
-// The entries of the given rings, in order. Each key is unwrapped under the master key into a
-// sensitive session object, wrapped under the backup key and destroyed: never in host memory in
-// the clear.
-void export_entries(keystore::Store& store, pkcs11::AesWrapProtector& under_backup,
-                    const SecureBytes& meta_key, bool private_keys, const std::vector<KeyId>& ids,
-                    const std::function<void(const std::string&, bool)>& emit) {
-    // Reading and parsing ring files is host work that needs no token: a second thread does it
-    // ahead of the token work (SoftHSM serialises token calls, but the host has a second core).
-    // The ring's digest is checked against the MAC-verified manifest; its own MAC again in the
-    // token would double the token calls per key for no added assurance.
-    // (Only for a v2 store: a v1 store checks each file's MAC in the token as it loads it, and a
-    // PKCS#11 session is for one thread.)
+// The entries of `count` rings, in order, each from ring_at(i). Each key is unwrapped under the
+// master key into a sensitive session object, wrapped under the backup key and destroyed: never in
+// host memory in the clear.
+void export_entries(const std::function<KeyRing(std::size_t)>& ring_at, std::size_t count, bool read_ahead,
+                    KeyProtector& master, pkcs11::AesWrapProtector& under_backup, const SecureBytes& meta_key,
+                    bool private_keys, const std::function<void(const std::string&, bool)>& emit) {
+    // Reading and parsing ring files is host work that needs no token: with read_ahead a second
+    // thread does it ahead of the token work (SoftHSM serialises token calls, but the host has a
+    // second core). Only when ring_at makes no token call: a PKCS#11 session is for one thread.
     struct Slot {
         KeyRing ring;
         std::vector<Bytes> sealed;  // each version's encrypted metadata, made ahead too
     };
-    std::size_t next_id = 0;
+    std::size_t next = 0;
     ReadAhead<Slot> ahead(
         [&]() -> std::optional<Slot> {
-            if (next_id == ids.size()) return std::nullopt;
-            const KeyId& id = ids[next_id++];
+            if (next == count) return std::nullopt;
             Slot slot;
-            slot.ring = store.load(id, false);
+            slot.ring = ring_at(next++);
             const KeyRing& r = slot.ring;
             for (const auto& v : r.versions) {
-                EntryMeta m{id.str(), v.version, v.state, v.created, v.valid_from, v.valid_until,
+                EntryMeta m{r.id.str(), v.version, v.state, v.created, v.valid_from, v.valid_until,
                             r.current && *r.current == v.version, v.key_type, v.key_length, v.kcv,
                             v.public_key, private_keys && !v.wrapped.empty()};
                 slot.sealed.push_back(seal_metadata(meta_key, m));
             }
             return slot;
         },
-        store.store_version() == 2);
+        read_ahead);
 
-    for (std::size_t n = 0; n < ids.size(); ++n) {
-        auto next = ahead.next();
-        if (!next) throw Error("internal: fewer rings than expected");
-        Slot& slot = *next;
+    for (std::size_t n = 0; n < count; ++n) {
+        auto got = ahead.next();
+        if (!got) throw Error("internal: fewer rings than expected");
+        Slot& slot = *got;
         const KeyRing& r = slot.ring;
         for (std::size_t i = 0; i < r.versions.size(); ++i) {
             const auto& v = r.versions[i];
@@ -197,8 +193,7 @@ void export_entries(keystore::Store& store, pkcs11::AesWrapProtector& under_back
             if (wrapped) {
                 // Unwrapped under the master key into a sensitive session object, wrapped under
                 // the backup key, destroyed: never in host memory in the clear.
-                auto key = store.keys().protector->unprotect(v.wrapped, {v.key_type, v.key_length},
-                                                             Exposure::sensitive);
+                auto key = master.unprotect(v.wrapped, {v.key_type, v.key_length}, Exposure::sensitive);
                 el.wrapped = under_backup.protect(*key);
             }
             emit(encode_entry(el), wrapped);
@@ -308,6 +303,35 @@ void StagingDir::switch_in() {
     if (m_init) ::unlink(m_lock_file.c_str());
 }
 
+ImportTarget open_import_target(const pkcs11::TokenOptions& tok, const std::string& path, bool init,
+                                bool dry_run, int store_version) {
+    ImportTarget t;
+    if (init) {
+        keystore::refuse_existing_store(path);
+        t.token = pkcs11::open_token(tok, true);
+        return t;
+    }
+    if (!keystore::open_file_storage(path)->exists())
+        throw NotFoundError("no key store at " + path,
+                            store_version == 1
+                                ? "pass --init to create a v1 store (with a new master key) as part of the import, "
+                                  "or create it first with 'keywarden init --store-version 1'"
+                                : "pass --init to create it (with new master keys) as part of the import, or "
+                                  "create it first with 'keywarden init'");
+    t.store.emplace(keystore::open_any_store(tok, path, !dry_run));
+    int found = t.store->store->store_version();
+    if (found != store_version && store_version == 1)
+        throw UsageError("the store at " + path + " is a version 2 store; a v1 backup restores into a v1 store",
+                         "restore into a new v1 store (--init and another --keystore), then move its keys with "
+                         "'keywarden migrate'");
+    if (found != store_version)
+        throw UsageError("the store at " + path + " is a version " + std::to_string(found) + " store",
+                         "this command needs a version 2 store; for a v1 store use 'keywarden backup', or move "
+                         "its keys into a v2 store with 'keywarden migrate'");
+    t.token = t.store->token;
+    return t;
+}
+
 }  // namespace detail
 
 // ---- export ---------------------------------------------------------------------------------
@@ -369,7 +393,10 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
         };
         sum.rings = ids.size();
         if (o.jobs <= 1 || ids.size() < 2) {
-            export_entries(store, under_backup, meta_key, o.private_keys, ids, emit);
+            // The ring's digest is checked against the MAC-verified manifest; its own MAC again
+            // in the token would double the token calls per key for no added assurance.
+            export_entries([&](std::size_t i) { return store.load(ids[i], false); }, ids.size(), true,
+                           *store.keys().protector, under_backup, meta_key, o.private_keys, emit);
         } else {
             // Worker processes write their share of entries to part files, in ring order; the
             // parent then copies them into the bundle in that order, through the MAC.
@@ -382,7 +409,9 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
                 auto bek_k = load_backup_key(*c.session, secret.encryption, true);
                 pkcs11::AesWrapProtector under(c.session, bek_k.handle(), mech);
                 ExclusiveFile part(parts.path() + "/" + std::to_string(k));
-                export_entries(*mine.store, under, meta_key, o.private_keys, chunks[k],
+                const auto& share = chunks[k];
+                export_entries([&](std::size_t i) { return mine.store->load(share[i], false); }, share.size(), true,
+                               *mine.store->keys().protector, under, meta_key, o.private_keys,
                                [&](const std::string& l, bool) {
                                    part.write(l);
                                    part.write("\n");
@@ -751,19 +780,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     detail::BundleReader reader(o.bundle_path, secret);
     sum.bundle_id = reader.header().bundle_id;
 
-    std::optional<keystore::OpenStore> target;
-    pkcs11::TokenContext ctx;
-    if (o.init) {
-        keystore::refuse_existing_store(o.keystore_path);
-        ctx = pkcs11::open_token(tok, true);
-    } else {
-        if (!keystore::open_file_storage(o.keystore_path)->exists())
-            throw NotFoundError("no key store at " + o.keystore_path,
-                                "pass --init to create it (with new master keys) as part of the "
-                                "import, or create it first with 'keywarden init'");
-        target.emplace(keystore::open_store(tok, o.keystore_path, !o.dry_run));
-        ctx = target->token;
-    }
+    auto [ctx, target] = open_import_target(tok, o.keystore_path, o.init, o.dry_run, 2);
 
     // Pass 1: the whole bundle verifies before anything is written. Only conflicts are kept in
     // memory (and, for jobs, where each ring starts: one integer per ring).
@@ -795,7 +812,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     }
     std::set<std::string> skip(sum.skipped.begin(), sum.skipped.end());
     if (target) {
-        std::size_t existing = target->store->list().size();
+        std::size_t existing = target->store->key_ids().size();
         if (existing != 0 && !o.merge)
             sum.refused = "the target store already holds " + std::to_string(existing) + " key rings";
         else if (o.merge && o.on_conflict == OnConflict::abort && !sum.conflicts.empty())

@@ -114,7 +114,14 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
     BundleHeader h = new_header(session);
     h.private_keys = true;
     h.rings = ids.size();
-    for (const auto& s : store.list()) h.entries += s.versions.size();
+    // Every file is read (and its MAC checked in the token) once, here: the header needs the
+    // version count before the first entry. A v1 store is small enough to hold.
+    std::vector<KeyRing> rings;
+    rings.reserve(ids.size());
+    for (const auto& id : ids) {
+        rings.push_back(store.load(id));
+        h.entries += rings.back().versions.size();
+    }
 
     // The backup key: fresh, made in the token for this backup only, read once to be shown.
     CK_MECHANISM_TYPE mech = bundle_mechanism(session);
@@ -137,7 +144,8 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
     sum.bundle_id = h.bundle_id;
     {
         BundleWriter out(o.file, kV1MagicLine, h, secret.signature);
-        export_entries(store, under_backup, meta_key, true, ids, [&](const std::string& l, bool wrapped) {
+        export_entries([&](std::size_t i) { return std::move(rings[i]); }, rings.size(), true,
+                       *store.keys().protector, under_backup, meta_key, true, [&](const std::string& l, bool wrapped) {
             out.line(l);
             ++sum.entries;
             sum.wrapped_keys += wrapped;
@@ -204,24 +212,7 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
     BundleReader reader(o.file, secret);
     sum.bundle_id = reader.header().bundle_id;
 
-    std::optional<keystore::OpenAnyStore> target;
-    pkcs11::TokenContext ctx;
-    if (o.init) {
-        keystore::refuse_existing_store(o.keystore_path);
-        ctx = pkcs11::open_token(tok, true);
-    } else {
-        if (!keystore::open_file_storage(o.keystore_path)->exists())
-            throw NotFoundError("no key store at " + o.keystore_path,
-                                "pass --init to create a v1 store (with a new master key) as part of the "
-                                "import, or create it first with 'keywarden init --store-version 1'");
-        target.emplace(keystore::open_any_store(tok, o.keystore_path, !o.dry_run));
-        if (target->store->store_version() != 1)
-            throw UsageError("the store at " + o.keystore_path + " is a version 2 store; a v1 backup "
-                             "restores into a v1 store",
-                             "restore into a new v1 store (--init and another --keystore), then move "
-                             "its keys with 'keywarden migrate'");
-        ctx = target->token;
-    }
+    auto [ctx, target] = open_import_target(tok, o.keystore_path, o.init, o.dry_run, 1);
 
     // Pass 1: the whole file verifies (MAC, counts, every entry's metadata) before anything is
     // written; every key id it holds is checked against the target.

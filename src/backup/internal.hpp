@@ -44,13 +44,25 @@ pkcs11::SessionObject load_backup_key(pkcs11::Session& s, const SecureBytes& val
 
 class HeldElsewhere : public keystore::StorageLock {};  // the caller holds the real lock
 
-// Every entry of the given rings, in order, each key rewrapped under the backup key in the token.
-void export_entries(keystore::Store& store, pkcs11::AesWrapProtector& under_backup,
-                    const SecureBytes& meta_key, bool private_keys, const std::vector<keystore::KeyId>& ids,
+// The entries of `count` rings, in order, each from ring_at(i), every key rewrapped under the
+// backup key in the token. read_ahead: ring_at runs on a second thread (it must not use the token).
+void export_entries(const std::function<keystore::KeyRing(std::size_t)>& ring_at, std::size_t count,
+                    bool read_ahead, KeyProtector& master, pkcs11::AesWrapProtector& under_backup,
+                    const SecureBytes& meta_key, bool private_keys,
                     const std::function<void(const std::string&, bool)>& emit);
 // RFC 5649 wrap mechanism of the token, for bundles; and back from the recorded method name.
 CK_MECHANISM_TYPE bundle_mechanism(pkcs11::Session& s);
 CK_MECHANISM_TYPE mechanism_of(const std::string& method);
+
+// What an import writes into: for --init only the token (after checking that nothing is at
+// path yet); otherwise the existing store of the given version, opened writable unless dry_run,
+// and its token.
+struct ImportTarget {
+    pkcs11::TokenContext token;
+    std::optional<keystore::OpenAnyStore> store;
+};
+ImportTarget open_import_target(const pkcs11::TokenOptions& tok, const std::string& path, bool init,
+                                bool dry_run, int store_version);
 
 // Hard links of every file of a store, for a staging copy (files are only ever replaced).
 void hardlink_clone(const std::filesystem::path& from, const std::filesystem::path& to);

@@ -80,12 +80,14 @@ MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
     std::vector<KeyId> ids = src.store->key_ids();
     std::set<std::string> in_src;
     std::vector<std::string> conflicts;
+    std::vector<KeyRing> moving;  // kept from here: each v1 file's MAC is checked in the token once
     for (const auto& id : ids) {
         in_src.insert(id.str());
         KeyRing r = src.store->load(id);
         if (!dst.store->contains(id)) {
             sum.to_move.push_back(id.str());
             sum.versions += r.versions.size();
+            moving.push_back(std::move(r));
             continue;
         }
         if (same_ring(r, dst.store->load(id))) sum.already_present.push_back(id.str());
@@ -138,9 +140,8 @@ MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
             if (armed) store.abort_staged();
         }
     } abort{to};
-    for (const auto& idstr : sum.to_move) {
-        KeyId id = KeyId::parse(idstr);
-        KeyRing r = from.load(id);
+    for (KeyRing& r : moving) {
+        const std::string idstr = r.id.str();
         for (auto& v : r.versions) {
             v.protection = to.keys().protector->method();
             if (v.wrapped.empty()) continue;

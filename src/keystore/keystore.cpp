@@ -107,9 +107,7 @@ StoreMeta read_store_meta(const Storage& storage) {
 
 // ---- init -----------------------------------------------------------------------------------
 
-void KeyStore::init(Storage& storage, MasterKeys& keys, StoreMeta meta) {
-    storage.create();
-    auto lock = storage.lock(true);
+void detail::complete_new_meta(StoreMeta& meta, MasterKeys& keys) {
     if (meta.store_id.empty()) {
         std::uint8_t id[16];
         if (RAND_bytes(id, sizeof id) != 1) throw OpenSslError("RAND_bytes");
@@ -119,6 +117,12 @@ void KeyStore::init(Storage& storage, MasterKeys& keys, StoreMeta meta) {
     meta.protection = keys.protector->method();
     meta.encryption.kcv = keys.protector->key_check_value();
     meta.signature.kcv = keys.mac->key_check_value();
+}
+
+void KeyStore::init(Storage& storage, MasterKeys& keys, StoreMeta meta) {
+    storage.create();
+    auto lock = storage.lock(true);
+    complete_new_meta(meta, keys);
     Bytes meta_bytes = to_bytes(meta_to_json(meta).dump(2) + "\n");
 
     ManifestData m;

@@ -3,7 +3,6 @@
 #include "keywarden/keystore_v1.hpp"
 
 #include <openssl/crypto.h>
-#include <openssl/rand.h>
 
 #include <algorithm>
 #include <chrono>
@@ -145,18 +144,10 @@ std::optional<KeyId> v1_key_id_of(const std::string& f) {
 void KeyStoreV1::init(Storage& storage, MasterKeys& keys, StoreMeta meta) {
     storage.create();
     auto lock = storage.lock(true);
-    if (meta.store_id.empty()) {
-        std::uint8_t id[16];
-        if (RAND_bytes(id, sizeof id) != 1) throw OpenSslError("RAND_bytes");
-        meta.store_id = to_hex(id);
-    }
-    if (meta.created == 0) meta.created = now_seconds();
     meta.store_version = 1;
-    meta.protection = keys.protector->method();
-    meta.encryption.kcv = keys.protector->key_check_value();
     meta.signature.label = meta.encryption.label;  // one master key does both
     meta.signature.id = meta.encryption.id;
-    meta.signature.kcv = keys.mac->key_check_value();
+    complete_new_meta(meta, keys);
     storage.write(kMetaFile, to_bytes(meta_to_json(meta).dump(2) + "\n"), true);
     // The version file goes last: until it exists the directory is not a store.
     storage.write(kVersionFile, to_bytes(kVersion1Text), true);
@@ -203,6 +194,14 @@ struct KeyStoreV1::Loaded {
 };
 
 KeyStoreV1::Loaded KeyStoreV1::load_files(const KeyId& id) const {
+    auto l = find_files(id);
+    if (!l)
+        throw NotFoundError("no key " + id.str() + " in the store (no file " + v1_file(id) + ")",
+                            "see 'keywarden list', or create it with 'keywarden generate'");
+    return std::move(*l);
+}
+
+std::optional<KeyStoreV1::Loaded> KeyStoreV1::find_files(const KeyId& id) const {
     std::string f = v1_file(id);
     Loaded out;
     out.ring.id = id;
@@ -251,9 +250,7 @@ KeyStoreV1::Loaded KeyStoreV1::load_files(const KeyId& id) const {
     std::sort(olds.begin(), olds.end());
     for (const auto& name : olds) read_one(name, false);
     read_one(f, true);
-    if (out.ring.versions.empty())
-        throw NotFoundError("no key " + id.str() + " in the store (no file " + f + ")",
-                            "see 'keywarden list', or create it with 'keywarden generate'");
+    if (out.ring.versions.empty()) return std::nullopt;
     std::sort(out.ring.versions.begin(), out.ring.versions.end(),
               [](const KeyVersion& a, const KeyVersion& b) { return a.version < b.version; });
     return out;
@@ -343,9 +340,8 @@ void KeyStoreV1::generate(const std::vector<KeyId>& ids, const std::function<voi
     std::vector<Loaded> plans;
     plans.reserve(ids.size());
     for (const auto& id : ids) {
-        Loaded l;
-        if (contains(id)) l = load_files(id);
-        else l.ring.id = id;
+        Loaded l = find_files(id).value_or(Loaded{});
+        l.ring.id = id;
         add_current_version(m_keys, l.ring, now);
         plans.push_back(std::move(l));
     }

@@ -38,25 +38,61 @@ MasterKeys token_master_keys(const pkcs11::TokenContext& ctx, CK_OBJECT_HANDLE e
 }
 
 namespace {
+
 std::string master_key_hint(const StoreMeta& meta) {
     return "the store was created on token '" + meta.token_label + "' (serial " +
            meta.token_serial + "); select that token with --token serial:" + meta.token_serial;
+}
+
+// The store's files, its lock and its token, in that order: taking the lock before the token
+// means writers of one store never use the token at the same time, which also keeps clear of
+// SoftHSM's races between processes. Without --token, the store names its own token.
+struct LockedStore {
+    std::unique_ptr<Storage> storage;
+    std::unique_ptr<StorageLock> lock;
+    pkcs11::TokenContext token;
+};
+
+LockedStore lock_store_and_open_token(const pkcs11::TokenOptions& options, const std::string& path,
+                                      bool writable) {
+    LockedStore l;
+    l.storage = open_file_storage(path);
+    StoreMeta meta = read_store_meta(*l.storage);
+    l.lock = l.storage->lock(writable);
+    pkcs11::TokenOptions tok = options;
+    if (tok.token.empty()) tok.token = "serial:" + meta.token_serial;
+    l.token = pkcs11::open_token(tok, true);
+    return l;
+}
+
+// `keys` names the master keys in messages: "master keys" (v2) or "master key" (v1).
+void check_store_token(const pkcs11::TokenContext& token, const StoreMeta& meta, const char* keys) {
+    if (token.token.serial != meta.token_serial)
+        throw TokenError("the selected token (serial " + token.token.serial + ") is not the one holding this store's " +
+                             keys,
+                         master_key_hint(meta));
+}
+
+// A master key named by store.json, on the store's token. `what` is e.g. "master encryption key";
+// `restore` the command that restores a store of this version.
+CK_OBJECT_HANDLE find_store_key(const pkcs11::TokenContext& token, const MasterKeyRecord& r,
+                                const std::string& what, const char* restore) {
+    auto k = pkcs11::find_master_key(*token.session, r.label, r.id);
+    if (!k)
+        throw TokenError("the store's " + what + " '" + r.label + "' (id " + to_hex(r.id) +
+                             ") is not on token '" + token.token.label + "'",
+                         std::string("was it deleted? Without it the store cannot be opened: restore the "
+                                     "store from a backup (") +
+                             restore + ")");
+    return k->handle;
 }
 
 }  // namespace
 
 OpenStore open_store(const pkcs11::TokenOptions& options, const std::string& path, bool writable,
                      bool strict) {
-    auto storage = open_file_storage(path);
-    StoreMeta meta = read_store_meta(*storage);
-    // Lock first: writers of one store then never use the token at the same time, which also
-    // keeps clear of SoftHSM's races between processes.
-    auto lock = storage->lock(writable);
-    pkcs11::TokenOptions tok = options;
-    // Without --token, the store names its own token.
-    if (tok.token.empty()) tok.token = "serial:" + meta.token_serial;
-    return open_store_on(pkcs11::open_token(tok, true), std::move(storage), writable, strict,
-                         std::move(lock));
+    auto l = lock_store_and_open_token(options, path, writable);
+    return open_store_on(std::move(l.token), std::move(l.storage), writable, strict, std::move(l.lock));
 }
 
 OpenStore open_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> storage,
@@ -64,22 +100,9 @@ OpenStore open_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> sto
     OpenStore s;
     s.meta = read_store_meta(*storage);
     s.token = std::move(token);
-    if (s.token.token.serial != s.meta.token_serial)
-        throw TokenError("the selected token (serial " + s.token.token.serial +
-                             ") is not the one holding this store's master keys",
-                         master_key_hint(s.meta));
-    auto find = [&](const MasterKeyRecord& r, const char* role) {
-        auto k = pkcs11::find_master_key(*s.token.session, r.label, r.id);
-        if (!k)
-            throw TokenError(std::string("the store's master ") + role + " key '" + r.label +
-                                 "' (id " + to_hex(r.id) + ") is not on token '" +
-                                 s.token.token.label + "'",
-                             "was it deleted? Without it the store cannot be opened: restore "
-                             "the store from a backup (keywarden import)");
-        return k->handle;
-    };
-    s.encryption = find(s.meta.encryption, "encryption");
-    s.signature = find(s.meta.signature, "signature");
+    check_store_token(s.token, s.meta, "master keys");
+    s.encryption = find_store_key(s.token, s.meta.encryption, "master encryption key", "keywarden import");
+    s.signature = find_store_key(s.token, s.meta.signature, "master signature key", "keywarden import");
     s.mechanism = mechanism_for(s.meta.protection);
     s.store = KeyStore::open(std::move(storage),
                              token_master_keys(s.token, s.encryption, s.signature, s.mechanism),
@@ -89,13 +112,8 @@ OpenStore open_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> sto
 
 OpenAnyStore open_any_store(const pkcs11::TokenOptions& options, const std::string& path,
                             bool writable, bool strict) {
-    auto storage = open_file_storage(path);
-    StoreMeta meta = read_store_meta(*storage);
-    auto lock = storage->lock(writable);
-    pkcs11::TokenOptions tok = options;
-    if (tok.token.empty()) tok.token = "serial:" + meta.token_serial;
-    return open_any_store_on(pkcs11::open_token(tok, true), std::move(storage), writable, strict,
-                             std::move(lock));
+    auto l = lock_store_and_open_token(options, path, writable);
+    return open_any_store_on(std::move(l.token), std::move(l.storage), writable, strict, std::move(l.lock));
 }
 
 OpenAnyStore open_any_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> storage,
@@ -109,19 +127,11 @@ OpenAnyStore open_any_store_on(pkcs11::TokenContext token, std::unique_ptr<Stora
         return out;
     }
     out.token = std::move(token);
-    if (out.token.token.serial != out.meta.token_serial)
-        throw TokenError("the selected token (serial " + out.token.token.serial +
-                             ") is not the one holding this store's master key",
-                         master_key_hint(out.meta));
-    auto k = pkcs11::find_master_key(*out.token.session, out.meta.encryption.label, out.meta.encryption.id);
-    if (!k)
-        throw TokenError("the store's master key '" + out.meta.encryption.label + "' (id " +
-                             to_hex(out.meta.encryption.id) + ") is not on token '" +
-                             out.token.token.label + "'",
-                         "was it deleted? Without it the store cannot be opened: restore the "
-                         "store from a backup (keywarden backup --action=import)");
+    check_store_token(out.token, out.meta, "master key");
+    CK_OBJECT_HANDLE k = find_store_key(out.token, out.meta.encryption, "master key",
+                                        "keywarden backup --action=import");
     out.store = KeyStoreV1::open(std::move(storage),
-                                 token_master_keys_v1(out.token, k->handle, mechanism_for(out.meta.protection)),
+                                 token_master_keys_v1(out.token, k, mechanism_for(out.meta.protection)),
                                  writable, std::move(lock));
     return out;
 }

@@ -57,6 +57,10 @@ RingSummary summarize(const KeyRing& r);
 bool same_summary(const RingSummary& a, const RingSummary& b);
 
 nlohmann::json meta_to_json(const StoreMeta& m);
+// Completes a new store's metadata (in keystore.cpp, for both store versions): a random store
+// id and the creation time unless given, the key protection method, the master keys' check
+// values.
+void complete_new_meta(StoreMeta& meta, MasterKeys& keys);
 StoreMeta meta_from_json(const nlohmann::json& j);
 
 }  // namespace keywarden::keystore::detail
