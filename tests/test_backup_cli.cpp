@@ -405,3 +405,48 @@ TEST_CASE("backup: --jobs 2 gives the same result as one process", "[cli]") {
     CHECK(kwtest::tree_digest(f.b) == before);
     CHECK(f.run({"--keystore", f.a, "verify", "--key-bundle-file", f.dir + "/bad.dat", "--key-bundle-secret", secret, "-j", "2"}).code == 4);
 }
+
+// SoftHSM keeps destroyed session objects until C_Finalize, so the bulk loops restart the module
+// every KEYWARDEN_TOKEN_RESTART_EVERY keys and find or make their keys again. Forcing a restart
+// after every key or every third key, in one process and in workers, must change nothing.
+TEST_CASE("backup: restarting the token during export, verify and import changes nothing", "[cli]") {
+    BackupFixture f;
+    const std::vector<std::pair<std::string, std::string>> rows{{"1", "1"}, {"3", "1"}, {"1", "2"}, {"3", "2"}};
+    int n = 0;
+    for (const auto& [every, jobs] : rows) {
+        INFO("restart every " << every << " keys, " << jobs << " jobs");
+        kwtest::Env restart{{"KEYWARDEN_TOKEN_RESTART_EVERY", every}};
+        std::string tag = std::to_string(n++);
+        std::string bundle = f.dir + "/r" + tag + ".dat", secret = f.dir + "/r" + tag + ".json";
+        std::string store = f.dir + "/R" + tag;
+        auto with = [&](std::vector<std::string> v) {
+            v.insert(v.begin(), "-v");
+            v.insert(v.end(), {"--jobs", jobs});
+            return v;
+        };
+        auto e = f.must(with([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }()), restart);
+        CHECK(e.err.find("restarted the PKCS#11 module") != std::string::npos);
+        auto v = f.must(with({"--keystore", f.a, "verify", "--key-bundle-file", bundle, "--key-bundle-secret", secret,
+                              "--against-store"}),
+                        restart);
+        CHECK(v.err.find("restarted the PKCS#11 module") != std::string::npos);
+        auto i = f.must(with([&] { auto v = f.imp(store, bundle, secret); v.push_back("--init"); return v; }()), restart);
+        CHECK(i.err.find("restarted the PKCS#11 module") != std::string::npos);
+        CHECK(f.versions(f.a) == f.versions(store));
+        for (const auto& [id, version, state] : f.versions(f.a)) {
+            if (state == "destroyed") continue;
+            INFO(id << " v" << version);
+            CHECK(f.must({"--keystore", f.a, "read", id, "--private", "--version", version}).out ==
+                  f.must({"--keystore", store, "read", id, "--private", "--version", version}).out);
+        }
+        f.must({"--keystore", store, "keystore", "verify"});
+    }
+    // A bad value is a usage error, before anything is written.
+    std::string bundle = f.dir + "/bad-env.dat", secret = f.dir + "/bad-env.json";
+    auto r = f.run([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }(),
+                   {{"KEYWARDEN_TOKEN_RESTART_EVERY", "often"}});
+    CHECK(r.code == 2);
+    CHECK(r.err.find("KEYWARDEN_TOKEN_RESTART_EVERY") != std::string::npos);
+    CHECK(!fs::exists(bundle));
+    CHECK(!fs::exists(secret));
+}

@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include "keywarden/token_check.hpp"
+#include "keywarden/token_context.hpp"
 #include "keywarden/token_protector.hpp"
 #include "support.hpp"
 
@@ -265,4 +266,39 @@ TEST_CASE("EC private keys whose scalar starts with zero bytes read back at full
     TokenKeyBackend backend(s);
     auto kcv = backend.check_value(key, point);  // the ECDSA proof works with it too
     CHECK(kcv.size() == 8);
+}
+
+// restart_token: C_Finalize and C_Initialize, a new session, a new login. SoftHSM hands out the
+// same handle numbers again, so a session or session object from before must never act on what
+// now has its handle.
+TEST_CASE("after a token restart old sessions are dead and never touch new objects", "[token]") {
+    kwtest::SoftHsm hsm;
+    keywarden::pkcs11::TokenContext ctx;
+    ctx.module = hsm.module();
+    ctx.token = hsm.token();
+    ctx.session = Session::open(ctx.module, ctx.token.slot, true);
+    std::string_view pin = kwtest::SoftHsm::user_pin;
+    ctx.pin = std::make_shared<SecureBytes>(pin.begin(), pin.end());
+    ctx.session->login(*ctx.pin);
+    auto old_session = ctx.session;
+    auto old_key = make_kek(*old_session);
+    CK_OBJECT_HANDLE old_handle = old_key.handle();
+
+    keywarden::pkcs11::restart_token(ctx);
+    CHECK_FALSE(old_session->live());
+    CHECK(ctx.session->live());
+    CHECK(ctx.session != old_session);
+    CHECK_THROWS_AS(old_session->handle(), keywarden::Error);
+    // The new session is logged in: it can make private objects.
+    std::vector<SessionObject> fresh;
+    for (int i = 0; i < 8; ++i) fresh.push_back(make_kek(*ctx.session));
+    bool reused = false;
+    for (const auto& k : fresh) reused |= k.handle() == old_handle;
+    INFO("old handle " << old_handle);
+    CHECK(reused);  // SoftHSM numbers handles afresh: the hazard this guards against is real
+    std::size_t before = object_count(*ctx.session);
+    old_key.reset();      // must not destroy the new object that has the old number
+    old_session.reset();  // must not close the new session
+    CHECK(object_count(*ctx.session) == before);
+    for (const auto& k : fresh) CHECK(ctx.session->get_ulong(k.handle(), CKA_KEY_TYPE) == CKK_AES);
 }

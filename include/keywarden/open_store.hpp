@@ -25,6 +25,10 @@ struct OpenStore {
     CK_MECHANISM_TYPE mechanism = 0;
 };
 
+// After pkcs11::restart_token(s.token): finds the master keys again on the new session and gives
+// the store protectors that use them (the old handles are gone with the old session).
+void rebind_master_keys(OpenStore& s);
+
 struct InitParams {
     std::string master_encryption_key, master_signature_key;  // pkcs11: URIs; empty: generate
     bool allow_extractable_master = false;

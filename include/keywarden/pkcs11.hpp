@@ -89,15 +89,20 @@ public:
     CK_INFO info() const;  // C_GetInfo
     // C_GetSlotList
     std::vector<CK_SLOT_ID> slots(bool token_present) const;
-    // In a child process after fork(): C_Finalize the inherited library state and C_Initialize
-    // again with the same arguments. A forked PKCS#11 library must not be used as inherited.
-    void reinitialize_after_fork();
+    // C_Finalize and C_Initialize again with the same arguments: every session, login and
+    // session object of this process is gone afterwards. Used in a child process after fork()
+    // (a forked PKCS#11 library must not be used as inherited), and to make SoftHSM free the
+    // destroyed session objects it keeps until C_Finalize (see restart_token).
+    void restart();
+    // Counts restarts: a Session opened before the last restart is dead (Session::live).
+    std::uint64_t generation() const noexcept { return m_generation; }
 
 private:
     Module(CK_FUNCTION_LIST* fn, std::string path, std::optional<std::string> init_args);
     CK_FUNCTION_LIST* m_fn;
     std::string m_path;
     std::optional<std::string> m_init_args;  // pReserved must outlive C_Initialize
+    std::uint64_t m_generation = 0;
 };
 
 // Names of modules p11-kit has registered (for error hints).
@@ -219,7 +224,15 @@ public:
     Session& operator=(const Session&) = delete;
 
     CK_FUNCTION_LIST* fn() const noexcept { return m_module->fn(); }
-    CK_SESSION_HANDLE handle() const noexcept { return m_handle; }
+    // The handle; throws if the module was restarted since the session was opened (the handle
+    // may then name another session).
+    CK_SESSION_HANDLE handle() const {
+        if (!live()) throw_stale();
+        return m_handle;
+    }
+    // False once the module has been restarted: the session is gone, and closing it or
+    // destroying its objects would hit whatever now has their handles; both are skipped.
+    bool live() const noexcept { return m_generation == m_module->generation(); }
     CK_SLOT_ID slot() const noexcept { return m_slot; }
     const std::shared_ptr<Module>& module() const noexcept { return m_module; }
 
@@ -274,11 +287,13 @@ public:
     void random(std::span<std::uint8_t> out);
 
 private:
-    Session(std::shared_ptr<Module> m, CK_SLOT_ID slot, CK_SESSION_HANDLE h)
-        : m_module(std::move(m)), m_slot(slot), m_handle(h) {}
+    Session(std::shared_ptr<Module> m, CK_SLOT_ID slot, CK_SESSION_HANDLE h, std::uint64_t generation)
+        : m_module(std::move(m)), m_slot(slot), m_handle(h), m_generation(generation) {}
+    [[noreturn]] void throw_stale() const;
     std::shared_ptr<Module> m_module;
     CK_SLOT_ID m_slot;
     CK_SESSION_HANDLE m_handle;
+    std::uint64_t m_generation;
     std::optional<std::vector<CK_MECHANISM_TYPE>> m_mechanisms;
 };
 

@@ -27,10 +27,35 @@ struct TokenContext {
     std::shared_ptr<const SecureBytes> pin;
 };
 
+// Starts the module afresh (Module::restart), finds the same token again by its serial, opens a
+// new session and logs in again with the kept PIN. Every earlier session and session object of
+// this process is gone afterwards; using one throws (Session::live).
+void restart_token(TokenContext& c);
+
+// SoftHSM 2.6.1 keeps every destroyed session object in memory until C_Finalize (about 240
+// bytes each, measured by bench/backup-bench), so a loop that makes one temporary key per store
+// key would grow with the store. Such a loop reports each temporary key here; every
+// restart_every keys the recycler restarts the token (restart_token) and calls `rebind`, which
+// finds or makes the loop's keys again on the new session. The loop must hold no other session
+// object across that point.
+class TokenRecycler {
+public:
+    TokenRecycler(TokenContext& ctx, std::function<void()> rebind);
+    void made(std::size_t temporary_keys);
+    std::size_t restarts() const noexcept { return m_restarts; }
+
+private:
+    TokenContext& m_ctx;
+    std::function<void()> m_rebind;
+    std::size_t m_every, m_count = 0, m_restarts = 0;
+};
+// KEYWARDEN_TOKEN_RESTART_EVERY (a number of keys; 0 never restarts), default 16384.
+std::size_t token_restart_every();
+
 // Runs `work` in `jobs` child processes, each with its own module state, session and login on
 // the same token. SoftHSM serialises every call inside one process, so parallel work on it needs
 // processes (see shared/PKCS11-NOTES.md). Each child starts the module afresh
-// (Module::reinitialize_after_fork), finds the token again by serial and logs in with the
+// (Module::restart), finds the token again by serial and logs in with the
 // parent's PIN. Waits for all; throws the first child's error with its exit code and hint.
 void run_in_processes(const TokenContext& parent, std::size_t jobs,
                       const std::function<void(std::size_t index, TokenContext& child)>& work);

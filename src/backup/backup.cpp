@@ -154,8 +154,9 @@ std::vector<std::vector<KeyId>> split_by_weight(const std::vector<KeyId>& ids,
 // master key into a sensitive session object, wrapped under the backup key and destroyed: never in
 // host memory in the clear.
 void export_entries(const std::function<KeyRing(std::size_t)>& ring_at, std::size_t count, bool read_ahead,
-                    KeyProtector& master, pkcs11::AesWrapProtector& under_backup, const SecureBytes& meta_key,
-                    bool private_keys, const std::function<void(const std::string&, bool)>& emit) {
+                    keystore::MasterKeys& master, TokenBackupKey& backup, const SecureBytes& meta_key,
+                    bool private_keys, const std::function<void(const std::string&, bool)>& emit,
+                    pkcs11::TokenRecycler* recycler) {
     // Reading and parsing ring files is host work that needs no token: with read_ahead a second
     // thread does it ahead of the token work (SoftHSM serialises token calls, but the host has a
     // second core). Only when ring_at makes no token call: a PKCS#11 session is for one thread.
@@ -185,6 +186,7 @@ void export_entries(const std::function<KeyRing(std::size_t)>& ring_at, std::siz
         if (!got) throw Error("internal: fewer rings than expected");
         Slot& slot = *got;
         const KeyRing& r = slot.ring;
+        std::size_t made = 0;
         for (std::size_t i = 0; i < r.versions.size(); ++i) {
             const auto& v = r.versions[i];
             EntryLine el;
@@ -193,11 +195,13 @@ void export_entries(const std::function<KeyRing(std::size_t)>& ring_at, std::siz
             if (wrapped) {
                 // Unwrapped under the master key into a sensitive session object, wrapped under
                 // the backup key, destroyed: never in host memory in the clear.
-                auto key = master.unprotect(v.wrapped, {v.key_type, v.key_length}, Exposure::sensitive);
-                el.wrapped = under_backup.protect(*key);
+                auto key = master.protector->unprotect(v.wrapped, {v.key_type, v.key_length}, Exposure::sensitive);
+                el.wrapped = backup.under().protect(*key);
+                ++made;
             }
             emit(encode_entry(el), wrapped);
         }
+        if (recycler) recycler->made(made);
     }
 }
 
@@ -364,20 +368,24 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
     h.rings = ids.size();
     for (const auto& id : ids) h.entries += versions.at(id.str());
 
-    // Fresh backup keys for this export only, made in the token.
+    // Fresh backup keys for this export only, made in the token. Their values go to the secret
+    // file; the wrapping is done by a non-extractable copy of the encryption key (made again
+    // after a token restart), and the generated objects are destroyed at once.
     CK_MECHANISM_TYPE mech = bundle_mechanism(session);
-    auto bek = make_backup_key(session, true);
-    auto bsk = make_backup_key(session, false);
     SecretFile secret;
+    {
+        auto bek = make_backup_key(session, true);
+        auto bsk = make_backup_key(session, false);
+        secret.encryption = session.get_secret(bek.handle(), CKA_VALUE);
+        secret.signature = session.get_secret(bsk.handle(), CKA_VALUE);
+    }
     secret.bundle_id = h.bundle_id;
-    secret.encryption = session.get_secret(bek.handle(), CKA_VALUE);
-    secret.signature = session.get_secret(bsk.handle(), CKA_VALUE);
     secret.wrap_method = h.wrap_method = pkcs11::AesWrapProtector::method_name(mech);
     secret.wrap_mechanism = h.wrap_mechanism = pkcs11::mechanism_name(mech);
     secret.kcv_encryption = h.kcv_encryption = encryption_kcv(secret.encryption);
     secret.kcv_signature = h.kcv_signature = signature_kcv(secret.signature);
-    pkcs11::AesWrapProtector under_backup(os.token.session, bek.handle(), mech);
-    check_rfc5649(under_backup, secret.kcv_encryption, secret.wrap_mechanism);
+    TokenBackupKey backup(os.token, secret.encryption, mech, true);
+    check_rfc5649(backup.under(), secret.kcv_encryption, secret.wrap_mechanism);
     SecureBytes meta_key = metadata_key(secret.signature);
 
     ExportSummary sum;
@@ -395,8 +403,12 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
         if (o.jobs <= 1 || ids.size() < 2) {
             // The ring's digest is checked against the MAC-verified manifest; its own MAC again
             // in the token would double the token calls per key for no added assurance.
+            pkcs11::TokenRecycler recycler(os.token, [&] {
+                keystore::rebind_master_keys(os);
+                backup.rebind();
+            });
             export_entries([&](std::size_t i) { return store.load(ids[i], false); }, ids.size(), true,
-                           *store.keys().protector, under_backup, meta_key, o.private_keys, emit);
+                           store.keys(), backup, meta_key, o.private_keys, emit, &recycler);
         } else {
             // Worker processes write their share of entries to part files, in ring order; the
             // parent then copies them into the bundle in that order, through the MAC.
@@ -406,16 +418,20 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
             pkcs11::run_in_processes(os.token, chunks.size(), [&](std::size_t k, pkcs11::TokenContext& c) {
                 auto mine = keystore::open_store_on(c, keystore::open_file_storage(store_root), false, true,
                                                     std::make_unique<HeldElsewhere>());
-                auto bek_k = load_backup_key(*c.session, secret.encryption, true);
-                pkcs11::AesWrapProtector under(c.session, bek_k.handle(), mech);
+                TokenBackupKey backup_k(mine.token, secret.encryption, mech, true);
+                pkcs11::TokenRecycler recycler(mine.token, [&] {
+                    keystore::rebind_master_keys(mine);
+                    backup_k.rebind();
+                });
                 ExclusiveFile part(parts.path() + "/" + std::to_string(k));
                 const auto& share = chunks[k];
                 export_entries([&](std::size_t i) { return mine.store->load(share[i], false); }, share.size(), true,
-                               *mine.store->keys().protector, under, meta_key, o.private_keys,
+                               mine.store->keys(), backup_k, meta_key, o.private_keys,
                                [&](const std::string& l, bool) {
                                    part.write(l);
                                    part.write("\n");
-                               });
+                               },
+                               &recycler);
                 part.commit();
             });
             for (std::size_t k = 0; k < chunks.size(); ++k) {
@@ -488,9 +504,6 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
     detail::BundleReader reader(bundle_path, secret);
     rep.header = reader.header();
     const CK_MECHANISM_TYPE mech = mechanism_of(rep.header.wrap_method);
-    auto bek = load_backup_key(*token.session, secret.encryption);
-    pkcs11::AesWrapProtector under_backup(token.session, bek.handle(), mech);
-    pkcs11::TokenKeyBackend backend(token.session);
 
     std::map<std::string, Bytes> store_kcv;  // "key id@version" -> check value, live keys only
     if (against) {
@@ -531,14 +544,18 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
     if (rep.problems.empty() && (jobs <= 1 || rep.header.entries < 2)) {
         try {
             detail::BundleReader again(bundle_path, secret);
+            // The store (against) is done with: the token may restart in this loop.
+            TokenBackupKey backup(token, secret.encryption, mech);
+            pkcs11::TokenRecycler recycler(token, [&] { backup.rebind(); });
             // (No read-ahead thread here: measured at 100,000 keys it made verify slower, the
             // token work per entry being too short to hide the hand-over.)
             std::size_t i = 0;
             while (auto e = again.next()) {
                 if (!e->wrapped.empty()) {
-                    if (auto problem = trial_unwrap(under_backup, backend, *e))
+                    if (auto problem = trial_unwrap(backup.under(), backup.backend(), *e))
                         rep.problems.push_back({e->meta.key_id + "@" + std::to_string(e->meta.version), *problem});
                     else ++rep.unwrapped;
+                    recycler.made(1);
                 }
                 if (progress) progress(++i, rep.header.entries);
             }
@@ -549,9 +566,8 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
         TempDir results(bundle_path, "verify");
         pkcs11::run_in_processes(token, jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
             detail::BundleReader mine(bundle_path, secret);
-            auto bek_k = load_backup_key(*c.session, secret.encryption);
-            pkcs11::AesWrapProtector under(c.session, bek_k.handle(), mech);
-            pkcs11::TokenKeyBackend be(c.session);
+            TokenBackupKey backup(c, secret.encryption, mech);
+            pkcs11::TokenRecycler recycler(c, [&] { backup.rebind(); });
             std::ofstream out(results.path() + "/" + std::to_string(k));
             // Entries [first, last) are this worker's; the others are only read for the MAC.
             std::size_t first = rep.entries * k / jobs, last = rep.entries * (k + 1) / jobs, unwrapped = 0;
@@ -560,9 +576,10 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
                 auto e = mine.next();
                 if (!e) break;
                 if (e->wrapped.empty()) continue;
-                if (auto problem = trial_unwrap(under, be, *e))
+                if (auto problem = trial_unwrap(backup.under(), backup.backend(), *e))
                     out << e->meta.key_id << "@" << e->meta.version << "\t" << *problem << "\n";
                 else ++unwrapped;
+                recycler.made(1);
             }
             while (mine.skip_next()) {
             }
@@ -727,16 +744,20 @@ private:
 // Reads every entry (so that the MAC at the end is checked) and rebuilds the rings that `take`
 // selects by their index, each key unwrapped under the backup key and wrapped again under the
 // destination's master key inside the token; `sink` receives each finished ring.
-void restore_rings(detail::BundleReader& reader, const std::set<std::string>& skip,
-                   pkcs11::AesWrapProtector& under_backup, pkcs11::TokenKeyBackend& backend,
+void restore_rings(detail::BundleReader& reader, const std::set<std::string>& skip, TokenBackupKey& backup,
                    keystore::Store& dst, std::size_t count,
-                   const std::function<void(const KeyRing&)>& sink, const std::function<void()>& tick) {
+                   const std::function<void(const KeyRing&)>& sink, const std::function<void()>& tick,
+                   pkcs11::TokenRecycler* recycler) {
     // (A plain KeyRing and a flag: g++ 12 warns falsely on std::optional<KeyRing> here.)
     KeyRing ring;
     bool open = false, wanted = false;
+    std::size_t made = 0;  // temporary keys in the token since the last ring was finished
     auto flush = [&] {
         if (open && wanted) sink(ring);
         open = false;
+        // Between rings: nothing of the token is held here, so it may restart.
+        if (recycler) recycler->made(made);
+        made = 0;
     };
     // The whole rest of the bundle is read ahead on a second thread; a worker's share (count)
     // is read here, so that the reader stops exactly at its end.
@@ -756,11 +777,12 @@ void restore_rings(detail::BundleReader& reader, const std::set<std::string>& sk
             KeyVersion v = version_from(m);
             v.protection = dst.keys().protector->method();
             if (!e->wrapped.empty()) {
-                auto k = under_backup.unprotect(e->wrapped, {m.key_type, m.key_length}, Exposure::sensitive);
-                if (!same(backend.check_value(*k, m.public_key), m.kcv))
+                auto k = backup.under().unprotect(e->wrapped, {m.key_type, m.key_length}, Exposure::sensitive);
+                if (!same(backup.backend().check_value(*k, m.public_key), m.kcv))
                     throw IntegrityError(m.key_id + " version " + std::to_string(m.version) +
                                          ": the key's check value differs from its record");
                 v.wrapped = dst.keys().protector->protect(*k);
+                ++made;
             }
             if (m.current) ring.current = m.version;
             ring.versions.push_back(std::move(v));
@@ -852,22 +874,27 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         // take every jobs-th ring and write it as a pending file; this process adopts them.
         const CK_MECHANISM_TYPE mech = mechanism_of(reader.header().wrap_method);
         if (o.jobs <= 1 || sum.rings < 2) {
-            auto bek = load_backup_key(*ctx.session, secret.encryption);
-            pkcs11::AesWrapProtector under_backup(ctx.session, bek.handle(), mech);
-            pkcs11::TokenKeyBackend backend(ctx.session);
+            TokenBackupKey backup(ctx, secret.encryption, mech);
+            // A restart leaves the staged store's master keys and the backup key to be found
+            // or made again on the new session (ctx is the context every later step uses).
+            pkcs11::TokenRecycler recycler(ctx, [&] {
+                stage->token = ctx;
+                keystore::rebind_master_keys(*stage);
+                backup.rebind();
+            });
             reader.rewind();
             std::size_t done = 0;
             // Token work here; writing the ring files on a second thread (no token calls).
             RingWriter writer(dst);
             std::size_t wrapped = 0;
-            restore_rings(reader, skip, under_backup, backend, dst, SIZE_MAX,
+            restore_rings(reader, skip, backup, dst, SIZE_MAX,
                           [&](const KeyRing& r) {
                               writer.push(r, dst.seal_ring(r));
                               ++sum.rings_written;
                               sum.entries_written += r.versions.size();
                               for (const auto& v : r.versions) wrapped += !v.wrapped.empty();
                           },
-                          [&] { if (o.progress) o.progress(++done, sum.entries); });
+                          [&] { if (o.progress) o.progress(++done, sum.entries); }, &recycler);
             if (reader.next()) throw IntegrityError("internal: entries left after the last ring");
             if (mac_only) sum.wrapped_keys = wrapped;
             if (mac_only && (sum.entries_written != sum.entries || sum.rings_written != sum.rings))
@@ -887,18 +914,20 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             pkcs11::run_in_processes(ctx, o.jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
                 auto mine = keystore::open_store_on(c, keystore::open_file_storage(staging_root), false, true,
                                                     std::make_unique<HeldElsewhere>());
-                auto bek = load_backup_key(*c.session, secret.encryption);
-                pkcs11::AesWrapProtector under(c.session, bek.handle(), mech);
-                pkcs11::TokenKeyBackend be(c.session);
+                TokenBackupKey backup(mine.token, secret.encryption, mech);
+                pkcs11::TokenRecycler recycler(mine.token, [&] {
+                    keystore::rebind_master_keys(mine);
+                    backup.rebind();
+                });
                 // This worker's share: whole rings, entries [first, last); the rest is only
                 // read for the MAC, which every worker checks again.
                 detail::BundleReader own(o.bundle_path, secret);
                 std::size_t first = shares[k], last = shares[k + 1];
                 for (std::size_t n = 0; n < first; ++n) own.skip_next();
                 std::ofstream out(results.path() + "/" + std::to_string(k));
-                restore_rings(own, skip, under, be, *mine.store, last - first,
+                restore_rings(own, skip, backup, *mine.store, last - first,
                               [&](const KeyRing& r) { out << pending_to_line(mine.store->write_pending(r)) << "\n"; },
-                              [] {});
+                              [] {}, &recycler);
                 while (own.skip_next()) {
                 }
                 if (!out.flush()) throw Error("cannot write import results");

@@ -135,9 +135,8 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
     h.wrap_mechanism = pkcs11::mechanism_name(mech);
     h.kcv_encryption = secret.kcv_encryption;
     h.kcv_signature = secret.kcv_signature;
-    auto bek = load_backup_key(session, secret.encryption, true);
-    pkcs11::AesWrapProtector under_backup(os.token.session, bek.handle(), mech);
-    check_rfc5649(under_backup, secret.kcv_encryption, h.wrap_mechanism);
+    TokenBackupKey backup(os.token, secret.encryption, mech, true);
+    check_rfc5649(backup.under(), secret.kcv_encryption, h.wrap_mechanism);
     SecureBytes meta_key = metadata_key(secret.signature);
 
     V1ExportSummary sum;
@@ -145,7 +144,7 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
     {
         BundleWriter out(o.file, kV1MagicLine, h, secret.signature);
         export_entries([&](std::size_t i) { return std::move(rings[i]); }, rings.size(), true,
-                       *store.keys().protector, under_backup, meta_key, true, [&](const std::string& l, bool wrapped) {
+                       store.keys(), backup, meta_key, true, [&](const std::string& l, bool wrapped) {
             out.line(l);
             ++sum.entries;
             sum.wrapped_keys += wrapped;
@@ -267,12 +266,10 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
 
         // Pass 2: the backup key goes into the destination token; every key is unwrapped there
         // and wrapped again under the destination's master key.
-        auto bek = load_backup_key(*ctx.session, secret.encryption);
-        pkcs11::AesWrapProtector under_backup(ctx.session, bek.handle(), mechanism_of(reader.header().wrap_method));
-        pkcs11::TokenKeyBackend backend(ctx.session);
+        TokenBackupKey backup(ctx, secret.encryption, mechanism_of(reader.header().wrap_method));
         reader.rewind();
         std::size_t done = 0;
-        restore_rings(reader, {}, under_backup, backend, *dst, SIZE_MAX,
+        restore_rings(reader, {}, backup, *dst, SIZE_MAX,
                       [&](const KeyRing& r) { dst->put_ring(r); },
                       [&] { if (o.progress) o.progress(++done, sum.entries); });
         dst->sync();

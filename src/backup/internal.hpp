@@ -23,6 +23,7 @@
 #include "bundle_io.hpp"
 #include "keywarden/backup.hpp"
 #include "keywarden/error.hpp"
+#include "keywarden/token_context.hpp"
 #include "keywarden/token_protector.hpp"
 
 namespace keywarden::backup::detail {
@@ -44,12 +45,42 @@ pkcs11::SessionObject load_backup_key(pkcs11::Session& s, const SecureBytes& val
 
 class HeldElsewhere : public keystore::StorageLock {};  // the caller holds the real lock
 
-// The entries of `count` rings, in order, each from ring_at(i), every key rewrapped under the
-// backup key in the token. read_ahead: ring_at runs on a second thread (it must not use the token).
+// The backup encryption key as a session object, with the protector and the check-value backend
+// that use it. rebind() makes them again on the context's current session: after a token
+// restart (pkcs11::TokenRecycler) the old ones are gone.
+class TokenBackupKey {
+public:
+    TokenBackupKey(pkcs11::TokenContext& token, const SecureBytes& value, CK_MECHANISM_TYPE mech, bool wrap = false)
+        : m_token(token), m_value(value), m_mech(mech), m_wrap(wrap) {
+        rebind();
+    }
+    void rebind() {
+        m_key = load_backup_key(*m_token.session, m_value, m_wrap);
+        m_under = std::make_unique<pkcs11::AesWrapProtector>(m_token.session, m_key.handle(), m_mech);
+        m_backend = std::make_unique<pkcs11::TokenKeyBackend>(m_token.session);
+    }
+    pkcs11::AesWrapProtector& under() { return *m_under; }
+    pkcs11::TokenKeyBackend& backend() { return *m_backend; }
+
+private:
+    pkcs11::TokenContext& m_token;
+    const SecureBytes& m_value;
+    CK_MECHANISM_TYPE m_mech;
+    bool m_wrap;
+    pkcs11::SessionObject m_key;
+    std::unique_ptr<pkcs11::AesWrapProtector> m_under;
+    std::unique_ptr<pkcs11::TokenKeyBackend> m_backend;
+};
+
+// The entries of `count` rings, in order, each from ring_at(i), every key rewrapped from the
+// master key (master.protector) to the backup key in the token. read_ahead: ring_at runs on a
+// second thread (it must not use the token). recycler: told after each ring how many temporary
+// keys it made; it may restart the token and rebind `master` and `backup`.
 void export_entries(const std::function<keystore::KeyRing(std::size_t)>& ring_at, std::size_t count,
-                    bool read_ahead, KeyProtector& master, pkcs11::AesWrapProtector& under_backup,
+                    bool read_ahead, keystore::MasterKeys& master, TokenBackupKey& backup,
                     const SecureBytes& meta_key, bool private_keys,
-                    const std::function<void(const std::string&, bool)>& emit);
+                    const std::function<void(const std::string&, bool)>& emit,
+                    pkcs11::TokenRecycler* recycler = nullptr);
 // RFC 5649 wrap mechanism of the token, for bundles; and back from the recorded method name.
 CK_MECHANISM_TYPE bundle_mechanism(pkcs11::Session& s);
 CK_MECHANISM_TYPE mechanism_of(const std::string& method);
@@ -211,11 +242,12 @@ private:
 
 // Rebuilds rings from `count` entries, each key unwrapped under the backup key and wrapped under
 // dst's master key in the token; rings named in `skip` are read but not rebuilt. With count ==
-// SIZE_MAX the whole rest of the bundle is read, ahead on a second thread.
-void restore_rings(BundleReader& reader, const std::set<std::string>& skip,
-                   pkcs11::AesWrapProtector& under_backup, pkcs11::TokenKeyBackend& backend,
+// SIZE_MAX the whole rest of the bundle is read, ahead on a second thread. recycler: told after
+// each ring's sink; it may restart the token and rebind `backup` and dst's master keys.
+void restore_rings(BundleReader& reader, const std::set<std::string>& skip, TokenBackupKey& backup,
                    keystore::Store& dst, std::size_t count,
-                   const std::function<void(const keystore::KeyRing&)>& sink, const std::function<void()>& tick);
+                   const std::function<void(const keystore::KeyRing&)>& sink, const std::function<void()>& tick,
+                   pkcs11::TokenRecycler* recycler = nullptr);
 
 // A file written in full or not at all: created beside its target with O_EXCL, linked into
 // place at the end (link() refuses to replace an existing file), removed on any failure.

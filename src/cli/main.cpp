@@ -223,6 +223,12 @@ int run(int argc, char** argv) {
     }
     log::set_verbosity(g.verbose);
     pkcs11::set_trace_echo(g.verbose >= 2);
+    try {
+        pkcs11::token_restart_every();  // a bad value is refused before anything is done
+    } catch (const Error& e) {
+        std::cerr << "error: " << e.what() << "\nhint: " << e.hint() << "\n";
+        return static_cast<int>(e.exit_code());
+    }
     if (!secure_heap_active())
         log::info("the locked secure heap could not be set up (RLIMIT_MEMLOCK?): secrets are "
                   "still wiped on free, but may be swapped");

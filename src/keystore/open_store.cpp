@@ -110,6 +110,12 @@ OpenStore open_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> sto
     return s;
 }
 
+void rebind_master_keys(OpenStore& s) {
+    s.encryption = find_store_key(s.token, s.meta.encryption, "master encryption key", "keywarden import");
+    s.signature = find_store_key(s.token, s.meta.signature, "master signature key", "keywarden import");
+    s.store->keys() = token_master_keys(s.token, s.encryption, s.signature, s.mechanism);
+}
+
 OpenAnyStore open_any_store(const pkcs11::TokenOptions& options, const std::string& path,
                             bool writable, bool strict) {
     auto l = lock_store_and_open_token(options, path, writable);

@@ -163,7 +163,8 @@ Module::Module(CK_FUNCTION_LIST* fn, std::string path, std::optional<std::string
     }
 }
 
-void Module::reinitialize_after_fork() {
+void Module::restart() {
+    ++m_generation;  // first: even if C_Initialize fails, no old session may be used
     try_call("C_Finalize", m_fn->C_Finalize, static_cast<void*>(nullptr));
     CK_C_INITIALIZE_ARGS args{};
     args.flags = CKF_OS_LOCKING_OK;

@@ -63,8 +63,9 @@ SessionObject& SessionObject::operator=(SessionObject&& o) noexcept {
 }
 
 void SessionObject::reset() noexcept {
-    if (m_session && m_handle != CK_INVALID_HANDLE)
-        // Some tokens ignore CKA_TOKEN=false and keep every object; destroy explicitly.
+    // Some tokens ignore CKA_TOKEN=false and keep every object; destroy explicitly. After a
+    // module restart the object is gone, and its handle may now be another object's.
+    if (m_session && m_handle != CK_INVALID_HANDLE && m_session->live())
         try_call("C_DestroyObject", m_session->fn()->C_DestroyObject, m_session->handle(),
                  m_handle);
     m_handle = CK_INVALID_HANDLE;
@@ -83,11 +84,17 @@ std::shared_ptr<Session> Session::open(std::shared_ptr<Module> m, CK_SLOT_ID slo
     CK_FLAGS flags = CKF_SERIAL_SESSION | (rw ? CKF_RW_SESSION : 0);
     KW_P11_CALL(m->fn(), C_OpenSession, slot, flags, static_cast<void*>(nullptr),
                 static_cast<CK_NOTIFY>(nullptr), &h);
-    return std::shared_ptr<Session>(new Session(std::move(m), slot, h));
+    std::uint64_t gen = m->generation();
+    return std::shared_ptr<Session>(new Session(std::move(m), slot, h, gen));
 }
 
 Session::~Session() {
-    try_call("C_CloseSession", fn()->C_CloseSession, m_handle);
+    // A session from before a module restart is gone already; its handle may now be another's.
+    if (live()) try_call("C_CloseSession", fn()->C_CloseSession, m_handle);
+}
+
+void Session::throw_stale() const {
+    throw Error("internal: a PKCS#11 session was used after the module was restarted");
 }
 
 void Session::login(const SecureBytes& pin) {
@@ -96,7 +103,7 @@ void Session::login(const SecureBytes& pin) {
     check_login_allowed(ti.flags, trim_field(ti.label, sizeof ti.label));
     // One attempt only: a retry after CKR_PIN_INCORRECT would burn another try of the
     // token's counter (pkcs11-provider's session.c does the same).
-    CK_RV rv = try_call("C_Login", fn()->C_Login, m_handle, static_cast<CK_USER_TYPE>(CKU_USER),
+    CK_RV rv = try_call("C_Login", fn()->C_Login, handle(), static_cast<CK_USER_TYPE>(CKU_USER),
                         const_cast<CK_UTF8CHAR*>(pin.data()), static_cast<CK_ULONG>(pin.size()));
     if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) return;
     throw Pkcs11Error("C_Login", rv);
@@ -140,7 +147,7 @@ std::vector<CK_OBJECT_HANDLE> Session::find(CK_ATTRIBUTE* templ, CK_ULONG count,
     CK_OBJECT_HANDLE batch[16];
     while (out.size() < max) {
         CK_ULONG got = 0;
-        KW_P11_CALL(fn(), C_FindObjects, m_handle, batch, static_cast<CK_ULONG>(16), &got);
+        KW_P11_CALL(fn(), C_FindObjects, handle(), batch, static_cast<CK_ULONG>(16), &got);
         if (got == 0) break;
         out.insert(out.end(), batch, batch + got);
     }
@@ -150,20 +157,20 @@ std::vector<CK_OBJECT_HANDLE> Session::find(CK_ATTRIBUTE* templ, CK_ULONG count,
 
 std::vector<std::uint8_t> Session::get_bytes(CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t) {
     CK_ATTRIBUTE a{t, nullptr, 0};
-    KW_P11_CALL(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    KW_P11_CALL(fn(), C_GetAttributeValue, handle(), o, &a, static_cast<CK_ULONG>(1));
     std::vector<std::uint8_t> v(a.ulValueLen);
     a.pValue = v.data();
-    KW_P11_CALL(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    KW_P11_CALL(fn(), C_GetAttributeValue, handle(), o, &a, static_cast<CK_ULONG>(1));
     v.resize(a.ulValueLen);
     return v;
 }
 
 SecureBytes Session::get_secret(CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t) {
     CK_ATTRIBUTE a{t, nullptr, 0};
-    KW_P11_CALL(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    KW_P11_CALL(fn(), C_GetAttributeValue, handle(), o, &a, static_cast<CK_ULONG>(1));
     SecureBytes v(a.ulValueLen);
     a.pValue = v.data();
-    KW_P11_CALL(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    KW_P11_CALL(fn(), C_GetAttributeValue, handle(), o, &a, static_cast<CK_ULONG>(1));
     v.resize(a.ulValueLen);
     return v;
 }
@@ -171,7 +178,7 @@ SecureBytes Session::get_secret(CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t) {
 std::optional<CK_ULONG> Session::get_ulong(CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t) {
     CK_ULONG v = 0;
     CK_ATTRIBUTE a{t, &v, sizeof v};
-    CK_RV rv = KW_P11_TRY(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    CK_RV rv = KW_P11_TRY(fn(), C_GetAttributeValue, handle(), o, &a, static_cast<CK_ULONG>(1));
     if (rv == CKR_ATTRIBUTE_TYPE_INVALID || rv == CKR_ATTRIBUTE_SENSITIVE) return std::nullopt;
     if (rv != CKR_OK) throw Pkcs11Error("C_GetAttributeValue", rv);
     return v;
@@ -180,7 +187,7 @@ std::optional<CK_ULONG> Session::get_ulong(CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE
 std::optional<bool> Session::get_bool(CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t) {
     CK_BBOOL v = CK_FALSE;
     CK_ATTRIBUTE a{t, &v, sizeof v};
-    CK_RV rv = KW_P11_TRY(fn(), C_GetAttributeValue, m_handle, o, &a, static_cast<CK_ULONG>(1));
+    CK_RV rv = KW_P11_TRY(fn(), C_GetAttributeValue, handle(), o, &a, static_cast<CK_ULONG>(1));
     if (rv == CKR_ATTRIBUTE_TYPE_INVALID || rv == CKR_ATTRIBUTE_SENSITIVE) return std::nullopt;
     if (rv != CKR_OK) throw Pkcs11Error("C_GetAttributeValue", rv);
     return v == CK_TRUE;
@@ -189,7 +196,7 @@ std::optional<bool> Session::get_bool(CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t) {
 SessionObject Session::generate_key(CK_MECHANISM_TYPE mech, Template& t) {
     CK_MECHANISM m{mech, nullptr, 0};
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
-    KW_P11_CALL(fn(), C_GenerateKey, m_handle, &m, t.data(), t.size(), &h);
+    KW_P11_CALL(fn(), C_GenerateKey, handle(), &m, t.data(), t.size(), &h);
     return SessionObject(shared_from_this(), h);
 }
 
@@ -197,25 +204,25 @@ std::pair<SessionObject, SessionObject> Session::generate_key_pair(CK_MECHANISM_
                                                                    Template& pub, Template& priv) {
     CK_MECHANISM m{mech, nullptr, 0};
     CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE, hpriv = CK_INVALID_HANDLE;
-    KW_P11_CALL(fn(), C_GenerateKeyPair, m_handle, &m, pub.data(), pub.size(), priv.data(),
+    KW_P11_CALL(fn(), C_GenerateKeyPair, handle(), &m, pub.data(), pub.size(), priv.data(),
                 priv.size(), &hpub, &hpriv);
     return {SessionObject(shared_from_this(), hpub), SessionObject(shared_from_this(), hpriv)};
 }
 
 SessionObject Session::create_object(Template& t) {
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
-    KW_P11_CALL(fn(), C_CreateObject, m_handle, t.data(), t.size(), &h);
+    KW_P11_CALL(fn(), C_CreateObject, handle(), t.data(), t.size(), &h);
     return SessionObject(shared_from_this(), h);
 }
 
 std::vector<std::uint8_t> Session::wrap_key(CK_MECHANISM* mech, CK_OBJECT_HANDLE wrapping,
                                             CK_OBJECT_HANDLE key) {
     CK_ULONG n = 0;
-    KW_P11_CALL(fn(), C_WrapKey, m_handle, mech, wrapping, key, static_cast<CK_BYTE*>(nullptr), &n);
+    KW_P11_CALL(fn(), C_WrapKey, handle(), mech, wrapping, key, static_cast<CK_BYTE*>(nullptr), &n);
     // Generous: some tokens under-report the size in the query call.
     std::vector<std::uint8_t> out(n + 64);
     CK_ULONG got = out.size();
-    KW_P11_CALL(fn(), C_WrapKey, m_handle, mech, wrapping, key, out.data(), &got);
+    KW_P11_CALL(fn(), C_WrapKey, handle(), mech, wrapping, key, out.data(), &got);
     out.resize(got);
     return out;
 }
@@ -223,17 +230,17 @@ std::vector<std::uint8_t> Session::wrap_key(CK_MECHANISM* mech, CK_OBJECT_HANDLE
 SessionObject Session::unwrap_key(CK_MECHANISM* mech, CK_OBJECT_HANDLE unwrapping,
                                   std::span<const std::uint8_t> blob, Template& t) {
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
-    KW_P11_CALL(fn(), C_UnwrapKey, m_handle, mech, unwrapping, const_cast<CK_BYTE*>(blob.data()),
+    KW_P11_CALL(fn(), C_UnwrapKey, handle(), mech, unwrapping, const_cast<CK_BYTE*>(blob.data()),
                 static_cast<CK_ULONG>(blob.size()), t.data(), t.size(), &h);
     return SessionObject(shared_from_this(), h);
 }
 
 std::vector<std::uint8_t> Session::encrypt(CK_MECHANISM* mech, CK_OBJECT_HANDLE key,
                                            std::span<const std::uint8_t> in) {
-    KW_P11_CALL(fn(), C_EncryptInit, m_handle, mech, key);
+    KW_P11_CALL(fn(), C_EncryptInit, handle(), mech, key);
     std::vector<std::uint8_t> out(in.size() + 256);
     CK_ULONG got = out.size();
-    KW_P11_CALL(fn(), C_Encrypt, m_handle, const_cast<CK_BYTE*>(in.data()),
+    KW_P11_CALL(fn(), C_Encrypt, handle(), const_cast<CK_BYTE*>(in.data()),
                 static_cast<CK_ULONG>(in.size()), out.data(), &got);
     out.resize(got);
     return out;
@@ -241,10 +248,10 @@ std::vector<std::uint8_t> Session::encrypt(CK_MECHANISM* mech, CK_OBJECT_HANDLE 
 
 SecureBytes Session::decrypt(CK_MECHANISM* mech, CK_OBJECT_HANDLE key,
                              std::span<const std::uint8_t> in) {
-    KW_P11_CALL(fn(), C_DecryptInit, m_handle, mech, key);
+    KW_P11_CALL(fn(), C_DecryptInit, handle(), mech, key);
     SecureBytes out(in.size() + 256);
     CK_ULONG got = out.size();
-    KW_P11_CALL(fn(), C_Decrypt, m_handle, const_cast<CK_BYTE*>(in.data()),
+    KW_P11_CALL(fn(), C_Decrypt, handle(), const_cast<CK_BYTE*>(in.data()),
                 static_cast<CK_ULONG>(in.size()), out.data(), &got);
     out.resize(got);
     return out;
@@ -252,10 +259,10 @@ SecureBytes Session::decrypt(CK_MECHANISM* mech, CK_OBJECT_HANDLE key,
 
 std::vector<std::uint8_t> Session::sign(CK_MECHANISM* mech, CK_OBJECT_HANDLE key,
                                         std::span<const std::uint8_t> in) {
-    KW_P11_CALL(fn(), C_SignInit, m_handle, mech, key);
+    KW_P11_CALL(fn(), C_SignInit, handle(), mech, key);
     std::vector<std::uint8_t> out(1024);
     CK_ULONG got = out.size();
-    KW_P11_CALL(fn(), C_Sign, m_handle, const_cast<CK_BYTE*>(in.data()),
+    KW_P11_CALL(fn(), C_Sign, handle(), const_cast<CK_BYTE*>(in.data()),
                 static_cast<CK_ULONG>(in.size()), out.data(), &got);
     out.resize(got);
     return out;
@@ -263,8 +270,8 @@ std::vector<std::uint8_t> Session::sign(CK_MECHANISM* mech, CK_OBJECT_HANDLE key
 
 bool Session::verify(CK_MECHANISM* mech, CK_OBJECT_HANDLE key, std::span<const std::uint8_t> in,
                      std::span<const std::uint8_t> sig) {
-    KW_P11_CALL(fn(), C_VerifyInit, m_handle, mech, key);
-    CK_RV rv = KW_P11_TRY(fn(), C_Verify, m_handle, const_cast<CK_BYTE*>(in.data()),
+    KW_P11_CALL(fn(), C_VerifyInit, handle(), mech, key);
+    CK_RV rv = KW_P11_TRY(fn(), C_Verify, handle(), const_cast<CK_BYTE*>(in.data()),
                           static_cast<CK_ULONG>(in.size()), const_cast<CK_BYTE*>(sig.data()),
                           static_cast<CK_ULONG>(sig.size()));
     if (rv == CKR_OK) return true;
@@ -273,7 +280,7 @@ bool Session::verify(CK_MECHANISM* mech, CK_OBJECT_HANDLE key, std::span<const s
 }
 
 void Session::random(std::span<std::uint8_t> out) {
-    KW_P11_CALL(fn(), C_GenerateRandom, m_handle, out.data(), static_cast<CK_ULONG>(out.size()));
+    KW_P11_CALL(fn(), C_GenerateRandom, handle(), out.data(), static_cast<CK_ULONG>(out.size()));
 }
 
 }  // namespace keywarden::pkcs11

@@ -106,16 +106,14 @@ std::string read_all(int fd) {
     return out;
 }
 
-// In the child: a fresh module state, the same token, a new session, a login.
-TokenContext child_context(const TokenContext& parent) {
-    TokenContext c;
-    c.module = parent.module;
-    c.pin = parent.pin;
+}  // namespace
+
+void restart_token(TokenContext& c) {
     for (int attempt = 0;; ++attempt) {
         try {
-            c.module->reinitialize_after_fork();
+            c.module->restart();
             // SoftHSM may leave out a token another process is writing (see open_token).
-            c.token = select_token(list_tokens(*c.module), "serial:" + parent.token.serial);
+            c.token = select_token(list_tokens(*c.module), "serial:" + c.token.serial);
             break;
         } catch (const Error&) {
             if (attempt == 5) throw;
@@ -125,10 +123,32 @@ TokenContext child_context(const TokenContext& parent) {
     }
     c.session = Session::open(c.module, c.token.slot, true);
     if (c.pin) c.session->login(*c.pin);
-    return c;
 }
 
-}  // namespace
+std::size_t token_restart_every() {
+    const char* v = std::getenv("KEYWARDEN_TOKEN_RESTART_EVERY");
+    if (!v || !*v) return 16384;
+    char* end = nullptr;
+    errno = 0;
+    unsigned long long n = std::strtoull(v, &end, 10);
+    if (errno != 0 || *end != '\0' || *v == '-')
+        throw UsageError(std::string("KEYWARDEN_TOKEN_RESTART_EVERY must be a number of keys, not '") + v + "'",
+                         "unset it for the default (16384), or set 0 to never restart the module");
+    return static_cast<std::size_t>(n);
+}
+
+TokenRecycler::TokenRecycler(TokenContext& ctx, std::function<void()> rebind)
+    : m_ctx(ctx), m_rebind(std::move(rebind)), m_every(token_restart_every()) {}
+
+void TokenRecycler::made(std::size_t temporary_keys) {
+    m_count += temporary_keys;
+    if (m_every == 0 || m_count < m_every) return;
+    m_count = 0;
+    restart_token(m_ctx);
+    ++m_restarts;
+    log::info("restarted the PKCS#11 module (" + std::to_string(m_restarts) + ")");
+    m_rebind();
+}
 
 void run_in_processes(const TokenContext& parent, std::size_t jobs,
                       const std::function<void(std::size_t, TokenContext&)>& work) {
@@ -152,7 +172,8 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
             int code = 0;
             std::string report;
             try {
-                TokenContext c = child_context(parent);
+                TokenContext c = parent;
+                restart_token(c);
                 work(k, c);
             } catch (const Error& e) {
                 code = static_cast<int>(e.exit_code());
