@@ -450,3 +450,45 @@ TEST_CASE("backup: restarting the token during export, verify and import changes
     CHECK(!fs::exists(bundle));
     CHECK(!fs::exists(secret));
 }
+
+// export --all reads the store in one streamed pass; a damaged store is refused just the same,
+// with exit 4, and no output file is left.
+TEST_CASE("backup: export --all of a damaged store is refused and leaves no files", "[cli]") {
+    BackupFixture f;
+    std::string manifest = f.a + "/manifest";
+    std::string ring = f.a + "/keys/client/alice01/symmetric.keyring";
+    const std::string good_manifest = kwtest::read_text(manifest), good_ring = kwtest::read_text(ring);
+    f.must({"--keystore", f.a, "rotate", "client/alice01/symmetric"});
+    const std::string newer_manifest = kwtest::read_text(manifest), newer_ring = kwtest::read_text(ring);
+    struct Row {
+        std::string what;
+        std::function<void()> damage;
+    };
+    std::vector<Row> rows{
+        {"a byte of the manifest flipped", [&] { auto t = newer_manifest; t[t.size() / 2] ^= 1; kwtest::write_file(manifest, t); }},
+        {"the manifest truncated", [&] { kwtest::write_file(manifest, newer_manifest.substr(0, newer_manifest.size() - 40)); }},
+        {"an older ring put back", [&] { kwtest::write_file(ring, good_ring); }},
+        {"an older manifest put back", [&] { kwtest::write_file(manifest, good_manifest); }},
+        {"a ring file deleted", [&] { fs::remove(ring); }},
+    };
+    int n = 0;
+    for (const auto& row : rows) {
+        INFO(row.what);
+        row.damage();
+        std::string bundle = f.dir + "/d" + std::to_string(n) + ".dat", secret = f.dir + "/d" + std::to_string(n) + ".json";
+        ++n;
+        auto before = kwtest::tree_digest(f.a);
+        for (const char* jobs : {"1", "2"}) {
+            auto r = f.run([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys", "--jobs", jobs}); return v; }());
+            CHECK(r.code == 4);
+            CHECK(r.err.find("error:") != std::string::npos);
+            CHECK(!fs::exists(bundle));
+            CHECK(!fs::exists(secret));
+        }
+        CHECK(kwtest::tree_digest(f.a) == before);
+        kwtest::write_file(manifest, newer_manifest);
+        kwtest::write_file(ring, newer_ring);
+        ::chmod(ring.c_str(), 0600);
+    }
+    f.must([&] { auto v = f.exp(f.dir + "/ok.dat", f.dir + "/ok.json"); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+}

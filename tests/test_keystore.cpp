@@ -56,6 +56,17 @@ void flip(const std::string& path, std::size_t offset) {
     f.write(&c, 1);
 }
 
+// Every field of a ring, as text, to compare two reads of it.
+std::string ring_to_text(const KeyRing& r) {
+    std::string out = r.id.str() + " current " + (r.current ? std::to_string(*r.current) : "-");
+    for (const auto& v : r.versions)
+        out += " | " + std::to_string(v.version) + " " + std::string(key_state_name(v.state)) + " " +
+               std::to_string(v.created) + " " + std::to_string(v.valid_from) + " " +
+               (v.valid_until ? std::to_string(*v.valid_until) : "-") + " " + std::to_string(v.key_length) + " " +
+               v.protection + " " + to_hex(v.wrapped) + " " + to_hex(v.kcv) + " " + to_hex(v.public_key);
+    return out;
+}
+
 const KeyId kAliceSym = {RingKind::symmetric, "alice01"};
 const KeyId kAliceStorage = {RingKind::storage_keypair, "alice01"};
 const KeyId kBobSym = {RingKind::symmetric, "bob-the-client"};
@@ -280,4 +291,83 @@ TEST_CASE("init refuses an existing store", "[unit]") {
     auto k = s.keys();
     CHECK_THROWS_AS(KeyStore::init(*st, k, StoreMeta{}), ConflictError);
     CHECK(kwtest::tree_digest(s.dir) == before);
+}
+
+// export --all opens the store for one streamed pass (KeyStore::open_streaming): the manifest is
+// checked while it streams from disk and read again ring by ring. It must read exactly what a
+// loaded store reads and refuse exactly what a loaded store refuses.
+TEST_CASE("a streamed store reads what a loaded store reads, and refuses the same tampering", "[unit]") {
+    SoftStore s;
+    const KeyId poison{RingKind::poison_keypair, ""}, audit{RingKind::audit_log, ""};
+    s.open(true)->generate({kAliceSym, kBobSym, kAliceStorage, poison, audit});
+    s.open(true)->generate({kAliceSym, kAliceStorage});  // rotated: two versions each
+    auto streamed = [&] { return KeyStore::open_streaming(open_file_storage(s.dir), s.keys()); };
+    auto all_rings = [](const KeyStore& ks, std::function<bool(const KeyId&)> filter = {}) {
+        std::vector<std::string> out;
+        auto cur = ks.rings(false, std::move(filter));
+        while (auto r = cur.next()) out.push_back(ring_to_text(*r));
+        return out;
+    };
+
+    SECTION("the same rings, versions and counts") {
+        auto loaded = s.open();
+        std::vector<std::string> expected;
+        for (const auto& id : loaded->key_ids()) expected.push_back(ring_to_text(loaded->load(id)));
+        REQUIRE(expected.size() == 5);
+        auto ks = streamed();
+        CHECK(all_rings(*ks) == expected);
+        CHECK(all_rings(*ks) == all_rings(*loaded));  // a second pass reads the file again
+        auto counts = ks->counts_by_kind();
+        CHECK(counts == loaded->counts_by_kind());
+        CHECK(counts.at(RingKind::symmetric).rings == 2);
+        CHECK(counts.at(RingKind::symmetric).versions == 3);
+        auto keypairs = all_rings(*ks, [](const KeyId& id) { return has_public(id.kind); });
+        CHECK(keypairs.size() == 2);
+        CHECK_THROWS_AS(ks->key_ids(), Error);  // nothing but the streamed pass
+    }
+    SECTION("every single-byte flip, truncation and extension of the manifest") {
+        std::string m = s.dir + "/manifest";
+        auto size = fs::file_size(m);
+        for (std::size_t i = 0; i < size; ++i) {
+            INFO("offset " << i);
+            flip(m, i);
+            CHECK_THROWS_AS(streamed(), Error);
+            flip(m, i);
+        }
+        auto whole = kwtest::read_text(m);
+        for (std::size_t cut : {std::size_t{0}, std::size_t{5}, std::size_t{14}, size / 2, size - 32, size - 1}) {
+            INFO("cut at " << cut);
+            kwtest::write_file(m, whole.substr(0, cut));
+            CHECK_THROWS_AS(streamed(), Error);
+        }
+        kwtest::write_file(m, whole + "x");
+        CHECK_THROWS_AS(streamed(), IntegrityError);
+        kwtest::write_file(m, whole);
+        CHECK(all_rings(*streamed()).size() == 5);
+    }
+    SECTION("an older signed copy of a ring put back, or a ring deleted") {
+        const std::string alice = s.path(kAliceSym);
+        auto old = kwtest::read_text(alice);
+        s.open(true)->generate({kAliceSym});
+        kwtest::write_file(alice, old);
+        CHECK_THROWS_WITH(all_rings(*streamed()), Catch::Contains("does not match the signed manifest"));
+        fs::remove(alice);
+        CHECK_THROWS_WITH(all_rings(*streamed()), Catch::Contains("missing"));
+    }
+    SECTION("a committed pending copy after a crash is the one read") {
+        const std::string alice = s.path(kAliceSym);
+        auto expected = all_rings(*s.open());
+        fs::rename(alice, alice + ".pending");
+        kwtest::write_file(alice, "stale bytes");
+        CHECK(all_rings(*streamed()) == expected);
+        CHECK(kwtest::read_text(alice) == "stale bytes");  // a reader changes nothing
+    }
+    SECTION("a manifest replaced between the open and the pass") {
+        std::string m = s.dir + "/manifest";
+        auto old = kwtest::read_text(m);  // validly signed, one generation older
+        s.open(true)->generate({KeyId{RingKind::symmetric, "zed-the-last"}});  // every other ring unchanged
+        auto ks = streamed();
+        kwtest::write_file(m, old);
+        CHECK_THROWS_WITH(all_rings(*ks), Catch::Contains("changed while the store was being read"));
+    }
 }

@@ -82,6 +82,16 @@ public:
     using Parts = std::vector<std::span<const std::uint8_t>>;
     virtual std::vector<std::uint8_t> mac_parts(const Parts& parts);
     virtual bool verify_parts(const Parts& parts, std::span<const std::uint8_t> tag);
+
+    // A MAC over pieces given one at a time, for input read from disk in pieces. The caller
+    // compares the tag in constant time. The default collects the pieces; the token streams.
+    class Stream {
+    public:
+        virtual ~Stream() = default;
+        virtual void update(std::span<const std::uint8_t> piece) = 0;
+        virtual std::vector<std::uint8_t> final() = 0;
+    };
+    virtual std::unique_ptr<Stream> stream();
 };
 
 // Where transient keys are made and checked: the token, or host memory for unit tests.

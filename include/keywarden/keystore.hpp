@@ -196,7 +196,39 @@ public:
     static std::unique_ptr<KeyStore> open(std::unique_ptr<Storage> storage, MasterKeys keys,
                                           bool writable, bool strict = true,
                                           std::unique_ptr<StorageLock> lock = nullptr);
+    // Opens read-only for one pass over every ring (export of a large store), without holding
+    // the manifest in memory: the manifest is streamed from disk, its MAC checked and its SHA-256
+    // kept, and the ring files are not listed (a missing one is found when it is read). Such a
+    // store offers ring_count(), version_count() and rings(); the other reading calls throw.
+    static std::unique_ptr<KeyStore> open_streaming(std::unique_ptr<Storage> storage, MasterKeys keys,
+                                                    std::unique_ptr<StorageLock> lock = nullptr);
     ~KeyStore();
+
+    // Every ring in key id order, each read as load(id, check_mac) reads it. On a streaming
+    // store the manifest is read again from disk; after the last ring its bytes are compared
+    // with those authenticated at open (IntegrityError if they changed in between).
+    class RingCursor {
+    public:
+        RingCursor(RingCursor&&) noexcept;
+        ~RingCursor();
+        std::optional<KeyRing> next();
+        // Passes over the next ring without reading its file; false after the last one.
+        bool skip();
+
+    private:
+        friend class KeyStore;
+        struct State;
+        explicit RingCursor(std::unique_ptr<State> s);
+        std::unique_ptr<State> m;
+    };
+    // filter: only the rings it accepts (the others are passed over without reading their file).
+    RingCursor rings(bool check_mac, std::function<bool(const KeyId&)> filter = {}) const;
+    struct Counts {
+        std::size_t rings = 0, versions = 0;
+        bool operator==(const Counts&) const = default;
+    };
+    // Rings and versions per kind (a full export's entry counts), on a streamed store too.
+    std::map<RingKind, Counts> counts_by_kind() const;
 
     int store_version() const override { return 2; }
     const StoreMeta& meta() const override { return m_meta; }
@@ -261,8 +293,14 @@ public:
 
 private:
     KeyStore(std::unique_ptr<Storage> storage, MasterKeys keys, bool writable);
+    static std::unique_ptr<KeyStore> open_impl(std::unique_ptr<Storage> storage, MasterKeys keys, bool writable,
+                                               int mode, std::unique_ptr<StorageLock> lock);
     struct Manifest;
+    struct Streamed;
+    Manifest& manifest() const;
+    KeyRing load_entry(const KeyId& id, const std::string& file, const std::string& sha256, bool check_mac) const;
     void load_manifest();
+    void scan_manifest();
     void recover_pending();
     void check_files(bool strict);
     void commit(const std::vector<KeyRing>& rings);
@@ -273,6 +311,7 @@ private:
     std::unique_ptr<StorageLock> m_lock;
     StoreMeta m_meta;
     std::unique_ptr<Manifest> m_manifest;
+    std::unique_ptr<Streamed> m_streamed;  // open_streaming: what the scan at open found
     std::unique_ptr<Manifest> m_staged;  // the next manifest while rings are being staged
     std::vector<std::string> m_staged_files;
     std::vector<VerifyProblem> m_file_problems;

@@ -25,6 +25,10 @@ struct OpenStore {
     CK_MECHANISM_TYPE mechanism = 0;
 };
 
+// Opens a v2 store read-only for one streamed pass over every ring (KeyStore::open_streaming):
+// export --all of a large store, in memory that does not grow with the store.
+OpenStore open_store_streaming(const pkcs11::TokenOptions& options, const std::string& path);
+
 // After pkcs11::restart_token(s.token): finds the master keys again on the new session and gives
 // the store protectors that use them (the old handles are gone with the old session).
 void rebind_master_keys(OpenStore& s);

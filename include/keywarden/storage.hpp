@@ -3,6 +3,7 @@
 // backend is here, Redis comes later behind the same interface.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -27,6 +28,15 @@ public:
     virtual bool exists() const = 0;
     // Names are relative, '/'-separated, and never contain "..": checked by the backend.
     virtual std::optional<Bytes> read(const std::string& name) const = 0;
+    // A file read in pieces, for files too large to hold (the manifest of a big store).
+    class Reader {
+    public:
+        virtual ~Reader() = default;
+        // Up to n bytes; 0 at the end.
+        virtual std::size_t read(std::uint8_t* out, std::size_t n) = 0;
+    };
+    // nullptr if the file does not exist. The default reads the whole file with read().
+    virtual std::unique_ptr<Reader> open_reader(const std::string& name) const;
     // Atomic: temp file, fsync, rename, fsync of the directory. Refuses to replace an existing
     // file when exclusive is set.
     virtual void write(const std::string& name, const Bytes& data, bool exclusive = false) = 0;

@@ -74,6 +74,8 @@ public:
     // C_SignInit / C_SignUpdate per part (in 1 MiB pieces) / C_SignFinal; likewise C_Verify*.
     std::vector<std::uint8_t> mac_parts(const Parts& parts) override;
     bool verify_parts(const Parts& parts, std::span<const std::uint8_t> tag) override;
+    // C_SignInit now, C_SignUpdate per piece, C_SignFinal. Abandoned, it ends the operation.
+    std::unique_ptr<Stream> stream() override;
 
 private:
     std::shared_ptr<Session> m_session;

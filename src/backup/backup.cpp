@@ -134,22 +134,6 @@ private:
     std::string m_path;
 };
 
-// Contiguous shares of the rings with about the same number of key versions each.
-std::vector<std::vector<KeyId>> split_by_weight(const std::vector<KeyId>& ids,
-                                                const std::map<std::string, std::size_t>& weight,
-                                                std::size_t parts) {
-    std::size_t total = 0;
-    for (const auto& id : ids) total += weight.at(id.str());
-    std::vector<std::vector<KeyId>> out(1);
-    std::size_t acc = 0;
-    for (const auto& id : ids) {
-        if (out.size() < parts && acc >= total * out.size() / parts && !out.back().empty()) out.emplace_back();
-        out.back().push_back(id);
-        acc += weight.at(id.str());
-    }
-    return out;
-}
-
 // The entries of `count` rings, in order, each from ring_at(i). Each key is unwrapped under the
 // master key into a sensitive session object, wrapped under the backup key and destroyed: never in
 // host memory in the clear.
@@ -346,27 +330,40 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
     keystore::KeyStore& store = *os.store;
     pkcs11::Session& session = *os.token.session;
 
-    // What goes in: every ring, or the ones named; without private keys only keypairs.
-    std::vector<KeyId> ids = o.all ? store.key_ids() : o.ids;
-    if (!o.all) {
-        std::set<std::string> seen;
-        for (const auto& id : ids) {
+    // What goes in: every ring, or the ones named; without private keys only keypairs. The rings
+    // are read in key id order from the manifest (streamed from disk for a large store), so the
+    // bundle is always in key id order.
+    std::set<std::string> selected;
+    keystore::KeyStore::Counts want;
+    if (o.all) {
+        for (const auto& [kind, c] : store.counts_by_kind())
+            if (o.private_keys || keystore::has_public(kind)) {
+                want.rings += c.rings;
+                want.versions += c.versions;
+            }
+    } else {
+        for (const auto& id : o.ids) {
             if (!store.contains(id)) throw NotFoundError("no key ring " + id.str() + " in the store");
-            if (!seen.insert(id.str()).second) throw UsageError(id.str() + " is named twice");
+            if (!selected.insert(id.str()).second) throw UsageError(id.str() + " is named twice");
+        }
+        std::erase_if(selected, [&](const std::string& id) {
+            return !o.private_keys && !keystore::has_public(KeyId::parse(id).kind);
+        });
+        for (const auto& id : selected) {
+            ++want.rings;
+            want.versions += store.load(KeyId::parse(id), false).versions.size();
         }
     }
-    if (!o.private_keys) {
-        std::erase_if(ids, [](const KeyId& id) { return !keystore::has_public(id.kind); });
-        if (ids.empty())
-            throw UsageError("nothing to export: without --private-keys only public halves of "
-                             "keypairs are exported, and none was selected");
-    }
-    std::map<std::string, std::size_t> versions;
-    for (const auto& s : store.list()) versions[s.key_id] = s.versions.size();
+    if (!o.private_keys && want.rings == 0)
+        throw UsageError("nothing to export: without --private-keys only public halves of "
+                         "keypairs are exported, and none was selected");
+    auto wanted = [&](const KeyId& id) {
+        return o.all ? o.private_keys || keystore::has_public(id.kind) : selected.count(id.str()) != 0;
+    };
     BundleHeader h = new_header(session);
     h.private_keys = o.private_keys;
-    h.rings = ids.size();
-    for (const auto& id : ids) h.entries += versions.at(id.str());
+    h.rings = want.rings;
+    h.entries = want.versions;
 
     // Fresh backup keys for this export only, made in the token. Their values go to the secret
     // file; the wrapping is done by a non-extractable copy of the encryption key (made again
@@ -399,42 +396,59 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
             sum.wrapped_keys += wrapped;
             if (o.progress) o.progress(++done, h.entries);
         };
-        sum.rings = ids.size();
-        if (o.jobs <= 1 || ids.size() < 2) {
+        sum.rings = want.rings;
+        // The next wanted ring from a cursor; after the last one the cursor must be at its end
+        // (which also compares a streamed manifest with the one authenticated at open).
+        auto take = [](keystore::KeyStore::RingCursor& cur) {
+            auto r = cur.next();
+            if (!r) throw Error("internal: the store changed during export");
+            return std::move(*r);
+        };
+        auto drain = [](keystore::KeyStore::RingCursor& cur) {
+            if (cur.skip()) throw Error("internal: the store changed during export");
+        };
+        if (o.jobs <= 1 || want.rings < 2) {
             // The ring's digest is checked against the MAC-verified manifest; its own MAC again
             // in the token would double the token calls per key for no added assurance.
             pkcs11::TokenRecycler recycler(os.token, [&] {
                 keystore::rebind_master_keys(os);
                 backup.rebind();
             });
-            export_entries([&](std::size_t i) { return store.load(ids[i], false); }, ids.size(), true,
-                           store.keys(), backup, meta_key, o.private_keys, emit, &recycler);
+            auto cursor = store.rings(false, wanted);
+            export_entries([&](std::size_t) { return take(cursor); }, want.rings, true, store.keys(), backup,
+                           meta_key, o.private_keys, emit, &recycler);
+            drain(cursor);
         } else {
-            // Worker processes write their share of entries to part files, in ring order; the
-            // parent then copies them into the bundle in that order, through the MAC.
+            // Worker processes write their share of rings (by position) to part files, in
+            // order; the parent then copies them into the bundle in that order, through the MAC.
+            // Each worker uses this process's open store (inherited by fork) on its own session.
             TempDir parts(o.bundle_path, "parts");
-            auto chunks = split_by_weight(ids, versions, std::min(o.jobs, ids.size()));
-            std::string store_root = store.storage().describe();
-            pkcs11::run_in_processes(os.token, chunks.size(), [&](std::size_t k, pkcs11::TokenContext& c) {
-                auto mine = keystore::open_store_on(c, keystore::open_file_storage(store_root), false, true,
-                                                    std::make_unique<HeldElsewhere>());
-                TokenBackupKey backup_k(mine.token, secret.encryption, mech, true);
-                pkcs11::TokenRecycler recycler(mine.token, [&] {
-                    keystore::rebind_master_keys(mine);
+            std::size_t n = std::min(o.jobs, want.rings);
+            pkcs11::run_in_processes(os.token, n, [&](std::size_t k, pkcs11::TokenContext& c) {
+                os.token = c;
+                keystore::rebind_master_keys(os);
+                TokenBackupKey backup_k(os.token, secret.encryption, mech, true);
+                pkcs11::TokenRecycler recycler(os.token, [&] {
+                    keystore::rebind_master_keys(os);
                     backup_k.rebind();
                 });
                 ExclusiveFile part(parts.path() + "/" + std::to_string(k));
-                const auto& share = chunks[k];
-                export_entries([&](std::size_t i) { return mine.store->load(share[i], false); }, share.size(), true,
-                               mine.store->keys(), backup_k, meta_key, o.private_keys,
+                std::size_t first = want.rings * k / n, last = want.rings * (k + 1) / n;
+                auto cursor = store.rings(false, wanted);
+                for (std::size_t i = 0; i < first; ++i)
+                    if (!cursor.skip()) throw Error("internal: the store changed during export");
+                export_entries([&](std::size_t) { return take(cursor); }, last - first, true, store.keys(), backup_k,
+                               meta_key, o.private_keys,
                                [&](const std::string& l, bool) {
                                    part.write(l);
                                    part.write("\n");
                                },
                                &recycler);
+                while (cursor.skip()) {
+                }
                 part.commit();
             });
-            for (std::size_t k = 0; k < chunks.size(); ++k) {
+            for (std::size_t k = 0; k < n; ++k) {
                 std::ifstream in(parts.path() + "/" + std::to_string(k));
                 for (std::string l; std::getline(in, l);) emit(l, !l.ends_with(" -"));
             }

@@ -24,7 +24,8 @@ int run_export(const GlobalOptions& g, const ExportOptions& o) {
     eo.jobs = o.jobs;
     for (const auto& k : o.key_ids) eo.ids.push_back(keystore::KeyId::parse(k));
     eo.progress = progress_bar("exporting");
-    auto s = with_store(g, false);
+    // --all reads the store in one streamed pass: memory does not grow with the store.
+    auto s = o.all ? with_store_streaming(g) : with_store(g, false);
     auto sum = backup::export_bundle(s, eo);
     if (g.json) {
         std::cout << nlohmann::json{{"bundle", o.bundle},

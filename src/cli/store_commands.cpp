@@ -35,6 +35,10 @@ OpenStore with_store(const GlobalOptions& g, bool writable, bool strict) {
     return open_store(g.tok, keystore_path(g), writable, strict);
 }
 
+OpenStore with_store_streaming(const GlobalOptions& g) {
+    return keystore::open_store_streaming(g.tok, keystore_path(g));
+}
+
 keystore::OpenAnyStore with_any_store(const GlobalOptions& g, bool writable, bool strict) {
     return open_any_store(g.tok, keystore_path(g), writable, strict);
 }

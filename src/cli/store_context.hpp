@@ -10,6 +10,8 @@ using keystore::OpenStore;
 
 // What store commands need (mu's with_store): the store named by the options, opened.
 OpenStore with_store(const GlobalOptions& g, bool writable, bool strict = true);
+// Read-only, for one streamed pass over every ring (export --all): see open_store_streaming.
+OpenStore with_store_streaming(const GlobalOptions& g);
 // The same for commands that work on either store version.
 keystore::OpenAnyStore with_any_store(const GlobalOptions& g, bool writable, bool strict = true);
 

@@ -118,6 +118,17 @@ bool MacKey::verify_parts(const Parts& parts, std::span<const std::uint8_t> tag)
     return verify(concat(parts), tag);
 }
 
+std::unique_ptr<MacKey::Stream> MacKey::stream() {
+    struct Collect : Stream {
+        explicit Collect(MacKey& k) : key(k) {}
+        MacKey& key;
+        std::vector<std::uint8_t> all;
+        void update(std::span<const std::uint8_t> piece) override { all.insert(all.end(), piece.begin(), piece.end()); }
+        std::vector<std::uint8_t> final() override { return key.mac(all); }
+    };
+    return std::make_unique<Collect>(*this);
+}
+
 std::vector<std::uint8_t> SoftwareMacKey::mac(std::span<const std::uint8_t> data) {
     return hmac_sha256(m_key, data);
 }

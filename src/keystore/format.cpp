@@ -1,4 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
+#include <openssl/evp.h>
+
 #include <cstring>
 
 #include "detail/format.hpp"
@@ -247,6 +249,216 @@ ManifestData parse_manifest_body(std::span<const std::uint8_t> file) {
         m.meta_sha256 = j.at("meta_sha256").get<std::string>();
         if (j.at("format").get<int>() != kManifestFormat) throw FormatError("manifest body has another format");
         return m;
+    } catch (const json::exception& e) {
+        throw FormatError(std::string("manifest: missing or mistyped field: ") + e.what());
+    }
+}
+
+// ---- the manifest, streamed ------------------------------------------------------------------
+
+struct ManifestScanner::Hash {
+    EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+    ~Hash() { EVP_MD_CTX_free(ctx); }
+};
+
+ManifestScanner::ManifestScanner(std::unique_ptr<Storage::Reader> in, MacKey::Stream* mac, std::string_view domain,
+                                 const std::string& binding)
+    : m_in(std::move(in)), m_mac(mac), m_hash(std::make_unique<Hash>()), m_buf(256 * 1024) {
+    if (!m_hash->ctx || EVP_DigestInit_ex(m_hash->ctx, EVP_sha256(), nullptr) != 1)
+        throw Error("SHA-256 is not available");
+    if (m_mac) {
+        static const std::uint8_t zero = 0;
+        m_mac->update({reinterpret_cast<const std::uint8_t*>(domain.data()), domain.size()});
+        m_mac->update({&zero, 1});
+        m_mac->update({reinterpret_cast<const std::uint8_t*>(binding.data()), binding.size()});
+        m_mac->update({&zero, 1});
+    }
+    // The header: magic, format, body length (section 7.1).
+    std::uint8_t h[kHeaderSize];
+    for (std::size_t i = 0; i < kHeaderSize; ++i) {
+        int c = get();
+        if (c < 0) throw IntegrityError("the manifest is truncated");
+        h[i] = static_cast<std::uint8_t>(c);
+    }
+    if (std::memcmp(h, kManifestMagic, 8) != 0)
+        throw FormatError("the manifest is not a keywarden manifest file (bad magic)");
+    std::uint16_t f = get_u16(h + 8);
+    if (f != kManifestFormat)
+        throw FormatError("the manifest has format version " + std::to_string(f) + ", this keywarden reads version " +
+                              std::to_string(kManifestFormat),
+                          f > kManifestFormat ? "upgrade keywarden" : "");
+    m_signed_end = kHeaderSize + std::uint64_t{get_u32(h + 10)};
+    skip_ws();
+    expect('{');
+}
+
+ManifestScanner::~ManifestScanner() = default;
+
+// More of the file into the buffer (keeping what is not consumed). Every byte read goes into
+// the SHA-256; the MAC gets the signed part as it is consumed (feed_mac).
+void ManifestScanner::feed_mac() {
+    if (!m_mac) return;
+    std::uint64_t upto = m_file_off + m_pos;
+    if (m_signed_end) upto = std::min(upto, m_signed_end);
+    if (upto <= m_mac_done) return;
+    m_mac->update({m_buf.data() + (m_mac_done - m_file_off), static_cast<std::size_t>(upto - m_mac_done)});
+    m_mac_done = upto;
+}
+
+void ManifestScanner::fill() {
+    feed_mac();  // before the consumed bytes leave the buffer
+    if (m_pos > 0) {
+        std::memmove(m_buf.data(), m_buf.data() + m_pos, m_len - m_pos);
+        m_file_off += m_pos;
+        m_len -= m_pos;
+        m_pos = 0;
+    }
+    std::size_t got = m_in->read(m_buf.data() + m_len, m_buf.size() - m_len);
+    if (got == 0) return;
+    EVP_DigestUpdate(m_hash->ctx, m_buf.data() + m_len, got);
+    m_len += got;
+}
+
+// The next byte of the signed part (the header, then the body), or -1 at its end.
+int ManifestScanner::peek() {
+    if (m_signed_end && m_file_off + m_pos >= m_signed_end) return -1;
+    if (m_pos == m_len) fill();
+    if (m_pos == m_len) return -1;
+    return m_buf[m_pos];
+}
+
+int ManifestScanner::get() {
+    int c = peek();
+    if (c >= 0) ++m_pos;
+    return c;
+}
+
+void ManifestScanner::skip_ws() {
+    for (int c = peek(); c == ' ' || c == '\n' || c == '\r' || c == '\t'; c = peek()) ++m_pos;
+}
+
+void ManifestScanner::expect(char want) {
+    skip_ws();
+    int c = get();
+    if (c < 0) throw IntegrityError("the manifest is truncated");
+    if (c != want) throw FormatError(std::string("manifest: expected '") + want + "' in the body");
+}
+
+// The raw text of one JSON value (string, object, array or literal), for json::parse.
+std::string ManifestScanner::value_text() {
+    skip_ws();
+    std::string out;
+    int depth = 0;
+    bool in_string = false, escaped = false;
+    for (;;) {
+        int c = peek();
+        if (c < 0) throw IntegrityError("the manifest is truncated");
+        if (!in_string && depth == 0 && !out.empty() && out.front() != '"' && out.front() != '{' &&
+            out.front() != '[' && (c == ',' || c == '}' || c == ']' || c == ' ' || c == '\n'))
+            return out;  // the end of a number or literal
+        ++m_pos;
+        out.push_back(static_cast<char>(c));
+        if (in_string) {
+            if (escaped) escaped = false;
+            else if (c == '\\') escaped = true;
+            else if (c == '"') {
+                in_string = false;
+                if (depth == 0) return out;
+            }
+        } else if (c == '"') {
+            in_string = true;
+        } else if (c == '{' || c == '[') {
+            ++depth;
+        } else if (c == '}' || c == ']') {
+            if (--depth < 0) throw FormatError("manifest: unbalanced JSON in the body");
+            if (depth == 0) return out;
+        }
+    }
+}
+
+std::string ManifestScanner::key() {
+    std::string text = value_text();
+    if (text.empty() || text.front() != '"') throw FormatError("manifest: expected a member name in the body");
+    std::string k = json::parse(text).get<std::string>();
+    expect(':');
+    return k;
+}
+
+void ManifestScanner::top_member(const std::string& name) {
+    json v = json::parse(value_text());
+    if (name == "store_id") m_top.store_id = v.get<std::string>();
+    else if (name == "generation") m_top.generation = v.get<std::uint64_t>();
+    else if (name == "meta_sha256") m_top.meta_sha256 = v.get<std::string>();
+    else if (name == "format" && v.get<int>() != kManifestFormat) throw FormatError("manifest body has another format");
+}
+
+// After the rings: the remaining top-level members, the end of the body, the tag, the end.
+void ManifestScanner::finish() {
+    for (;;) {
+        skip_ws();
+        int c = get();
+        if (c == '}') break;
+        if (c < 0) throw IntegrityError("the manifest is truncated");
+        if (c != ',') throw FormatError("manifest: bad body");
+        std::string name = key();
+        if (name == "rings") throw FormatError("manifest: two ring lists");
+        top_member(name);
+    }
+    skip_ws();
+    if (peek() >= 0) throw FormatError("manifest: data after the body");
+    feed_mac();
+    // The tag, then nothing.
+    m_pos = static_cast<std::size_t>(m_signed_end - m_file_off);
+    while (m_len - m_pos < kMacSize + 1) {
+        std::size_t before = m_len;
+        fill();
+        if (m_len == before) break;
+    }
+    if (m_len - m_pos < kMacSize) throw IntegrityError("the manifest is truncated");
+    if (m_len - m_pos > kMacSize)
+        throw IntegrityError("the manifest has a length that does not match its header (truncated or extended)");
+    m_tag.assign(m_buf.data() + m_pos, m_buf.data() + m_len);
+    m_pos = m_len;
+    m_sha.resize(32);
+    unsigned int n = 0;
+    EVP_DigestFinal_ex(m_hash->ctx, m_sha.data(), &n);
+    if (m_top.store_id.empty() || m_top.meta_sha256.empty())
+        throw FormatError("manifest: missing or mistyped field: store_id or meta_sha256");
+    m_state = 2;
+}
+
+std::optional<std::pair<std::string, ManifestEntry>> ManifestScanner::next() {
+    try {
+        if (m_state == 0) {
+            // The members before "rings" (keys are sorted: format, generation, meta_sha256).
+            for (bool first = true;; first = false) {
+                if (!first) expect(',');
+                std::string name = key();
+                if (name == "rings") break;
+                top_member(name);
+            }
+            expect('{');
+            skip_ws();
+            if (peek() == '}') {
+                ++m_pos;
+                finish();
+                return std::nullopt;
+            }
+            m_state = 1;
+        }
+        if (m_state == 2) return std::nullopt;
+        std::string id = key();
+        if (!m_last_id.empty() && !(m_last_id < id))
+            throw FormatError("manifest: the rings are not in key id order (" + id + ")");
+        m_last_id = id;
+        json j = json::parse(value_text());
+        auto entry = entry_from_json(id, j);
+        skip_ws();
+        int c = get();
+        if (c == '}') finish();
+        else if (c < 0) throw IntegrityError("the manifest is truncated");
+        else if (c != ',') throw FormatError("manifest: bad body");
+        return std::make_pair(std::move(id), std::move(entry));
     } catch (const json::exception& e) {
         throw FormatError(std::string("manifest: missing or mistyped field: ") + e.what());
     }

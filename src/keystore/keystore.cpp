@@ -75,6 +75,16 @@ struct KeyStore::Manifest {
     std::set<std::string> pending;  // rings whose current bytes are in "<file>.pending"
 };
 
+struct KeyStore::Streamed {
+    Bytes sha256;  // of the manifest file whose MAC verified at open
+    std::map<RingKind, KeyStore::Counts> counts;
+};
+
+KeyStore::Manifest& KeyStore::manifest() const {
+    if (!m_manifest) throw Error("internal: this store was opened for one streamed pass only");
+    return *m_manifest;
+}
+
 std::optional<int> detect_store_version(const Storage& storage) {
     auto v = storage.read(kVersionFile);
     if (!v) return std::nullopt;
@@ -145,9 +155,18 @@ KeyStore::KeyStore(std::unique_ptr<Storage> storage, MasterKeys keys, bool writa
 
 KeyStore::~KeyStore() = default;
 
+namespace {
+constexpr int kLenient = 0, kStrict = 1, kStreaming = 2;
+}
+
 std::unique_ptr<KeyStore> KeyStore::open(std::unique_ptr<Storage> storage, MasterKeys keys,
                                          bool writable, bool strict,
                                          std::unique_ptr<StorageLock> lock) {
+    return open_impl(std::move(storage), std::move(keys), writable, strict ? kStrict : kLenient, std::move(lock));
+}
+
+std::unique_ptr<KeyStore> KeyStore::open_impl(std::unique_ptr<Storage> storage, MasterKeys keys, bool writable,
+                                              int mode, std::unique_ptr<StorageLock> lock) {
     std::unique_ptr<KeyStore> ks(new KeyStore(std::move(storage), std::move(keys), writable));
     ks->m_meta = read_store_meta(*ks->m_storage);
     if (ks->m_meta.store_version != 2)
@@ -171,10 +190,44 @@ std::unique_ptr<KeyStore> KeyStore::open(std::unique_ptr<Storage> storage, Maste
     if (ks->m_meta.protection != ks->m_keys.protector->method())
         throw TokenError("the store was written with " + ks->m_meta.protection +
                          " but this token would use " + ks->m_keys.protector->method());
+    if (mode == kStreaming) {
+        ks->scan_manifest();
+        return ks;
+    }
     ks->load_manifest();
     ks->recover_pending();
-    ks->check_files(strict);
+    ks->check_files(mode == kStrict);
     return ks;
+}
+
+std::unique_ptr<KeyStore> KeyStore::open_streaming(std::unique_ptr<Storage> storage, MasterKeys keys,
+                                                   std::unique_ptr<StorageLock> lock) {
+    return open_impl(std::move(storage), std::move(keys), false, kStreaming, std::move(lock));
+}
+
+// The streamed counterpart of load_manifest: the same checks, nothing kept but counts and the
+// file's SHA-256.
+void KeyStore::scan_manifest() {
+    auto in = m_storage->open_reader(kManifestFile);
+    if (!in) throw IntegrityError("the signed manifest is missing from " + m_storage->describe());
+    auto mac = m_keys.mac->stream();
+    ManifestScanner scan(std::move(in), mac.get(), kManifestDomain, m_meta.store_id);
+    auto st = std::make_unique<Streamed>();
+    while (auto e = scan.next()) {
+        auto& c = st->counts[e->second.summary.kind];
+        ++c.rings;
+        c.versions += e->second.summary.versions.size();
+    }
+    if (!same_bytes(mac->final(), scan.tag()))
+        throw IntegrityError("manifest does not verify (MAC mismatch)",
+                             "the file was changed, copied from elsewhere, or the master "
+                             "signature key is not the one that signed it");
+    if (scan.top().store_id != m_meta.store_id) throw IntegrityError("the manifest belongs to another store");
+    auto meta_raw = m_storage->read(kMetaFile);
+    if (!meta_raw || hex_digest(*meta_raw) != scan.top().meta_sha256)
+        throw IntegrityError("store.json does not match the signed manifest");
+    st->sha256 = scan.sha256();
+    m_streamed = std::move(st);
 }
 
 void KeyStore::load_manifest() {
@@ -184,10 +237,10 @@ void KeyStore::load_manifest() {
                   m_meta.store_id, "manifest");
     m_manifest = std::make_unique<Manifest>();
     m_manifest->data = parse_manifest_body(*raw);
-    if (m_manifest->data.store_id != m_meta.store_id)
+    if (manifest().data.store_id != m_meta.store_id)
         throw IntegrityError("the manifest belongs to another store");
     auto meta_raw = m_storage->read(kMetaFile);
-    if (!meta_raw || hex_digest(*meta_raw) != m_manifest->data.meta_sha256)
+    if (!meta_raw || hex_digest(*meta_raw) != manifest().data.meta_sha256)
         throw IntegrityError("store.json does not match the signed manifest");
 }
 
@@ -198,12 +251,12 @@ void KeyStore::recover_pending() {
         if (!name.ends_with(kPending)) continue;
         std::string final_name = name.substr(0, name.size() - std::strlen(kPending));
         const ManifestEntry* entry = nullptr;
-        for (const auto& [id, e] : m_manifest->data.rings)
+        for (const auto& [id, e] : manifest().data.rings)
             if (e.file == final_name) entry = &e;
         auto pending = m_storage->read(name);
         bool committed = entry && pending && hex_digest(*pending) == entry->sha256;
         if (!m_writable) {
-            if (committed) m_manifest->pending.insert(final_name);
+            if (committed) manifest().pending.insert(final_name);
             continue;
         }
         if (committed) m_storage->rename(name, final_name);
@@ -213,7 +266,7 @@ void KeyStore::recover_pending() {
 
 void KeyStore::check_files(bool strict) {
     std::set<std::string> expected;
-    for (const auto& [id, e] : m_manifest->data.rings) expected.insert(e.file);
+    for (const auto& [id, e] : manifest().data.rings) expected.insert(e.file);
     std::set<std::string> present;
     for (const auto& name : m_storage->list("keys")) {
         if (name.ends_with(kPending)) continue;
@@ -221,8 +274,8 @@ void KeyStore::check_files(bool strict) {
         if (!expected.count(name))
             m_file_problems.push_back({name, "unexpected file, not in the signed manifest"});
     }
-    for (const auto& [id, e] : m_manifest->data.rings)
-        if (!present.count(e.file) && !m_manifest->pending.count(e.file))
+    for (const auto& [id, e] : manifest().data.rings)
+        if (!present.count(e.file) && !manifest().pending.count(e.file))
             m_file_problems.push_back({id, "key ring file " + e.file + " is missing"});
     if (!strict || m_file_problems.empty()) return;
     const auto& p = m_file_problems.front();
@@ -234,38 +287,58 @@ void KeyStore::check_files(bool strict) {
                          "rings from a backup and move unexpected files out");
 }
 
-std::uint64_t KeyStore::generation() const { return m_manifest->data.generation; }
+std::uint64_t KeyStore::generation() const { return manifest().data.generation; }
 
 // ---- reading --------------------------------------------------------------------------------
 
 std::vector<RingSummary> KeyStore::list() const {
     std::vector<RingSummary> out;
-    out.reserve(m_manifest->data.rings.size());
-    for (const auto& [id, e] : m_manifest->data.rings) out.push_back(e.summary);
+    out.reserve(manifest().data.rings.size());
+    for (const auto& [id, e] : manifest().data.rings) out.push_back(e.summary);
     return out;
 }
 
 std::vector<KeyId> KeyStore::key_ids() const {
     std::vector<KeyId> out;
-    for (const auto& [id, e] : m_manifest->data.rings) out.push_back(KeyId::parse(id));
+    for (const auto& [id, e] : manifest().data.rings) out.push_back(KeyId::parse(id));
     return out;
 }
 
 bool KeyStore::contains(const KeyId& id) const {
-    return m_manifest->data.rings.count(id.str()) != 0;
+    return manifest().data.rings.count(id.str()) != 0;
 }
 
 KeyRing KeyStore::load(const KeyId& id, bool check_mac) const {
-    auto it = m_manifest->data.rings.find(id.str());
-    if (it == m_manifest->data.rings.end())
+    auto it = manifest().data.rings.find(id.str());
+    if (it == manifest().data.rings.end())
         throw NotFoundError("no key ring " + id.str() + " in the store",
                             "see 'keywarden list', or create it with 'keywarden generate'");
-    const auto& e = it->second;
-    std::string name = m_manifest->pending.count(e.file) ? e.file + kPending : e.file;
-    auto raw = m_storage->read(name);
-    if (!raw) throw IntegrityError("key ring file " + e.file + " is missing");
+    return load_entry(id, it->second.file, it->second.sha256, check_mac);
+}
+
+KeyRing KeyStore::load_entry(const KeyId& id, const std::string& file, const std::string& sha256,
+                             bool check_mac) const {
+    std::optional<Bytes> raw;
+    std::string digest;
+    if (m_manifest) {
+        raw = m_storage->read(m_manifest->pending.count(file) ? file + kPending : file);
+        if (raw) digest = hex_digest(*raw);
+    } else {
+        // A streamed store did not look for pending files at open. After a writer crashed
+        // between its commit and its renames, the committed copy is the pending one: the one
+        // whose digest is the manifest's.
+        raw = m_storage->read(file);
+        if (raw) digest = hex_digest(*raw);
+        if (!raw || digest != sha256) {
+            if (auto pending = m_storage->read(file + kPending); pending && hex_digest(*pending) == sha256) {
+                raw = std::move(pending);
+                digest = sha256;
+            }
+        }
+    }
+    if (!raw) throw IntegrityError("key ring file " + file + " is missing");
     // The digest check catches an older signed copy put back; the MAC catches everything else.
-    if (hex_digest(*raw) != e.sha256)
+    if (digest != sha256)
         throw IntegrityError("key ring " + id.str() + " does not match the signed manifest",
                              "the file was replaced (an older copy?) or changed");
     json body;
@@ -279,6 +352,85 @@ KeyRing KeyStore::load(const KeyId& id, bool check_mac) const {
     KeyRing r = ring_from_json(body, m_meta.store_id);
     if (!(r.id == id)) throw IntegrityError("key ring " + id.str() + " names another key id");
     return r;
+}
+
+// ---- one streamed pass over every ring ---------------------------------------------------------
+
+struct KeyStore::RingCursor::State {
+    const KeyStore* store;
+    bool check_mac;
+    std::function<bool(const KeyId&)> filter;
+    std::map<std::string, ManifestEntry>::const_iterator it, end;  // a loaded manifest
+    std::unique_ptr<ManifestScanner> scan;                           // a streamed one
+    bool done = false;
+
+    std::optional<std::pair<std::string, ManifestEntry>> next_entry() {
+        for (;;) {
+            auto e = next_any();
+            if (!e || !filter || filter(KeyId::parse(e->first))) return e;
+        }
+    }
+    std::optional<std::pair<std::string, ManifestEntry>> next_any() {
+        if (done) return std::nullopt;
+        if (!scan) {
+            if (it == end) {
+                done = true;
+                return std::nullopt;
+            }
+            auto e = *it;
+            ++it;
+            return e;
+        }
+        auto e = scan->next();
+        if (!e) {
+            done = true;
+            // What was just read must be what the MAC covered at open.
+            if (!same_bytes(scan->sha256(), store->m_streamed->sha256))
+                throw IntegrityError("the manifest changed while the store was being read",
+                                     "another program wrote to the store without its lock; check it with "
+                                     "'keywarden keystore verify'");
+        }
+        return e;
+    }
+};
+
+KeyStore::RingCursor::RingCursor(std::unique_ptr<State> s) : m(std::move(s)) {}
+KeyStore::RingCursor::RingCursor(RingCursor&&) noexcept = default;
+KeyStore::RingCursor::~RingCursor() = default;
+
+std::optional<KeyRing> KeyStore::RingCursor::next() {
+    auto e = m->next_entry();
+    if (!e) return std::nullopt;
+    return m->store->load_entry(KeyId::parse(e->first), e->second.file, e->second.sha256, m->check_mac);
+}
+
+bool KeyStore::RingCursor::skip() { return m->next_entry().has_value(); }
+
+KeyStore::RingCursor KeyStore::rings(bool check_mac, std::function<bool(const KeyId&)> filter) const {
+    auto st = std::make_unique<RingCursor::State>();
+    st->store = this;
+    st->check_mac = check_mac;
+    st->filter = std::move(filter);
+    if (m_streamed) {
+        auto in = m_storage->open_reader(kManifestFile);
+        if (!in) throw IntegrityError("the signed manifest is missing from " + m_storage->describe());
+        st->scan = std::make_unique<ManifestScanner>(std::move(in), nullptr, kManifestDomain, m_meta.store_id);
+    } else {
+        st->it = manifest().data.rings.begin();
+        st->end = manifest().data.rings.end();
+    }
+    return RingCursor(std::move(st));
+}
+
+std::map<RingKind, KeyStore::Counts> KeyStore::counts_by_kind() const {
+    if (m_streamed) return m_streamed->counts;
+    std::map<RingKind, Counts> out;
+    for (const auto& [id, e] : manifest().data.rings) {
+        auto& c = out[e.summary.kind];
+        ++c.rings;
+        c.versions += e.summary.versions.size();
+    }
+    return out;
 }
 
 // ---- writing --------------------------------------------------------------------------------
@@ -364,11 +516,11 @@ void KeyStore::commit_staged() {
     next.generation += 1;
     m_storage->write(kManifestFile, seal(*m_keys.mac, kManifestMagic, kManifestFormat,
                                          kManifestDomain, m_meta.store_id, manifest_body(next)));
-    m_manifest->data = std::move(next);
+    manifest().data = std::move(next);
     // Move the pending files into place. A crash here is finished by the next writer.
     for (const auto& f : m_staged_files) {
         m_storage->rename(f + kPending, f);
-        m_manifest->pending.erase(f);
+        manifest().pending.erase(f);
     }
     m_staged_files.clear();
 }
@@ -378,7 +530,7 @@ void KeyStore::abort_staged() noexcept {
     m_staged.reset();
     for (const auto& f : m_staged_files) {
         try {
-            if (!m_manifest->pending.count(f)) m_storage->remove(f + kPending);
+            if (!manifest().pending.count(f)) m_storage->remove(f + kPending);
         } catch (...) {
             // Left for the next writer, which removes uncommitted pending files.
         }
@@ -397,7 +549,7 @@ VerifyReport KeyStore::verify(const std::function<void(std::size_t)>& progress) 
     VerifyReport rep;
     rep.problems = m_file_problems;
     std::size_t i = 0;
-    for (const auto& [idstr, entry] : m_manifest->data.rings) {
+    for (const auto& [idstr, entry] : manifest().data.rings) {
         ++rep.rings;
         KeyId id = KeyId::parse(idstr);
         try {

@@ -95,8 +95,11 @@ OpenStore open_store(const pkcs11::TokenOptions& options, const std::string& pat
     return open_store_on(std::move(l.token), std::move(l.storage), writable, strict, std::move(l.lock));
 }
 
-OpenStore open_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> storage,
-                        bool writable, bool strict, std::unique_ptr<StorageLock> lock) {
+namespace {
+
+// strict: 0 lenient, 1 strict, 2 streamed (KeyStore::open_streaming).
+OpenStore open_v2(pkcs11::TokenContext token, std::unique_ptr<Storage> storage, bool writable, int mode,
+                  std::unique_ptr<StorageLock> lock) {
     OpenStore s;
     s.meta = read_store_meta(*storage);
     s.token = std::move(token);
@@ -104,10 +107,22 @@ OpenStore open_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> sto
     s.encryption = find_store_key(s.token, s.meta.encryption, "master encryption key", "keywarden import");
     s.signature = find_store_key(s.token, s.meta.signature, "master signature key", "keywarden import");
     s.mechanism = mechanism_for(s.meta.protection);
-    s.store = KeyStore::open(std::move(storage),
-                             token_master_keys(s.token, s.encryption, s.signature, s.mechanism),
-                             writable, strict, std::move(lock));
+    auto keys = token_master_keys(s.token, s.encryption, s.signature, s.mechanism);
+    s.store = mode == 2 ? KeyStore::open_streaming(std::move(storage), std::move(keys), std::move(lock))
+                        : KeyStore::open(std::move(storage), std::move(keys), writable, mode == 1, std::move(lock));
     return s;
+}
+
+}  // namespace
+
+OpenStore open_store_on(pkcs11::TokenContext token, std::unique_ptr<Storage> storage,
+                        bool writable, bool strict, std::unique_ptr<StorageLock> lock) {
+    return open_v2(std::move(token), std::move(storage), writable, strict ? 1 : 0, std::move(lock));
+}
+
+OpenStore open_store_streaming(const pkcs11::TokenOptions& options, const std::string& path) {
+    auto l = lock_store_and_open_token(options, path, false);
+    return open_v2(std::move(l.token), std::move(l.storage), false, 2, std::move(l.lock));
 }
 
 void rebind_master_keys(OpenStore& s) {

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -123,6 +124,29 @@ public:
             out.insert(out.end(), buf, buf + n);
         }
         return out;
+    }
+
+    std::unique_ptr<Reader> open_reader(const std::string& name) const override {
+        std::string p = path(name);
+        Fd fd(::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+        if (fd.get() < 0) {
+            if (errno == ENOENT) return nullptr;
+            io_fail("cannot open", p);
+        }
+        struct FdReader : Reader {
+            FdReader(int f, std::string path) : fd(f), p(std::move(path)) {}
+            Fd fd;
+            std::string p;
+            std::size_t read(std::uint8_t* out, std::size_t n) override {
+                for (;;) {
+                    ssize_t got = ::read(fd.get(), out, n);
+                    if (got < 0 && errno == EINTR) continue;
+                    if (got < 0) io_fail("cannot read", p);
+                    return static_cast<std::size_t>(got);
+                }
+            }
+        };
+        return std::make_unique<FdReader>(fd.release(), p);
     }
 
     void make_parents(const std::string& p) {
@@ -328,6 +352,24 @@ private:
 };
 
 }  // namespace
+
+std::unique_ptr<Storage::Reader> Storage::open_reader(const std::string& name) const {
+    auto all = read(name);
+    if (!all) return nullptr;
+    struct Whole : Reader {
+        Bytes data;
+        std::size_t at = 0;
+        std::size_t read(std::uint8_t* out, std::size_t n) override {
+            n = std::min(n, data.size() - at);
+            std::copy_n(data.data() + at, n, out);
+            at += n;
+            return n;
+        }
+    };
+    auto r = std::make_unique<Whole>();
+    r->data = std::move(*all);
+    return r;
+}
 
 std::unique_ptr<Storage> open_file_storage(const std::string& root) {
     return std::make_unique<FileStorage>(root);

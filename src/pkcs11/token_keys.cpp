@@ -85,6 +85,39 @@ bool TokenMacKey::verify_parts(const Parts& parts, std::span<const std::uint8_t>
     throw Pkcs11Error("C_VerifyFinal", rv);
 }
 
+std::unique_ptr<MacKey::Stream> TokenMacKey::stream() {
+    struct Signing : Stream {
+        std::shared_ptr<Session> s;
+        bool done = false;
+        ~Signing() override {
+            if (done || !s->live()) return;
+            // A C_SignFinal with a buffer ends the operation, whatever it returns.
+            std::uint8_t out[64];
+            CK_ULONG n = sizeof out;
+            KW_P11_TRY(s->fn(), C_SignFinal, s->handle(), out, &n);
+        }
+        void update(std::span<const std::uint8_t> piece) override {
+            for_each_piece({piece}, [&](std::span<const std::uint8_t> p) {
+                KW_P11_CALL(s->fn(), C_SignUpdate, s->handle(), const_cast<CK_BYTE*>(p.data()),
+                            static_cast<CK_ULONG>(p.size()));
+            });
+        }
+        std::vector<std::uint8_t> final() override {
+            done = true;
+            std::vector<std::uint8_t> out(64);
+            CK_ULONG n = out.size();
+            KW_P11_CALL(s->fn(), C_SignFinal, s->handle(), out.data(), &n);
+            out.resize(n);
+            return out;
+        }
+    };
+    CK_MECHANISM m{m_mech, nullptr, 0};
+    KW_P11_CALL(m_session->fn(), C_SignInit, m_session->handle(), &m, m_key);
+    auto st = std::make_unique<Signing>();
+    st->s = m_session;
+    return st;
+}
+
 std::vector<std::uint8_t> TokenMacKey::key_check_value() {
     std::vector<std::uint8_t> zeros(32, 0);
     auto h = mac(zeros);

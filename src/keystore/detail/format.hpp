@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
-// Pure format code for key store files: no I/O, no token. Parsers take bytes and return values.
+// Format code for key store files: parsers take bytes and return values. The one exception, the
+// manifest scanner, reads through a Storage::Reader and a MacKey::Stream it is given.
 #pragma once
 
+#include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <span>
 
 #include "keywarden/keystore.hpp"
+#include "keywarden/storage.hpp"
 
 namespace keywarden::keystore::detail {
 
@@ -53,6 +57,52 @@ struct ManifestData {
 std::string manifest_body(const ManifestData& m);
 // Parses an authenticated manifest body (the frame already checked).
 ManifestData parse_manifest_body(std::span<const std::uint8_t> file);
+// Reads a signed manifest file in pieces, without holding it, for stores too large to load
+// (export of 100,000 rings). It checks the framing as it goes, feeds the signed part to `mac`
+// (when given) and the whole file to a SHA-256, and yields the ring entries one at a time,
+// parsed and checked as parse_manifest_body does. The rings must be in strictly increasing key
+// id order, as every writer writes them (section 9 of docs/keystore-format.md), so no ring can
+// appear twice. Nothing yielded is authenticated before the end: the caller checks tag() (or
+// compares sha256() with an authenticated digest) before anything it did is kept.
+class ManifestScanner {
+public:
+    ManifestScanner(std::unique_ptr<Storage::Reader> in, MacKey::Stream* mac, std::string_view domain,
+                    const std::string& binding);
+    ~ManifestScanner();
+    // The next ring, or nullopt after the last one; then the whole file has been read, the
+    // top-level fields are in top() and tag() and sha256() are ready.
+    std::optional<std::pair<std::string, ManifestEntry>> next();
+    const ManifestData& top() const { return m_top; }  // store_id, generation, meta_sha256
+    const Bytes& tag() const { return m_tag; }
+    Bytes sha256() const { return m_sha; }
+
+private:
+    void fill();
+    void feed_mac();
+    int peek();
+    int get();
+    void expect(char c);
+    void skip_ws();
+    std::string value_text();
+    std::string key();
+    void top_member(const std::string& name);
+    void finish();
+
+    std::unique_ptr<Storage::Reader> m_in;
+    MacKey::Stream* m_mac;
+    struct Hash;
+    std::unique_ptr<Hash> m_hash;
+    std::vector<std::uint8_t> m_buf;
+    std::size_t m_pos = 0, m_len = 0;
+    std::uint64_t m_file_off = 0;    // file offset of m_buf[0]
+    std::uint64_t m_signed_end = 0;  // header + body length
+    std::uint64_t m_mac_done = 0;    // file offset up to which the MAC has been fed
+    int m_state = 0;                 // 0 before rings, 1 in rings, 2 done
+    std::string m_last_id;
+    ManifestData m_top;
+    Bytes m_tag, m_sha;
+};
+
 RingSummary summarize(const KeyRing& r);
 bool same_summary(const RingSummary& a, const RingSummary& b);
 
