@@ -27,10 +27,13 @@ struct SoftStore {
         k.backend = std::make_unique<SoftwareKeyBackend>();
         return k;
     }
-    SoftStore() {
+    // store_id and created fixed: two such stores have identical store.json bytes.
+    explicit SoftStore(const std::string& store_id = {}, std::int64_t created = 0) {
         auto st = open_file_storage(dir);
         auto k = keys();
         StoreMeta meta;
+        meta.store_id = store_id;
+        meta.created = created;
         meta.token_serial = "soft";
         meta.encryption.label = "enc";
         meta.signature.label = "sig";
@@ -369,5 +372,66 @@ TEST_CASE("a streamed store reads what a loaded store reads, and refuses the sam
         auto ks = streamed();
         kwtest::write_file(m, old);
         CHECK_THROWS_WITH(all_rings(*ks), Catch::Contains("changed while the store was being read"));
+    }
+}
+
+// import --init fills its new store with KeyStore::BulkWriter: ring files straight to their
+// names, the manifest streamed from a scratch file. The result must be the store that staging
+// and committing the same rings gives, whatever the order the rings come in.
+TEST_CASE("a bulk-written store equals a staged one, in any ring order", "[unit]") {
+    SoftStore src;
+    const KeyId poison{RingKind::poison_keypair, ""}, audit{RingKind::audit_log, ""};
+    src.open(true)->generate({kAliceSym, kBobSym, kAliceStorage, poison, audit});
+    src.open(true)->generate({kAliceSym});
+    std::vector<KeyRing> rings;
+    {
+        auto ks = src.open();
+        for (const auto& id : ks->key_ids()) rings.push_back(ks->load(id));
+    }
+    auto fill = [&](SoftStore& dst, const std::vector<std::size_t>& order) {
+        auto ks = dst.open(true);
+        auto bulk = ks->bulk_writer(dst.root);
+        for (auto i : order) bulk->add(rings[i], ks->seal_ring(rings[i]));
+        bulk->commit();
+        CHECK_THROWS_AS(ks->key_ids(), Error);  // closed after the commit
+    };
+    auto text_of = [](const KeyStore& ks) {
+        std::vector<std::string> out;
+        for (const auto& id : ks.key_ids()) out.push_back(ring_to_text(ks.load(id)));
+        return out;
+    };
+    std::vector<std::string> expected = text_of(*src.open());
+    REQUIRE(rings.size() == 5);
+
+    for (const auto& order : std::vector<std::vector<std::size_t>>{{0, 1, 2, 3, 4}, {3, 0, 4, 1, 2}, {4, 3, 2, 1, 0}}) {
+        INFO("order " << order[0] << order[1] << order[2] << order[3] << order[4]);
+        SoftStore dst("0123456789abcdef0123456789abcdef", 1700000000);
+        fill(dst, order);
+        auto ks = dst.open();
+        CHECK(text_of(*ks) == expected);
+        CHECK(ks->verify().ok());
+        CHECK(ks->generation() == 2);
+        // Byte for byte the manifest that staging and committing the same rings writes.
+        SoftStore staged("0123456789abcdef0123456789abcdef", 1700000000);
+        {
+            auto w = staged.open(true);
+            for (const auto& r : rings) w->stage(r);
+            w->commit_staged();
+        }
+        CHECK(kwtest::read_text(dst.dir + "/store.json") == kwtest::read_text(staged.dir + "/store.json"));
+        CHECK(kwtest::read_text(dst.dir + "/manifest") == kwtest::read_text(staged.dir + "/manifest"));
+    }
+    SECTION("a ring added twice is refused, in order or not") {
+        for (const auto& order : std::vector<std::vector<std::size_t>>{{0, 1, 1}, {2, 0, 2}}) {
+            SoftStore dst;
+            auto ks = dst.open(true);
+            auto bulk = ks->bulk_writer(dst.root);
+            bulk->add(rings[order[0]], ks->seal_ring(rings[order[0]]));
+            bulk->add(rings[order[1]], ks->seal_ring(rings[order[1]]));
+            CHECK_THROWS_AS(bulk->add(rings[order[2]], ks->seal_ring(rings[order[2]])), IntegrityError);
+        }
+    }
+    SECTION("only into an empty store") {
+        CHECK_THROWS_AS(src.open(true)->bulk_writer(src.root), Error);
     }
 }

@@ -170,6 +170,27 @@ public:
     virtual void generate(const std::vector<KeyId>& ids,
                           const std::function<void(std::size_t)>& progress = {}) = 0;
     virtual const MasterKeys& master_keys() const = 0;
+    // Fills a store that holds no ring yet (import --init) without holding its rings or its
+    // manifest in memory. Each sealed ring is written under its final name at once (the store
+    // is a private staging copy: nothing reads it before the commit) and its manifest member
+    // goes to a scratch file in scratch_dir; commit() syncs, then writes the signed manifest by
+    // streaming that file, and closes this store. Rings normally come in key id order; out of
+    // order (a bundle from keywarden 0.2.0 or older with a key id list) the members are kept in
+    // memory instead. A ring added twice is refused.
+    class BulkWriter {
+    public:
+        ~BulkWriter();
+        void add(const KeyRing& ring, const Bytes& sealed);
+        void commit();
+
+    private:
+        friend class KeyStore;
+        struct State;
+        explicit BulkWriter(std::unique_ptr<State> s);
+        std::unique_ptr<State> m;
+    };
+    std::unique_ptr<BulkWriter> bulk_writer(const std::string& scratch_dir);
+
     // The key material of a version (the current one by default): unwrapped in the token as a
     // non-sensitive session object, read, and destroyed. Throws for destroyed versions.
     SecureBytes read_secret(const KeyId& id, std::optional<std::uint32_t> version = {}) const;
@@ -276,6 +297,27 @@ public:
     // token work: seal_ring signs in the token; store_sealed only writes (no token call).
     Bytes seal_ring(const KeyRing& ring);
     PendingRing store_sealed(const KeyRing& ring, const Bytes& file);
+
+    // Fills a store that holds no ring yet (import --init) without holding its rings or its
+    // manifest in memory. Each sealed ring is written under its final name at once (the store
+    // is a private staging copy: nothing reads it before the commit) and its manifest member
+    // goes to a scratch file in scratch_dir; commit() syncs, then writes the signed manifest by
+    // streaming that file, and closes this store. Rings normally come in key id order; out of
+    // order (a bundle from keywarden 0.2.0 or older with a key id list) the members are kept in
+    // memory instead. A ring added twice is refused.
+    class BulkWriter {
+    public:
+        ~BulkWriter();
+        void add(const KeyRing& ring, const Bytes& sealed);
+        void commit();
+
+    private:
+        friend class KeyStore;
+        struct State;
+        explicit BulkWriter(std::unique_ptr<State> s);
+        std::unique_ptr<State> m;
+    };
+    std::unique_ptr<BulkWriter> bulk_writer(const std::string& scratch_dir);
 
     // The key material of a version (the current one by default): unwrapped in the token as a
     // non-sensitive session object, read, and destroyed. Throws for destroyed versions.

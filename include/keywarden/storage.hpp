@@ -5,8 +5,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -40,6 +42,10 @@ public:
     // Atomic: temp file, fsync, rename, fsync of the directory. Refuses to replace an existing
     // file when exclusive is set.
     virtual void write(const std::string& name, const Bytes& data, bool exclusive = false) = 0;
+    // write() for data too large to hold (the manifest of a big store): produce() hands the
+    // bytes to the sink in pieces. Atomic and durable as write(). The default collects them.
+    using Sink = std::function<void(std::span<const std::uint8_t>)>;
+    virtual void write_streamed(const std::string& name, const std::function<void(const Sink&)>& produce);
     // Writes without fsync, for files that nothing reads until a later commit names them
     // (".pending" ring files, an import's staging copy); batches end with sync(). An existing
     // file is unlinked first, never changed in place (it may be a hard link into a live store).

@@ -681,21 +681,21 @@ KeyVersion version_from(const EntryMeta& m) {
     return v;
 }
 
-// Writes sealed ring files on its own thread, in order, and hands back what was written.
+// Writes sealed ring files on its own thread, in order, with `write` (which makes no token call).
 class RingWriter {
 public:
-    explicit RingWriter(keystore::KeyStore& store) : m_store(store), m_thread([this] { run(); }) {}
+    using Write = std::function<void(const KeyRing&, const Bytes&)>;
+    explicit RingWriter(Write write) : m_write(std::move(write)), m_thread([this] { run(); }) {}
     ~RingWriter() { stop(); }
     void push(const KeyRing& r, Bytes file) {
         m_batch.emplace_back(r, std::move(file));
         if (m_batch.size() >= kBatch) hand_over();
     }
     // Waits for every queued ring; rethrows a write error.
-    std::vector<keystore::KeyStore::PendingRing> finish() {
+    void finish() {
         hand_over();
         stop();
         if (m_error) std::rethrow_exception(m_error);
-        return std::move(m_done);
     }
 
 private:
@@ -734,7 +734,7 @@ private:
                 if (was_full) m_cv.notify_all();
             }
             try {
-                for (auto& [ring, file] : batch) m_done.push_back(m_store.store_sealed(ring, file));
+                for (auto& [ring, file] : batch) m_write(ring, file);
             } catch (...) {
                 std::lock_guard lock(m_mu);
                 m_error = std::current_exception();
@@ -744,12 +744,11 @@ private:
             }
         }
     }
-    keystore::KeyStore& m_store;
+    Write m_write;
     Batch m_batch;  // the producer's, not yet handed over
     std::mutex m_mu;
     std::condition_variable m_cv;
     std::deque<Batch> m_queue;
-    std::vector<keystore::KeyStore::PendingRing> m_done;
     std::exception_ptr m_error;
     bool m_stopping = false;
     std::thread m_thread;
@@ -898,8 +897,16 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             });
             reader.rewind();
             std::size_t done = 0;
-            // Token work here; writing the ring files on a second thread (no token calls).
-            RingWriter writer(dst);
+            // Token work here; writing the ring files on a second thread (no token calls). Into
+            // a store that --init created, rings and manifest are streamed to disk (memory does
+            // not grow with the bundle); otherwise they are staged as pending files.
+            std::unique_ptr<keystore::KeyStore::BulkWriter> bulk;
+            if (o.init) bulk = dst.bulk_writer(staging_dir.parent());
+            std::vector<keystore::KeyStore::PendingRing> pending;
+            RingWriter writer([&](const KeyRing& r, const Bytes& file) {
+                if (bulk) bulk->add(r, file);
+                else pending.push_back(dst.store_sealed(r, file));
+            });
             std::size_t wrapped = 0;
             restore_rings(reader, skip, backup, dst, SIZE_MAX,
                           [&](const KeyRing& r) {
@@ -913,7 +920,9 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             if (mac_only) sum.wrapped_keys = wrapped;
             if (mac_only && (sum.entries_written != sum.entries || sum.rings_written != sum.rings))
                 throw IntegrityError("the bundle holds other counts than its header says");
-            for (const auto& p : writer.finish()) dst.adopt_pending(p);
+            writer.finish();
+            if (bulk) bulk->commit();
+            for (const auto& p : pending) dst.adopt_pending(p);
         } else {
             TempDir results(o.bundle_path, "import");
             // Entry indexes where the shares start, on ring boundaries, about equal in entries.

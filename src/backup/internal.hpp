@@ -133,6 +133,7 @@ public:
     StagingDir(const StagingDir&) = delete;
     StagingDir& operator=(const StagingDir&) = delete;
     const std::string& path() const { return m_staging; }
+    std::string parent() const { return m_parent.string(); }
     // For --init: the store's init creates the directory itself.
     void make_room_for_init();
     // Otherwise: a hard-linked copy of the live store to add to.

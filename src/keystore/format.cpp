@@ -197,34 +197,39 @@ ManifestEntry entry_from_json(const std::string& id, const json& e) {
 }
 }  // namespace
 
+std::string manifest_prefix(const ManifestData& m) {
+    return "{\"format\":" + std::to_string(kManifestFormat) + ",\"generation\":" + std::to_string(m.generation) +
+           ",\"meta_sha256\":" + quoted(m.meta_sha256) + ",\"rings\":{";
+}
+
+std::string manifest_suffix(const ManifestData& m) { return "},\"store_id\":" + quoted(m.store_id) + "}"; }
+
+std::string manifest_member(const std::string& id, const ManifestEntry& e) {
+    std::string out = quoted(id) + ":{\"file\":" + quoted(e.file) + ",\"kind\":" +
+                      quoted(ring_kind_name(e.summary.kind)) + ",\"sha256\":" + quoted(e.sha256) + ",\"versions\":[";
+    bool first = true;
+    for (const auto& v : e.summary.versions) {
+        if (!first) out += ',';
+        first = false;
+        out += "{\"created\":" + std::to_string(v.created) + ",\"current\":" + (v.current ? "true" : "false") +
+               ",\"state\":" + quoted(key_state_name(v.state)) + ",\"valid_from\":" + std::to_string(v.valid_from) +
+               ",\"valid_until\":" + opt_text(v.valid_until) + ",\"version\":" + std::to_string(v.version) + "}";
+    }
+    out += "]}";
+    return out;
+}
+
 std::string manifest_body(const ManifestData& m) {
     std::string out;
     out.reserve(128 + m.rings.size() * 300);
-    out += "{\"format\":" + std::to_string(kManifestFormat);
-    out += ",\"generation\":" + std::to_string(m.generation);
-    out += ",\"meta_sha256\":" + quoted(m.meta_sha256);
-    out += ",\"rings\":{";
+    out += manifest_prefix(m);
     bool first = true;
     for (const auto& [id, e] : m.rings) {
         if (!first) out += ',';
         first = false;
-        out += quoted(id) + ":{\"file\":" + quoted(e.file) + ",\"kind\":" +
-               quoted(ring_kind_name(e.summary.kind)) + ",\"sha256\":" + quoted(e.sha256) +
-               ",\"versions\":[";
-        bool vfirst = true;
-        for (const auto& v : e.summary.versions) {
-            if (!vfirst) out += ',';
-            vfirst = false;
-            out += "{\"created\":" + std::to_string(v.created) +
-                   ",\"current\":" + (v.current ? "true" : "false") +
-                   ",\"state\":" + quoted(key_state_name(v.state)) +
-                   ",\"valid_from\":" + std::to_string(v.valid_from) +
-                   ",\"valid_until\":" + opt_text(v.valid_until) +
-                   ",\"version\":" + std::to_string(v.version) + "}";
-        }
-        out += "]}";
+        out += manifest_member(id, e);
     }
-    out += "},\"store_id\":" + quoted(m.store_id) + "}";
+    out += manifest_suffix(m);
     return out;
 }
 

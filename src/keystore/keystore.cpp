@@ -2,10 +2,16 @@
 // Key store v2 operations: init, open, generate, read, destroy, verify.
 #include "keywarden/keystore.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <set>
 
 #include "detail/format.hpp"
@@ -523,6 +529,141 @@ void KeyStore::commit_staged() {
         manifest().pending.erase(f);
     }
     m_staged_files.clear();
+}
+
+// ---- bulk writing into an empty store -----------------------------------------------------------
+
+struct KeyStore::BulkWriter::State {
+    KeyStore* store = nullptr;
+    std::FILE* scratch = nullptr;  // one member per line, in key id order
+    std::string last_id;
+    bool sorted = true;
+    std::map<std::string, std::string> members;  // out of order: here instead
+    std::uint64_t bytes = 0;                     // of the members, without separators
+    std::size_t count = 0;
+    bool committed = false;
+
+    ~State() {
+        if (scratch) std::fclose(scratch);
+    }
+    // Every member in key id order, each handed to f.
+    void each(const std::function<void(const std::string&)>& f) {
+        if (!sorted) {
+            for (const auto& [id, text] : members) f(text);
+            return;
+        }
+        if (std::fflush(scratch) != 0 || std::fseek(scratch, 0, SEEK_SET) != 0)
+            throw Error("cannot read back the scratch file of the import");
+        char* line = nullptr;
+        std::size_t cap = 0;
+        ssize_t n;
+        try {
+            while ((n = ::getline(&line, &cap, scratch)) > 0) f(std::string(line, static_cast<std::size_t>(n) - 1));
+        } catch (...) {
+            std::free(line);
+            throw;
+        }
+        std::free(line);
+        if (std::ferror(scratch)) throw Error("cannot read back the scratch file of the import");
+    }
+};
+
+KeyStore::BulkWriter::BulkWriter(std::unique_ptr<State> s) : m(std::move(s)) {}
+KeyStore::BulkWriter::~BulkWriter() = default;
+
+std::unique_ptr<KeyStore::BulkWriter> KeyStore::bulk_writer(const std::string& scratch_dir) {
+    if (!m_writable) throw Error("internal: store opened read-only");
+    if (!manifest().data.rings.empty() || m_staged) throw Error("internal: bulk writing needs an empty store");
+    auto st = std::make_unique<BulkWriter::State>();
+    st->store = this;
+    int fd = ::open(scratch_dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        // No O_TMPFILE on this file system: a named file, unlinked at once.
+        std::string name = scratch_dir + "/.kw-manifest-XXXXXX";
+        fd = ::mkstemp(name.data());
+        if (fd >= 0) ::unlink(name.c_str());
+    }
+    if (fd < 0) throw Error("cannot create a scratch file in " + scratch_dir + ": " + std::strerror(errno));
+    st->scratch = ::fdopen(fd, "w+");
+    if (!st->scratch) {
+        ::close(fd);
+        throw Error("cannot open a scratch file");
+    }
+    return std::unique_ptr<BulkWriter>(new BulkWriter(std::move(st)));
+}
+
+void KeyStore::BulkWriter::add(const KeyRing& ring, const Bytes& sealed) {
+    if (m->committed) throw Error("internal: bulk writer already committed");
+    KeyStore& ks = *m->store;
+    std::string id = ring.id.str(), file = ring.id.file();
+    if (m->sorted && !m->last_id.empty() && !(m->last_id < id)) {
+        if (m->last_id == id) throw IntegrityError("key ring " + id + " appears twice");
+        // Out of order: from here on the members are kept in memory.
+        m->each([&](const std::string& text) {
+            // The member starts with its key id as a JSON string.
+            std::size_t end = 1;
+            while (end < text.size() && text[end] != '"') end += text[end] == '\\' ? 2 : 1;
+            m->members.emplace(nlohmann::json::parse(text.substr(0, end + 1)).get<std::string>(), text);
+        });
+        m->sorted = false;
+    }
+    // The ring file under its final name: the manifest written at commit() names it.
+    ks.m_storage->write_unsynced(file, sealed);
+    std::string text = manifest_member(id, ManifestEntry{file, hex_digest(sealed), summarize(ring)});
+    if (m->sorted) {
+        if (std::fwrite(text.data(), 1, text.size(), m->scratch) != text.size() || std::fputc('\n', m->scratch) == EOF)
+            throw Error("cannot write the scratch file of the import (disk full?)");
+        m->last_id = id;
+    } else if (!m->members.emplace(id, text).second) {
+        throw IntegrityError("key ring " + id + " appears twice");
+    }
+    m->bytes += text.size();
+    ++m->count;
+}
+
+void KeyStore::BulkWriter::commit() {
+    if (m->committed) throw Error("internal: bulk writer already committed");
+    KeyStore& ks = *m->store;
+    // One sync makes every ring file durable before the manifest can name it.
+    ks.m_storage->sync();
+    ManifestData next;
+    next.store_id = ks.manifest().data.store_id;
+    next.meta_sha256 = ks.manifest().data.meta_sha256;
+    next.generation = ks.manifest().data.generation + 1;
+    const std::string prefix = manifest_prefix(next), suffix = manifest_suffix(next);
+    std::uint64_t body = prefix.size() + m->bytes + (m->count ? m->count - 1 : 0) + suffix.size();
+    if (body > 0xffffffffu) throw Error("the manifest would exceed 4 GiB");
+    Bytes header = frame(kManifestMagic, kManifestFormat, std::string());
+    header.resize(kHeaderSize - 4);
+    put_u32(header, static_cast<std::uint32_t>(body));
+    auto bytes = [](const std::string& t) {
+        return std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(t.data()), t.size());
+    };
+    static const std::uint8_t comma = ',';
+    // The body, piece by piece, to f: twice, once for the MAC and once for the file.
+    auto produce = [&](const Storage::Sink& f) {
+        f(header);
+        f(bytes(prefix));
+        bool first = true;
+        m->each([&](const std::string& text) {
+            if (!first) f({&comma, 1});
+            first = false;
+            f(bytes(text));
+        });
+        f(bytes(suffix));
+    };
+    auto mac = ks.m_keys.mac->stream();
+    for (auto piece : mac_parts_of(kManifestDomain, ks.m_meta.store_id, {})) mac->update(piece);
+    produce([&](std::span<const std::uint8_t> piece) { mac->update(piece); });
+    Bytes tag = mac->final();
+    // The commit point: the signed manifest, written atomically.
+    ks.m_storage->write_streamed(kManifestFile, [&](const Storage::Sink& f) {
+        produce(f);
+        f(tag);
+    });
+    m->committed = true;
+    // This store's manifest in memory is out of date: it is closed for further use.
+    ks.m_manifest.reset();
 }
 
 void KeyStore::abort_staged() noexcept {

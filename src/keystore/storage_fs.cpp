@@ -60,7 +60,7 @@ void fsync_dir(const std::string& dir) {
     if (fd.get() < 0 || ::fsync(fd.get()) != 0) io_fail("cannot sync directory", dir);
 }
 
-void write_all(int fd, const Bytes& data, const std::string& path) {
+void write_all(int fd, std::span<const std::uint8_t> data, const std::string& path) {
     std::size_t off = 0;
     while (off < data.size()) {
         ssize_t n = ::write(fd, data.data() + off, data.size() - off);
@@ -184,13 +184,22 @@ public:
     }
 
     void put(const std::string& name, const Bytes& data, bool exclusive, bool durable) {
+        put_streamed(name, [&](const Sink& sink) { sink(data); }, exclusive, durable);
+    }
+
+    void write_streamed(const std::string& name, const std::function<void(const Sink&)>& produce) override {
+        put_streamed(name, produce, false, true);
+    }
+
+    void put_streamed(const std::string& name, const std::function<void(const Sink&)>& produce, bool exclusive,
+                      bool durable) {
         std::string p = path(name);
         make_parents(p);
         std::string tmp = temp_name(p);
         Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
         if (fd.get() < 0) io_fail("cannot create", tmp);
         try {
-            write_all(fd.get(), data, p);
+            produce([&](std::span<const std::uint8_t> piece) { write_all(fd.get(), piece, p); });
             if (durable && ::fsync(fd.get()) != 0) io_fail("cannot sync", p);
             if (::close(fd.release()) != 0) io_fail("cannot close", p);
             if (exclusive) {
@@ -352,6 +361,12 @@ private:
 };
 
 }  // namespace
+
+void Storage::write_streamed(const std::string& name, const std::function<void(const Sink&)>& produce) {
+    Bytes all;
+    produce([&](std::span<const std::uint8_t> piece) { all.insert(all.end(), piece.begin(), piece.end()); });
+    write(name, all);
+}
 
 std::unique_ptr<Storage::Reader> Storage::open_reader(const std::string& name) const {
     auto all = read(name);

@@ -55,6 +55,11 @@ struct ManifestData {
 // The manifest body is written and read without building a JSON tree of it: with 100,000 rings
 // a tree would cost hundreds of MiB. Same JSON as a tree's dump(): compact, keys sorted.
 std::string manifest_body(const ManifestData& m);
+// The body in three pieces, for writing it without building it: everything before the first
+// member of "rings", one member ("<key id>":{...}; members are joined by ','), everything after.
+std::string manifest_prefix(const ManifestData& m);
+std::string manifest_member(const std::string& id, const ManifestEntry& e);
+std::string manifest_suffix(const ManifestData& m);
 // Parses an authenticated manifest body (the frame already checked).
 ManifestData parse_manifest_body(std::span<const std::uint8_t> file);
 // Reads a signed manifest file in pieces, without holding it, for stores too large to load
