@@ -153,8 +153,11 @@ public:
         std::string dir = p.substr(0, p.rfind('/'));
         if (dir.size() <= m_root.size()) return;
         // Remember the directories seen, so that bulk writes (import) do not pay three mkdir calls
-        // per file; remove() forgets the ones it removes.
+        // per file; remove() forgets the ones it removes. Bounded: with one directory per client,
+        // a large import would otherwise hold every client's path (forgetting costs only an
+        // mkdir that finds the directory there).
         if (m_known_dirs.count(dir)) return;
+        if (m_known_dirs.size() > 1024) m_known_dirs.clear();
         std::string cur = m_root;
         std::string rest = dir.substr(m_root.size() + 1);
         std::size_t start = 0;
