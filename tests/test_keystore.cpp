@@ -8,6 +8,7 @@
 #include "keywarden/error.hpp"
 #include "keywarden/keystore.hpp"
 #include "support.hpp"
+#include "../src/keystore/detail/format.hpp"
 
 using namespace keywarden;
 using namespace keywarden::keystore;
@@ -434,4 +435,27 @@ TEST_CASE("a bulk-written store equals a staged one, in any ring order", "[unit]
     SECTION("only into an empty store") {
         CHECK_THROWS_AS(src.open(true)->bulk_writer(src.root), Error);
     }
+}
+
+// Sealing writes ring bodies as text directly (detail::ring_body); the bytes must stay those of
+// the JSON tree's dump() that earlier versions wrote, for every kind of ring and version.
+TEST_CASE("ring bodies written as text equal the JSON tree's dump", "[unit]") {
+    SoftStore s;
+    const KeyId poison{RingKind::poison_keypair, ""}, audit{RingKind::audit_log, ""}, poison_sym{RingKind::poison_symmetric, ""};
+    const KeyId spaced{RingKind::hmac, "bob the client"};
+    auto ks = s.open(true);
+    ks->generate({kAliceSym, kAliceStorage, poison, audit, poison_sym, spaced});
+    ks->generate({kAliceSym, kAliceStorage});
+    ks->destroy(kAliceSym, 1);
+    std::size_t n = 0;
+    for (const auto& id : ks->key_ids()) {
+        KeyRing r = ks->load(id);
+        INFO(id.str());
+        CHECK(keystore::detail::ring_body(r, ks->meta().store_id) == keystore::detail::ring_to_json(r, ks->meta().store_id).dump());
+        r.current.reset();  // a ring with no current version
+        r.versions.front().valid_until = -5;
+        CHECK(keystore::detail::ring_body(r, "x\"y") == keystore::detail::ring_to_json(r, "x\"y").dump());
+        ++n;
+    }
+    CHECK(n == 6);
 }

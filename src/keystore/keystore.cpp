@@ -484,7 +484,7 @@ void KeyStore::destroy(const KeyId& id, std::optional<std::uint32_t> version) {
 
 Bytes KeyStore::seal_ring(const KeyRing& r) {
     return seal(*m_keys.mac, kRingMagic, kRingFormat, kRingDomain,
-                ring_binding(m_meta.store_id, r.id), ring_to_json(r, m_meta.store_id).dump());
+                ring_binding(m_meta.store_id, r.id), ring_body(r, m_meta.store_id));
 }
 
 KeyStore::PendingRing KeyStore::store_sealed(const KeyRing& r, const Bytes& file) {

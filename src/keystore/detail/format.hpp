@@ -39,6 +39,8 @@ std::size_t check_frame(std::span<const std::uint8_t> file, const char* magic,
 nlohmann::json parse_body(std::span<const std::uint8_t> file, const std::string& what);
 
 nlohmann::json ring_to_json(const KeyRing& r, const std::string& store_id);
+// ring_to_json(r, store_id).dump(), byte for byte, without building the tree.
+std::string ring_body(const KeyRing& r, const std::string& store_id);
 KeyRing ring_from_json(const nlohmann::json& j, const std::string& store_id);
 
 struct ManifestEntry {
