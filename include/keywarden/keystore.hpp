@@ -170,27 +170,6 @@ public:
     virtual void generate(const std::vector<KeyId>& ids,
                           const std::function<void(std::size_t)>& progress = {}) = 0;
     virtual const MasterKeys& master_keys() const = 0;
-    // Fills a store that holds no ring yet (import --init) without holding its rings or its
-    // manifest in memory. Each sealed ring is written under its final name at once (the store
-    // is a private staging copy: nothing reads it before the commit) and its manifest member
-    // goes to a scratch file in scratch_dir; commit() syncs, then writes the signed manifest by
-    // streaming that file, and closes this store. Rings normally come in key id order; out of
-    // order (a bundle from keywarden 0.2.0 or older with a key id list) the members are kept in
-    // memory instead. A ring added twice is refused.
-    class BulkWriter {
-    public:
-        ~BulkWriter();
-        void add(const KeyRing& ring, const Bytes& sealed);
-        void commit();
-
-    private:
-        friend class KeyStore;
-        struct State;
-        explicit BulkWriter(std::unique_ptr<State> s);
-        std::unique_ptr<State> m;
-    };
-    std::unique_ptr<BulkWriter> bulk_writer(const std::string& scratch_dir);
-
     // The key material of a version (the current one by default): unwrapped in the token as a
     // non-sensitive session object, read, and destroyed. Throws for destroyed versions.
     SecureBytes read_secret(const KeyId& id, std::optional<std::uint32_t> version = {}) const;
@@ -292,6 +271,9 @@ public:
         RingSummary summary;
     };
     PendingRing write_pending(const KeyRing& ring);
+    // For a store another process fills with a BulkWriter (import --init --jobs): seals the ring
+    // and writes it under its final name at once.
+    PendingRing write_final(const KeyRing& ring);
     void adopt_pending(const PendingRing& p);
     // write_pending in two steps, so that the file I/O can run on another thread than the
     // token work: seal_ring signs in the token; store_sealed only writes (no token call).
@@ -309,6 +291,8 @@ public:
     public:
         ~BulkWriter();
         void add(const KeyRing& ring, const Bytes& sealed);
+        // A ring another process wrote under its final name (write_final), by its record.
+        void add_written(const PendingRing& p);
         void commit();
 
     private:

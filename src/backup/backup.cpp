@@ -772,14 +772,16 @@ void restore_rings(detail::BundleReader& reader, const std::set<std::string>& sk
         if (recycler) recycler->made(made);
         made = 0;
     };
-    // The whole rest of the bundle is read ahead on a second thread; a worker's share (count)
-    // is read here, so that the reader stops exactly at its end.
+    // The whole rest of the bundle is read ahead on a second thread; a worker's share is read
+    // here: the rings that start within its first `count` entries (the last one may run past
+    // them; the entry that starts the next ring is read and dropped).
     ReadAhead<Entry> ahead([&] { return reader.next(); }, count == SIZE_MAX);
-    for (std::size_t n = 0; n < count; ++n) {
+    for (std::size_t n = 0;; ++n) {
         auto e = ahead.next();
         if (!e) break;
         const auto& m = e->meta;
         if (!open || ring.id.str() != m.key_id) {
+            if (n >= count) break;
             flush();
             ring = KeyRing{};
             ring.id = KeyId::parse(m.key_id);
@@ -818,12 +820,11 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     auto [ctx, target] = open_import_target(tok, o.keystore_path, o.init, o.dry_run, 2);
 
     // Pass 1: the whole bundle verifies before anything is written. Only conflicts are kept in
-    // memory (and, for jobs, where each ring starts: one integer per ring).
-    std::vector<std::size_t> ring_starts;
+    // memory.
     // Into a store that --init creates there is nothing to conflict with: pass 1 checks only the
     // whole-file MAC (the signed header holds the counts), and pass 2 decrypts each entry once.
     // Anything wrong in an entry then stops pass 2, before the switch.
-    bool mac_only = o.init && !o.dry_run && o.jobs <= 1;
+    bool mac_only = o.init && !o.dry_run;
     if (mac_only) {
         reader.check_mac_only();
         sum.rings = reader.header().rings;
@@ -833,7 +834,6 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         while (auto e = reader.next()) {
             if (e->meta.key_id != last) {
                 last = e->meta.key_id;
-                if (o.jobs > 1) ring_starts.push_back(sum.entries);
                 ++sum.rings;
                 bool conflict = target && target->store->contains(KeyId::parse(last));
                 if (conflict) sum.conflicts.push_back(last);
@@ -925,45 +925,65 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             for (const auto& p : pending) dst.adopt_pending(p);
         } else {
             TempDir results(o.bundle_path, "import");
-            // Entry indexes where the shares start, on ring boundaries, about equal in entries.
-            std::vector<std::size_t> shares{0};
-            for (std::size_t k = 1; k < o.jobs; ++k) {
-                std::size_t target = sum.entries * k / o.jobs;
-                auto it = std::lower_bound(ring_starts.begin(), ring_starts.end(), target);
-                shares.push_back(std::max(shares.back(), it == ring_starts.end() ? sum.entries : *it));
-            }
-            shares.push_back(sum.entries);
+            // Worker k takes the rings that start within entries [E*k/jobs, E*(k+1)/jobs): it
+            // reads the entry before its share to know the ring it must leave to worker k-1.
+            // Into a store that --init created, workers write ring files under their final
+            // names and this process writes the manifest from their lines (BulkWriter).
             std::string staging_root = staging;
+            const std::size_t entries = sum.entries;
             pkcs11::run_in_processes(ctx, o.jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
-                auto mine = keystore::open_store_on(c, keystore::open_file_storage(staging_root), false, true,
+                // Not strict: the other workers' ring files are not in its manifest yet.
+                auto mine = keystore::open_store_on(c, keystore::open_file_storage(staging_root), false, false,
                                                     std::make_unique<HeldElsewhere>());
                 TokenBackupKey backup(mine.token, secret.encryption, mech);
                 pkcs11::TokenRecycler recycler(mine.token, [&] {
                     keystore::rebind_master_keys(mine);
                     backup.rebind();
                 });
-                // This worker's share: whole rings, entries [first, last); the rest is only
-                // read for the MAC, which every worker checks again.
                 detail::BundleReader own(o.bundle_path, secret);
-                std::size_t first = shares[k], last = shares[k + 1];
-                for (std::size_t n = 0; n < first; ++n) own.skip_next();
+                std::size_t first = entries * k / o.jobs, last = entries * (k + 1) / o.jobs;
+                std::set<std::string> not_mine = skip;
+                for (std::size_t n = 0; n + 1 < first; ++n) own.skip_next();
+                if (first > 0) {
+                    auto before = own.next();
+                    if (!before) throw IntegrityError("the bundle has fewer entries than its header says");
+                    not_mine.insert(before->meta.key_id);  // a ring that started before the share
+                }
                 std::ofstream out(results.path() + "/" + std::to_string(k));
-                restore_rings(own, skip, backup, *mine.store, last - first,
-                              [&](const KeyRing& r) { out << pending_to_line(mine.store->write_pending(r)) << "\n"; },
+                std::size_t wrapped = 0;
+                restore_rings(own, not_mine, backup, *mine.store, last - first,
+                              [&](const KeyRing& r) {
+                                  auto p = o.init ? mine.store->write_final(r) : mine.store->write_pending(r);
+                                  for (const auto& v : r.versions) wrapped += !v.wrapped.empty();
+                                  out << pending_to_line(p) << "\n";
+                              },
                               [] {}, &recycler);
                 while (own.skip_next()) {
                 }
+                out << "wrapped " << wrapped << "\n";
                 if (!out.flush()) throw Error("cannot write import results");
             });
+            std::unique_ptr<keystore::KeyStore::BulkWriter> bulk;
+            if (o.init) bulk = dst.bulk_writer(staging_dir.parent());
+            std::size_t wrapped = 0;
             for (std::size_t k = 0; k < o.jobs; ++k) {
                 std::ifstream in(results.path() + "/" + std::to_string(k));
                 for (std::string l; std::getline(in, l);) {
+                    if (l.starts_with("wrapped ")) {
+                        wrapped += std::stoull(l.substr(8));
+                        continue;
+                    }
                     auto p = pending_from_line(l);
                     ++sum.rings_written;
                     sum.entries_written += p.summary.versions.size();
-                    dst.adopt_pending(p);
+                    if (bulk) bulk->add_written(p);
+                    else dst.adopt_pending(p);
                 }
             }
+            if (mac_only) sum.wrapped_keys = wrapped;
+            if (mac_only && (sum.entries_written != sum.entries || sum.rings_written != sum.rings))
+                throw IntegrityError("the bundle holds other counts than its header says");
+            if (bulk) bulk->commit();
             if (o.progress) o.progress(sum.entries, sum.entries);
         }
         dst.commit_staged();

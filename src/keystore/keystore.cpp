@@ -496,6 +496,13 @@ KeyStore::PendingRing KeyStore::store_sealed(const KeyRing& r, const Bytes& file
 
 KeyStore::PendingRing KeyStore::write_pending(const KeyRing& r) { return store_sealed(r, seal_ring(r)); }
 
+KeyStore::PendingRing KeyStore::write_final(const KeyRing& r) {
+    Bytes file = seal_ring(r);
+    std::string name = r.id.file();
+    m_storage->write_unsynced(name, file);
+    return {r.id.str(), name, hex_digest(file), summarize(r)};
+}
+
 void KeyStore::adopt_pending(const PendingRing& p) {
     if (!m_writable) throw Error("internal: store opened read-only");
     if (p.file != KeyId::parse(p.key_id).file()) throw Error("internal: pending ring names a wrong file");
@@ -543,6 +550,8 @@ struct KeyStore::BulkWriter::State {
     std::size_t count = 0;
     bool committed = false;
 
+    // Notes one ring's manifest member.
+    void member(const std::string& id, const ManifestEntry& entry);
     ~State() {
         if (scratch) std::fclose(scratch);
     }
@@ -594,8 +603,19 @@ std::unique_ptr<KeyStore::BulkWriter> KeyStore::bulk_writer(const std::string& s
 
 void KeyStore::BulkWriter::add(const KeyRing& ring, const Bytes& sealed) {
     if (m->committed) throw Error("internal: bulk writer already committed");
-    KeyStore& ks = *m->store;
-    std::string id = ring.id.str(), file = ring.id.file();
+    // The ring file under its final name: the manifest written at commit() names it.
+    m->store->m_storage->write_unsynced(ring.id.file(), sealed);
+    m->member(ring.id.str(), ManifestEntry{ring.id.file(), hex_digest(sealed), summarize(ring)});
+}
+
+void KeyStore::BulkWriter::add_written(const PendingRing& p) {
+    if (m->committed) throw Error("internal: bulk writer already committed");
+    if (p.file != KeyId::parse(p.key_id).file()) throw Error("internal: a written ring names a wrong file");
+    m->member(p.key_id, ManifestEntry{p.file, p.sha256, p.summary});
+}
+
+void KeyStore::BulkWriter::State::member(const std::string& id, const ManifestEntry& entry) {
+    auto* m = this;
     if (m->sorted && !m->last_id.empty() && !(m->last_id < id)) {
         if (m->last_id == id) throw IntegrityError("key ring " + id + " appears twice");
         // Out of order: from here on the members are kept in memory.
@@ -607,9 +627,7 @@ void KeyStore::BulkWriter::add(const KeyRing& ring, const Bytes& sealed) {
         });
         m->sorted = false;
     }
-    // The ring file under its final name: the manifest written at commit() names it.
-    ks.m_storage->write_unsynced(file, sealed);
-    std::string text = manifest_member(id, ManifestEntry{file, hex_digest(sealed), summarize(ring)});
+    std::string text = manifest_member(id, entry);
     if (m->sorted) {
         if (std::fwrite(text.data(), 1, text.size(), m->scratch) != text.size() || std::fputc('\n', m->scratch) == EOF)
             throw Error("cannot write the scratch file of the import (disk full?)");

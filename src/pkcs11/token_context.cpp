@@ -112,17 +112,24 @@ void restart_token(TokenContext& c) {
     for (int attempt = 0;; ++attempt) {
         try {
             c.module->restart();
-            // SoftHSM may leave out a token another process is writing (see open_token).
             c.token = select_token(list_tokens(*c.module), "serial:" + c.token.serial);
-            break;
+            c.session = Session::open(c.module, c.token.slot, true);
+            if (c.pin) c.session->login(*c.pin);
+            return;
+        } catch (const Pkcs11Error& e) {
+            // A wrong PIN is never tried again (it would burn the token's counter).
+            if (e.rv() == CKR_PIN_INCORRECT || e.rv() == CKR_PIN_LOCKED || e.rv() == CKR_PIN_EXPIRED ||
+                attempt == 5)
+                throw;
         } catch (const Error&) {
             if (attempt == 5) throw;
-            struct timespec ts {0, 40'000'000L * (attempt + 1)};
-            nanosleep(&ts, nullptr);
         }
+        // SoftHSM 2.6.1 reads its token files at C_Initialize, and rewrites the token file at
+        // every login: a token another process (a --jobs worker) is writing at that moment is
+        // missing, or seems to have no user PIN (CKR_USER_PIN_NOT_INITIALIZED). Start again.
+        struct timespec ts {0, 40'000'000L * (attempt + 1)};
+        nanosleep(&ts, nullptr);
     }
-    c.session = Session::open(c.module, c.token.slot, true);
-    if (c.pin) c.session->login(*c.pin);
 }
 
 std::size_t token_restart_every() {
