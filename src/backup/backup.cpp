@@ -685,7 +685,11 @@ KeyVersion version_from(const EntryMeta& m) {
 class RingWriter {
 public:
     using Write = std::function<void(const KeyRing&, const Bytes&)>;
-    explicit RingWriter(Write write) : m_write(std::move(write)), m_thread([this] { run(); }) {}
+    explicit RingWriter(Write write)
+        : m_write(std::move(write)), m_thread([this] {
+              ::pthread_setname_np(::pthread_self(), "kw-ring-writer");
+              run();
+          }) {}
     ~RingWriter() { stop(); }
     void push(const KeyRing& r, Bytes file) {
         m_batch.emplace_back(r, std::move(file));

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -161,7 +162,10 @@ public:
     explicit ReadAhead(std::function<std::optional<T>()> produce, bool threaded = true, std::size_t ahead = 512)
         : m_produce(std::move(produce)), m_threaded(threaded),
           m_max_batches(std::max<std::size_t>(2, ahead / kBatch)) {
-        if (m_threaded) m_thread = std::thread([this] { run(); });
+        if (m_threaded) m_thread = std::thread([this] {
+            ::pthread_setname_np(::pthread_self(), "kw-read-ahead");  // for perf and top -H
+            run();
+        });
     }
     ~ReadAhead() {
         if (!m_threaded) return;
