@@ -562,7 +562,8 @@ struct KeyStore::BulkWriter::State {
             return;
         }
         if (std::fflush(scratch) != 0 || std::fseek(scratch, 0, SEEK_SET) != 0)
-            throw Error("cannot read back the scratch file of the import");
+            throw Error(std::string("cannot write the import's scratch file beside the store: ") + std::strerror(errno),
+                        "free space on the file system that holds the store (nothing was changed)");
         char* line = nullptr;
         std::size_t cap = 0;
         ssize_t n;
@@ -615,28 +616,28 @@ void KeyStore::BulkWriter::add_written(const PendingRing& p) {
 }
 
 void KeyStore::BulkWriter::State::member(const std::string& id, const ManifestEntry& entry) {
-    auto* m = this;
-    if (m->sorted && !m->last_id.empty() && !(m->last_id < id)) {
-        if (m->last_id == id) throw IntegrityError("key ring " + id + " appears twice");
+    if (sorted && !last_id.empty() && !(last_id < id)) {
+        if (last_id == id) throw IntegrityError("key ring " + id + " appears twice");
         // Out of order: from here on the members are kept in memory.
-        m->each([&](const std::string& text) {
+        each([&](const std::string& text) {
             // The member starts with its key id as a JSON string.
             std::size_t end = 1;
             while (end < text.size() && text[end] != '"') end += text[end] == '\\' ? 2 : 1;
-            m->members.emplace(nlohmann::json::parse(text.substr(0, end + 1)).get<std::string>(), text);
+            members.emplace(nlohmann::json::parse(text.substr(0, end + 1)).get<std::string>(), text);
         });
-        m->sorted = false;
+        sorted = false;
     }
     std::string text = manifest_member(id, entry);
-    if (m->sorted) {
-        if (std::fwrite(text.data(), 1, text.size(), m->scratch) != text.size() || std::fputc('\n', m->scratch) == EOF)
-            throw Error("cannot write the scratch file of the import (disk full?)");
-        m->last_id = id;
-    } else if (!m->members.emplace(id, text).second) {
+    if (sorted) {
+        if (std::fwrite(text.data(), 1, text.size(), scratch) != text.size() || std::fputc('\n', scratch) == EOF)
+            throw Error(std::string("cannot write the import's scratch file beside the store: ") + std::strerror(errno),
+                        "free space on the file system that holds the store (nothing was changed)");
+        last_id = id;
+    } else if (!members.emplace(id, text).second) {
         throw IntegrityError("key ring " + id + " appears twice");
     }
-    m->bytes += text.size();
-    ++m->count;
+    bytes += text.size();
+    ++count;
 }
 
 void KeyStore::BulkWriter::commit() {
