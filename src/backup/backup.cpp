@@ -328,6 +328,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
     auto t0 = std::chrono::steady_clock::now();
     refuse_outputs(o.bundle_path, o.secret_path);
     keystore::KeyStore& store = *os.store;
+    // Only until the key loop: the module may restart there, and this session with it.
     pkcs11::Session& session = *os.token.session;
 
     // What goes in: every ring, or the ones named; without private keys only keypairs. The rings
@@ -556,11 +557,12 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
     // Pass 2: a trial unwrap of every key in the token, here or, with jobs, in worker processes
     // that each take every jobs-th entry.
     if (rep.problems.empty() && (jobs <= 1 || rep.header.entries < 2)) {
+        // The store (against) is done with: the token may restart in this pass. A token
+        // failure is the token's, not the bundle's: it is thrown, not reported as a problem.
+        TokenBackupKey backup(token, secret.encryption, mech);
+        pkcs11::TokenRecycler recycler(token, [&] { backup.rebind(); });
         try {
             detail::BundleReader again(bundle_path, secret);
-            // The store (against) is done with: the token may restart in this loop.
-            TokenBackupKey backup(token, secret.encryption, mech);
-            pkcs11::TokenRecycler recycler(token, [&] { backup.rebind(); });
             // The entries are read and decrypted on a second thread, handed over in batches.
             ReadAhead<detail::Entry> ahead([&] { return again.next(); });
             std::size_t i = 0;
@@ -573,6 +575,10 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
                 }
                 if (progress) progress(++i, rep.header.entries);
             }
+        } catch (const TokenError&) {
+            throw;  // a module restart that failed
+        } catch (const pkcs11::Pkcs11Error&) {
+            throw;
         } catch (const Error& e) {
             rep.problems.push_back({"bundle", e.what()});
         }
@@ -997,12 +1003,21 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         staging_dir.switch_in();
     } catch (...) {
         if (!staging_dir.switched()) {
-            // The master keys --init generated belong to a store that never came to be.
+            // The master keys --init generated belong to a store that never came to be. Best
+            // effort, never hiding the error that got us here: after a failed module restart
+            // there is no live session to remove them with.
             if (created_meta && o.init_params.master_encryption_key.empty() &&
                 o.init_params.master_signature_key.empty())
-                for (const auto* r : {&created_meta->encryption, &created_meta->signature})
-                    if (auto k = pkcs11::find_master_key(*ctx.session, r->label, r->id))
-                        pkcs11::destroy_object(*ctx.session, k->handle);
+                for (const auto* r : {&created_meta->encryption, &created_meta->signature}) {
+                    try {
+                        if (!ctx.session || !ctx.session->live()) throw Error("no live session");
+                        if (auto k = pkcs11::find_master_key(*ctx.session, r->label, r->id))
+                            pkcs11::destroy_object(*ctx.session, k->handle);
+                    } catch (const std::exception&) {
+                        log::warn("could not remove the new master key '" + r->label +
+                                  "' from the token; remove it by hand (it protects nothing)");
+                    }
+                }
         }
         throw;
     }

@@ -316,19 +316,17 @@ ManifestScanner::ManifestScanner(std::unique_ptr<Storage::Reader> in, MacKey::St
     std::uint8_t h[kHeaderSize];
     for (std::size_t i = 0; i < kHeaderSize; ++i) {
         int c = get();
-        if (c < 0) throw IntegrityError("the manifest is truncated");
+        if (c < 0) throw IntegrityError("manifest is truncated");
         h[i] = static_cast<std::uint8_t>(c);
     }
     if (std::memcmp(h, kManifestMagic, 8) != 0)
-        throw FormatError("the manifest is not a keywarden manifest file (bad magic)");
+        throw FormatError("manifest is not a keywarden manifest file (bad magic)");
     std::uint16_t f = get_u16(h + 8);
     if (f != kManifestFormat)
-        throw FormatError("the manifest has format version " + std::to_string(f) + ", this keywarden reads version " +
+        throw FormatError("manifest has format version " + std::to_string(f) + ", this keywarden reads version " +
                               std::to_string(kManifestFormat),
                           f > kManifestFormat ? "upgrade keywarden" : "");
     m_signed_end = kHeaderSize + std::uint64_t{get_u32(h + 10)};
-    skip_ws();
-    expect('{');
 }
 
 ManifestScanner::~ManifestScanner() = default;
@@ -344,7 +342,7 @@ void ManifestScanner::feed_mac() {
     m_mac_done = upto;
 }
 
-void ManifestScanner::fill() {
+std::size_t ManifestScanner::fill() {
     feed_mac();  // before the consumed bytes leave the buffer
     if (m_pos > 0) {
         std::memmove(m_buf.data(), m_buf.data() + m_pos, m_len - m_pos);
@@ -353,9 +351,24 @@ void ManifestScanner::fill() {
         m_pos = 0;
     }
     std::size_t got = m_in->read(m_buf.data() + m_len, m_buf.size() - m_len);
-    if (got == 0) return;
-    EVP_DigestUpdate(m_hash->ctx, m_buf.data() + m_len, got);
+    if (got == 0) return 0;
+    if (EVP_DigestUpdate(m_hash->ctx, m_buf.data() + m_len, got) != 1) throw Error("SHA-256 failed");
     m_len += got;
+    return got;
+}
+
+bool ManifestScanner::drain() {
+    if (m_signed_end == 0) return false;  // the header itself was bad
+    for (;;) {
+        std::uint64_t have = m_file_off + m_len;
+        m_pos = static_cast<std::size_t>(std::min(have, m_signed_end) - m_file_off);
+        if (have > m_signed_end + kMacSize) break;  // longer than the header says: enough seen
+        if (fill() == 0) break;
+    }
+    feed_mac();
+    if (m_file_off + m_len != m_signed_end + kMacSize) return false;
+    m_tag.assign(m_buf.data() + (m_signed_end - m_file_off), m_buf.data() + m_len);
+    return true;
 }
 
 // The next byte of the signed part (the header, then the body), or -1 at its end.
@@ -379,7 +392,7 @@ void ManifestScanner::skip_ws() {
 void ManifestScanner::expect(char want) {
     skip_ws();
     int c = get();
-    if (c < 0) throw IntegrityError("the manifest is truncated");
+    if (c < 0) throw IntegrityError("manifest is truncated");
     if (c != want) throw FormatError(std::string("manifest: expected '") + want + "' in the body");
 }
 
@@ -391,12 +404,15 @@ std::string ManifestScanner::value_text() {
     bool in_string = false, escaped = false;
     for (;;) {
         int c = peek();
-        if (c < 0) throw IntegrityError("the manifest is truncated");
+        if (c < 0) throw IntegrityError("manifest is truncated");
         if (!in_string && depth == 0 && !out.empty() && out.front() != '"' && out.front() != '{' &&
             out.front() != '[' && (c == ',' || c == '}' || c == ']' || c == ' ' || c == '\n'))
             return out;  // the end of a number or literal
         ++m_pos;
         out.push_back(static_cast<char>(c));
+        // A real member is a few hundred bytes per version; a damaged file must not make the
+        // scanner hold it whole.
+        if (out.size() > kMaxValue) throw FormatError("manifest: a member is too large");
         if (in_string) {
             if (escaped) escaped = false;
             else if (c == '\\') escaped = true;
@@ -437,7 +453,7 @@ void ManifestScanner::finish() {
         skip_ws();
         int c = get();
         if (c == '}') break;
-        if (c < 0) throw IntegrityError("the manifest is truncated");
+        if (c < 0) throw IntegrityError("manifest is truncated");
         if (c != ',') throw FormatError("manifest: bad body");
         std::string name = key();
         if (name == "rings") throw FormatError("manifest: two ring lists");
@@ -453,14 +469,14 @@ void ManifestScanner::finish() {
         fill();
         if (m_len == before) break;
     }
-    if (m_len - m_pos < kMacSize) throw IntegrityError("the manifest is truncated");
+    if (m_pos > m_len || m_len - m_pos < kMacSize) throw IntegrityError("manifest is truncated");
     if (m_len - m_pos > kMacSize)
-        throw IntegrityError("the manifest has a length that does not match its header (truncated or extended)");
+        throw IntegrityError("manifest has a length that does not match its header (truncated or extended)");
     m_tag.assign(m_buf.data() + m_pos, m_buf.data() + m_len);
     m_pos = m_len;
     m_sha.resize(32);
     unsigned int n = 0;
-    EVP_DigestFinal_ex(m_hash->ctx, m_sha.data(), &n);
+    if (EVP_DigestFinal_ex(m_hash->ctx, m_sha.data(), &n) != 1 || n != 32) throw Error("SHA-256 failed");
     if (m_top.store_id.empty() || m_top.meta_sha256.empty())
         throw FormatError("manifest: missing or mistyped field: store_id or meta_sha256");
     m_state = 2;
@@ -470,6 +486,7 @@ std::optional<std::pair<std::string, ManifestEntry>> ManifestScanner::next() {
     try {
         if (m_state == 0) {
             // The members before "rings" (keys are sorted: format, generation, meta_sha256).
+            expect('{');
             for (bool first = true;; first = false) {
                 if (!first) expect(',');
                 std::string name = key();
@@ -495,7 +512,7 @@ std::optional<std::pair<std::string, ManifestEntry>> ManifestScanner::next() {
         skip_ws();
         int c = get();
         if (c == '}') finish();
-        else if (c < 0) throw IntegrityError("the manifest is truncated");
+        else if (c < 0) throw IntegrityError("manifest is truncated");
         else if (c != ',') throw FormatError("manifest: bad body");
         return std::make_pair(std::move(id), std::move(entry));
     } catch (const json::exception& e) {

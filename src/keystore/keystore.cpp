@@ -219,15 +219,26 @@ void KeyStore::scan_manifest() {
     auto mac = m_keys.mac->stream();
     ManifestScanner scan(std::move(in), mac.get(), kManifestDomain, m_meta.store_id);
     auto st = std::make_unique<Streamed>();
-    while (auto e = scan.next()) {
-        auto& c = st->counts[e->second.summary.kind];
-        ++c.rings;
-        c.versions += e->second.summary.versions.size();
+    auto mismatch = [] {
+        return IntegrityError("manifest does not verify (MAC mismatch)",
+                              "the file was changed, copied from elsewhere, or the master "
+                              "signature key is not the one that signed it");
+    };
+    try {
+        while (auto e = scan.next()) {
+            auto& c = st->counts[e->second.summary.kind];
+            ++c.rings;
+            c.versions += e->second.summary.versions.size();
+        }
+    } catch (const Error&) {
+        // The body is parsed as it streams, before its MAC can be checked. A loaded store checks
+        // the length, then the MAC, then parses: the same order decides what is reported.
+        if (!scan.drain())
+            throw IntegrityError("manifest has a length that does not match its header (truncated or extended)");
+        if (!same_bytes(mac->final(), scan.tag())) throw mismatch();
+        throw;
     }
-    if (!same_bytes(mac->final(), scan.tag()))
-        throw IntegrityError("manifest does not verify (MAC mismatch)",
-                             "the file was changed, copied from elsewhere, or the master "
-                             "signature key is not the one that signed it");
+    if (!same_bytes(mac->final(), scan.tag())) throw mismatch();
     if (scan.top().store_id != m_meta.store_id) throw IntegrityError("the manifest belongs to another store");
     auto meta_raw = m_storage->read(kMetaFile);
     if (!meta_raw || hex_digest(*meta_raw) != scan.top().meta_sha256)
@@ -387,14 +398,21 @@ struct KeyStore::RingCursor::State {
             ++it;
             return e;
         }
-        auto e = scan->next();
+        auto changed = [] {
+            return IntegrityError("the manifest changed while the store was being read",
+                                  "another program wrote to the store without its lock; check it with "
+                                  "'keywarden keystore verify'");
+        };
+        std::optional<std::pair<std::string, ManifestEntry>> e;
+        try {
+            e = scan->next();
+        } catch (const Error&) {
+            throw changed();  // it parsed at open, so its bytes are not those any more
+        }
         if (!e) {
-            done = true;
             // What was just read must be what the MAC covered at open.
-            if (!same_bytes(scan->sha256(), store->m_streamed->sha256))
-                throw IntegrityError("the manifest changed while the store was being read",
-                                     "another program wrote to the store without its lock; check it with "
-                                     "'keywarden keystore verify'");
+            if (!same_bytes(scan->sha256(), store->m_streamed->sha256)) throw changed();
+            done = true;
         }
         return e;
     }
@@ -507,7 +525,7 @@ void KeyStore::adopt_pending(const PendingRing& p) {
     if (!m_writable) throw Error("internal: store opened read-only");
     if (p.file != KeyId::parse(p.key_id).file()) throw Error("internal: pending ring names a wrong file");
     if (!m_staged) {
-        m_staged = std::make_unique<Manifest>(*m_manifest);
+        m_staged = std::make_unique<Manifest>(manifest());
         m_staged_files.clear();
     }
     m_staged->data.rings[p.key_id] = {p.file, p.sha256, p.summary};
@@ -590,7 +608,7 @@ std::unique_ptr<KeyStore::BulkWriter> KeyStore::bulk_writer(const std::string& s
     if (fd < 0) {
         // No O_TMPFILE on this file system: a named file, unlinked at once.
         std::string name = scratch_dir + "/.kw-manifest-XXXXXX";
-        fd = ::mkstemp(name.data());
+        fd = ::mkostemp(name.data(), O_CLOEXEC);
         if (fd >= 0) ::unlink(name.c_str());
     }
     if (fd < 0) throw Error("cannot create a scratch file in " + scratch_dir + ": " + std::strerror(errno));
@@ -643,6 +661,7 @@ void KeyStore::BulkWriter::State::member(const std::string& id, const ManifestEn
 void KeyStore::BulkWriter::commit() {
     if (m->committed) throw Error("internal: bulk writer already committed");
     KeyStore& ks = *m->store;
+    if (ks.m_staged) throw Error("internal: rings were staged besides the bulk writer");
     // One sync makes every ring file durable before the manifest can name it.
     ks.m_storage->sync();
     ManifestData next;

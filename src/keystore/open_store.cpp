@@ -126,9 +126,16 @@ OpenStore open_store_streaming(const pkcs11::TokenOptions& options, const std::s
 }
 
 void rebind_master_keys(OpenStore& s) {
+    check_store_token(s.token, s.meta, "master keys");
     s.encryption = find_store_key(s.token, s.meta.encryption, "master encryption key", "keywarden import");
     s.signature = find_store_key(s.token, s.meta.signature, "master signature key", "keywarden import");
-    s.store->keys() = token_master_keys(s.token, s.encryption, s.signature, s.mechanism);
+    auto keys = token_master_keys(s.token, s.encryption, s.signature, s.mechanism);
+    // The keys found again must be the ones the store was opened with, by check value.
+    if (keys.protector->key_check_value() != s.meta.encryption.kcv || keys.mac->key_check_value() != s.meta.signature.kcv)
+        throw TokenError("after the module restart, the master keys found are not this store's",
+                         "another object with the same label and id appeared on the token; check it with "
+                         "'pkcs11-tool --list-objects'");
+    s.store->keys() = std::move(keys);
 }
 
 OpenAnyStore open_any_store(const pkcs11::TokenOptions& options, const std::string& path,

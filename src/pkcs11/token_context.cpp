@@ -138,7 +138,7 @@ std::size_t token_restart_every() {
     char* end = nullptr;
     errno = 0;
     unsigned long long n = std::strtoull(v, &end, 10);
-    if (errno != 0 || *end != '\0' || *v == '-')
+    if (errno != 0 || *end != '\0' || *v < '0' || *v > '9')
         throw UsageError(std::string("KEYWARDEN_TOKEN_RESTART_EVERY must be a number of keys, not '") + v + "'",
                          "unset it for the default (16384), or set 0 to never restart the module");
     return static_cast<std::size_t>(n);

@@ -258,6 +258,7 @@ MasterKeyInfo find_key_by_uri(Session& s, const std::string& uri_text) {
 }
 
 void destroy_object(Session& s, CK_OBJECT_HANDLE h) noexcept {
+    if (!s.live()) return;  // after a module restart the handle may be another object's
     try_call("C_DestroyObject", s.fn()->C_DestroyObject, s.handle(), h);
 }
 

@@ -80,12 +80,17 @@ public:
     // top-level fields are in top() and tag() and sha256() are ready.
     std::optional<std::pair<std::string, ManifestEntry>> next();
     const ManifestData& top() const { return m_top; }  // store_id, generation, meta_sha256
+    // After next() threw: reads the rest of the file into the MAC (and the hash) and takes the
+    // tag from where the header says it is, so that the caller can tell a damaged file (MAC
+    // mismatch) from a body keywarden wrote wrongly. False if the file's length is wrong.
+    bool drain();
     const Bytes& tag() const { return m_tag; }
     Bytes sha256() const { return m_sha; }
 
 private:
-    void fill();
+    std::size_t fill();
     void feed_mac();
+    static constexpr std::size_t kMaxValue = 16u << 20;
     int peek();
     int get();
     void expect(char c);
