@@ -44,7 +44,9 @@ TEST_CASE("cli: --version, --help and usage errors", "[cli]") {
         {{}, "error:"},
         {{"token"}, "error:"},
         {{"token", "list", "--no-such-flag"}, "error:"},
-        {{"frobnicate"}, "error:"},
+        {{"frobnicate"}, "error: unknown command 'frobnicate'"},
+        {{"--token", "x", "frobnicate"}, "error: unknown command 'frobnicate'"},
+        {{"token", "frob"}, "error: unknown command 'frob'"},
         {{"--pin", "1234", "token", "list"}, "error:"},
     };
     for (const auto& r : rows) {

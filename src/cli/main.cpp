@@ -217,7 +217,12 @@ int run(int argc, char** argv) {
     } catch (const CLI::CallForVersion& e) {
         return app.exit(e);
     } catch (const CLI::ParseError& e) {
-        std::cerr << "error: " << e.what() << "\n"
+        // "keywarden frobnicate": CLI11 reports the missing subcommand; name the word instead.
+        std::string what = e.what();
+        auto rest = app.remaining();
+        if (what.find("subcommand is required") != std::string::npos && !rest.empty() && !rest.front().starts_with("-"))
+            what = "unknown command '" + rest.front() + "'";
+        std::cerr << "error: " << what << "\n"
                   << "hint: run 'keywarden --help' or 'keywarden COMMAND --help'\n";
         return static_cast<int>(ExitCode::usage);
     }
