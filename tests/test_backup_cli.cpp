@@ -4,12 +4,16 @@
 
 #include <catch2/catch.hpp>
 #include <filesystem>
+#include <algorithm>
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 #include <chrono>
 #include <set>
 
 #include "decrypt_check.hpp"
+#include "keywarden/encoding.hpp"
+#include "keywarden/key_protector.hpp"
 #include "support.hpp"
 #include "two_tokens.hpp"
 
@@ -505,4 +509,42 @@ TEST_CASE("backup: export --all of a damaged store is refused and leaves no file
         ::chmod(ring.c_str(), 0600);
     }
     f.must([&] { auto v = f.exp(f.dir + "/ok.dat", f.dir + "/ok.json"); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+}
+
+// Bundles from keywarden 0.2.0 and older list the rings of a key id export in the order given.
+// import --init then keeps the manifest members in memory instead of streaming them. Such a
+// bundle is made here by reversing the rings of a bundle (one version each, so each entry line
+// is a ring) and computing its MAC again with the secret file's signature key.
+TEST_CASE("backup: a bundle whose rings are not in key id order still imports", "[cli]") {
+    BackupFixture f(false);
+    f.must({"--keystore", f.a, "--token", "kw-src", "init"});
+    f.must({"--keystore", f.a, "generate", "--client-id", "aaa-client", "--symmetric"});
+    f.must({"--keystore", f.a, "generate", "--client-id", "mmm-client", "--symmetric"});
+    f.must({"--keystore", f.a, "generate", "--client-id", "zzz-client", "--symmetric"});
+    std::string bundle = f.dir + "/o.dat", secret = f.dir + "/o.json", reversed = f.dir + "/rev.dat";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    std::vector<std::string> lines;
+    {
+        std::istringstream in(kwtest::read_text(bundle));
+        for (std::string l; std::getline(in, l);) lines.push_back(l);
+    }
+    REQUIRE(lines.size() == 6);  // magic, header, three entries, mac
+    REQUIRE(lines.back().starts_with("mac "));
+    std::reverse(lines.begin() + 2, lines.begin() + 5);
+    std::string body = lines[0] + "\n" + lines[1] + "\n" + lines[2] + "\n" + lines[3] + "\n" + lines[4] + "\n";
+    auto key = keywarden::from_base64(nlohmann::json::parse(kwtest::read_text(secret)).at("signature").get<std::string>());
+    REQUIRE(key);
+    auto tag = keywarden::hmac_sha256(*key, std::span(reinterpret_cast<const std::uint8_t*>(body.data()), body.size()));
+    kwtest::write_file(reversed, body + "mac " + keywarden::to_hex(tag) + "\n");
+    f.must({"--keystore", f.a, "verify", "--key-bundle-file", reversed, "--key-bundle-secret", secret});
+    for (const char* jobs : {"1", "2"}) {
+        INFO(jobs << " jobs");
+        std::string store = f.dir + "/O" + jobs;
+        f.must([&] { auto v = f.imp(store, reversed, secret); v.insert(v.end(), {"--init", "--jobs", jobs}); return v; }());
+        CHECK(f.versions(f.a) == f.versions(store));
+        for (const auto& [id, version, state] : f.versions(f.a))
+            CHECK(f.must({"--keystore", f.a, "read", id, "--private", "--version", version}).out ==
+                  f.must({"--keystore", store, "read", id, "--private", "--version", version}).out);
+        f.must({"--keystore", store, "keystore", "verify"});
+    }
 }
