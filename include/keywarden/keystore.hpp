@@ -180,6 +180,10 @@ public:
     virtual VerifyReport verify(const std::function<void(std::size_t)>& progress = {}) const = 0;
 };
 
+namespace detail {
+struct ManifestData;
+}
+
 class KeyStore : public Store {
 public:
     // Creates an empty store: version file, store.json, an empty signed manifest, the lock
@@ -327,6 +331,7 @@ private:
     KeyRing load_entry(const KeyId& id, const std::string& file, const std::string& sha256, bool check_mac) const;
     void load_manifest();
     void scan_manifest();
+    void check_manifest_top(const detail::ManifestData& m) const;
     void recover_pending();
     void check_files(bool strict);
     void commit(const std::vector<KeyRing>& rings);

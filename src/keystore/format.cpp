@@ -32,28 +32,37 @@ MacKey::Parts mac_parts_of(std::string_view domain, std::string_view binding,
     return {bytes(domain), {&zero, 1}, bytes(binding), {&zero, 1}, signed_part};
 }
 
-Bytes frame(const char* magic, std::uint16_t format, const std::string& body) {
+Bytes frame_header(const char* magic, std::uint16_t format, std::uint32_t body_length) {
     Bytes out(magic, magic + 8);
     put_u16(out, format);
-    put_u32(out, static_cast<std::uint32_t>(body.size()));
+    put_u32(out, body_length);
+    return out;
+}
+
+Bytes frame(const char* magic, std::uint16_t format, const std::string& body) {
+    Bytes out = frame_header(magic, format, static_cast<std::uint32_t>(body.size()));
     out.insert(out.end(), body.begin(), body.end());
     return out;
+}
+
+std::uint32_t check_header(const std::uint8_t* h, const char* magic, std::uint16_t format, const std::string& what) {
+    if (std::memcmp(h, magic, 8) != 0)
+        throw FormatError(what + " is not a keywarden " +
+                          (std::strcmp(magic, kRingMagic) == 0 ? "key ring" : "manifest") +
+                          " file (bad magic)");
+    std::uint16_t f = get_u16(h + 8);
+    if (f != format)
+        throw FormatError(what + " has format version " + std::to_string(f) +
+                              ", this keywarden reads version " + std::to_string(format),
+                          f > format ? "upgrade keywarden" : "");
+    return get_u32(h + 10);
 }
 
 std::size_t check_frame(std::span<const std::uint8_t> file, const char* magic,
                         std::uint16_t format, const std::string& what) {
     if (file.size() < kHeaderSize + kMacSize)
         throw IntegrityError(what + " is truncated (" + std::to_string(file.size()) + " bytes)");
-    if (std::memcmp(file.data(), magic, 8) != 0)
-        throw FormatError(what + " is not a keywarden " +
-                          (std::strcmp(magic, kRingMagic) == 0 ? "key ring" : "manifest") +
-                          " file (bad magic)");
-    std::uint16_t f = get_u16(file.data() + 8);
-    if (f != format)
-        throw FormatError(what + " has format version " + std::to_string(f) +
-                              ", this keywarden reads version " + std::to_string(format),
-                          f > format ? "upgrade keywarden" : "");
-    std::uint32_t n = get_u32(file.data() + 10);
+    std::uint32_t n = check_header(file.data(), magic, format, what);
     if (static_cast<std::uint64_t>(n) + kHeaderSize + kMacSize != file.size())
         throw IntegrityError(what + " has a length that does not match its header (truncated or "
                                     "extended)");
@@ -319,14 +328,7 @@ ManifestScanner::ManifestScanner(std::unique_ptr<Storage::Reader> in, MacKey::St
         if (c < 0) throw IntegrityError("manifest is truncated");
         h[i] = static_cast<std::uint8_t>(c);
     }
-    if (std::memcmp(h, kManifestMagic, 8) != 0)
-        throw FormatError("manifest is not a keywarden manifest file (bad magic)");
-    std::uint16_t f = get_u16(h + 8);
-    if (f != kManifestFormat)
-        throw FormatError("manifest has format version " + std::to_string(f) + ", this keywarden reads version " +
-                              std::to_string(kManifestFormat),
-                          f > kManifestFormat ? "upgrade keywarden" : "");
-    m_signed_end = kHeaderSize + std::uint64_t{get_u32(h + 10)};
+    m_signed_end = kHeaderSize + std::uint64_t{check_header(h, kManifestMagic, kManifestFormat, "manifest")};
 }
 
 ManifestScanner::~ManifestScanner() = default;

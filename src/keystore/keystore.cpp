@@ -46,6 +46,12 @@ std::string ring_binding(const std::string& store_id, const KeyId& id) {
     return store_id + "/" + id.str();
 }
 
+IntegrityError mac_mismatch(const std::string& what) {
+    return IntegrityError(what + " does not verify (MAC mismatch)",
+                          "the file was changed, copied from elsewhere, or the master "
+                          "signature key is not the one that signed it");
+}
+
 // A signed file: MAC verified before a single byte of the body is parsed.
 void verify_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* magic,
                    std::uint16_t format, std::string_view domain, const std::string& binding,
@@ -53,10 +59,7 @@ void verify_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* 
     std::size_t n = check_frame(file, magic, format, what);
     auto signed_part = file.first(n);
     auto tag = file.subspan(n);
-    if (!mac.verify_parts(mac_parts_of(domain, binding, signed_part), tag))
-        throw IntegrityError(what + " does not verify (MAC mismatch)",
-                             "the file was changed, copied from elsewhere, or the master "
-                             "signature key is not the one that signed it");
+    if (!mac.verify_parts(mac_parts_of(domain, binding, signed_part), tag)) throw mac_mismatch(what);
 }
 
 json open_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* magic,
@@ -219,11 +222,6 @@ void KeyStore::scan_manifest() {
     auto mac = m_keys.mac->stream();
     ManifestScanner scan(std::move(in), mac.get(), kManifestDomain, m_meta.store_id);
     auto st = std::make_unique<Streamed>();
-    auto mismatch = [] {
-        return IntegrityError("manifest does not verify (MAC mismatch)",
-                              "the file was changed, copied from elsewhere, or the master "
-                              "signature key is not the one that signed it");
-    };
     try {
         while (auto e = scan.next()) {
             auto& c = st->counts[e->second.summary.kind];
@@ -235,14 +233,11 @@ void KeyStore::scan_manifest() {
         // the length, then the MAC, then parses: the same order decides what is reported.
         if (!scan.drain())
             throw IntegrityError("manifest has a length that does not match its header (truncated or extended)");
-        if (!same_bytes(mac->final(), scan.tag())) throw mismatch();
+        if (!same_bytes(mac->final(), scan.tag())) throw mac_mismatch("manifest");
         throw;
     }
-    if (!same_bytes(mac->final(), scan.tag())) throw mismatch();
-    if (scan.top().store_id != m_meta.store_id) throw IntegrityError("the manifest belongs to another store");
-    auto meta_raw = m_storage->read(kMetaFile);
-    if (!meta_raw || hex_digest(*meta_raw) != scan.top().meta_sha256)
-        throw IntegrityError("store.json does not match the signed manifest");
+    if (!same_bytes(mac->final(), scan.tag())) throw mac_mismatch("manifest");
+    check_manifest_top(scan.top());
     st->sha256 = scan.sha256();
     m_streamed = std::move(st);
 }
@@ -254,10 +249,14 @@ void KeyStore::load_manifest() {
                   m_meta.store_id, "manifest");
     m_manifest = std::make_unique<Manifest>();
     m_manifest->data = parse_manifest_body(*raw);
-    if (manifest().data.store_id != m_meta.store_id)
-        throw IntegrityError("the manifest belongs to another store");
+    check_manifest_top(m_manifest->data);
+}
+
+// After the MAC: the manifest is this store's, and store.json is the one it names.
+void KeyStore::check_manifest_top(const ManifestData& m) const {
+    if (m.store_id != m_meta.store_id) throw IntegrityError("the manifest belongs to another store");
     auto meta_raw = m_storage->read(kMetaFile);
-    if (!meta_raw || hex_digest(*meta_raw) != manifest().data.meta_sha256)
+    if (!meta_raw || hex_digest(*meta_raw) != m.meta_sha256)
         throw IntegrityError("store.json does not match the signed manifest");
 }
 
@@ -671,9 +670,7 @@ void KeyStore::BulkWriter::commit() {
     const std::string prefix = manifest_prefix(next), suffix = manifest_suffix(next);
     std::uint64_t body = prefix.size() + m->bytes + (m->count ? m->count - 1 : 0) + suffix.size();
     if (body > 0xffffffffu) throw Error("the manifest would exceed 4 GiB");
-    Bytes header = frame(kManifestMagic, kManifestFormat, std::string());
-    header.resize(kHeaderSize - 4);
-    put_u32(header, static_cast<std::uint32_t>(body));
+    Bytes header = frame_header(kManifestMagic, kManifestFormat, static_cast<std::uint32_t>(body));
     auto bytes = [](const std::string& t) {
         return std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(t.data()), t.size());
     };

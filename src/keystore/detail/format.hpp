@@ -31,6 +31,11 @@ MacKey::Parts mac_parts_of(std::string_view domain, std::string_view binding,
 
 // Frames a body; the MAC is appended by the caller (it comes from the token).
 Bytes frame(const char* magic, std::uint16_t format, const std::string& body);
+// The 14-byte header alone: magic, format, body length (for a body written in pieces).
+Bytes frame_header(const char* magic, std::uint16_t format, std::uint32_t body_length);
+// Checks the magic and format of a 14-byte header; returns the body length it states.
+std::uint32_t check_header(const std::uint8_t* header, const char* magic, std::uint16_t format,
+                           const std::string& what);
 // Checks size, magic and format, and returns the signed part's length. Throws FormatError /
 // IntegrityError. Does not look at the body.
 std::size_t check_frame(std::span<const std::uint8_t> file, const char* magic,
