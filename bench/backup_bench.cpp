@@ -4,7 +4,11 @@
 // each operation needs, and the same three operations as `keywarden` CLI processes for their
 // peak RSS. Prints plain-text tables.
 //
-//   backup-bench [--keys N] [--cli PATH] [--module PATH] [--keep-dir]
+//   backup-bench [--keys N] [--cli PATH] [--module PATH] [--jobs J] [--keep-dir]
+//
+// With --jobs J (J >= 2) it also measures what J processes gain: each floor run in 1 and in J
+// forked processes (each with its own session, started together, splitting the keys), and the
+// CLI commands with --jobs 1 and --jobs J.
 //
 // The store holds N rings of kind client/<id>/symmetric (AES-256), one version each: one key per
 // client, N clients, made by a single KeyStore::generate call (not timed in the tables).
@@ -73,10 +77,11 @@ struct Options {
     bool keep_dir = false;
     std::string cli = "build/keywarden";
     std::string module;
+    std::size_t jobs = 1;  // >= 2: also the process speed-ups of the floors and the CLI
 };
 
 constexpr const char* kUsage =
-    "usage: backup-bench [--keys N] [--cli PATH] [--module PATH] [--keep-dir]\n";
+    "usage: backup-bench [--keys N] [--cli PATH] [--module PATH] [--jobs J] [--keep-dir]\n";
 
 [[noreturn]] void usage_exit(const std::string& problem) {
     std::cerr << "backup-bench: " << problem << "\n" << kUsage;
@@ -103,6 +108,10 @@ Options parse_options(int argc, char** argv) {
         if (a == "--keys") o.keys = parse_count(value(a));
         else if (a.starts_with("--keys=")) o.keys = parse_count(a.substr(7));
         else if (a == "--keep-dir") o.keep_dir = true;
+        else if (a == "--jobs" || a.starts_with("--jobs=")) {
+            o.jobs = parse_count(a == "--jobs" ? value(a) : a.substr(7));
+            if (o.jobs > 16) usage_exit("--jobs is at most 16");
+        }
         else if (a == "--cli") o.cli = value(a);
         else if (a.starts_with("--cli=")) o.cli = a.substr(6);
         else if (a == "--module") o.module = value(a);
@@ -114,6 +123,8 @@ Options parse_options(int argc, char** argv) {
                          "  --cli PATH     keywarden binary for the CLI runs (peak RSS); default\n"
                          "                 build/keywarden, skipped if absent\n"
                          "  --module PATH  PKCS#11 module (default /usr/lib/softhsm/libsofthsm2.so)\n"
+                         "  --jobs J       also time the floors in 1 and J processes, and the CLI\n"
+                         "                 commands with --jobs 1 and --jobs J (speed-ups)\n"
                          "  --keep-dir     keep the temporary tokens, stores and bundles\n";
             std::exit(0);
         } else usage_exit("unknown option " + a);
@@ -429,6 +440,78 @@ double chunked_floor(std::size_t n, const std::function<double(std::size_t, std:
     return total;
 }
 
+// A floor run in `procs` forked processes at once, each on its own share of the keys and its
+// own session. prepare(k, first, last) runs in process k before the start (the token restarted
+// in that process, the floor's keys made; not timed) and returns the timed run, which returns
+// its own seconds (restarts inside it not timed, as in chunked_floor). All processes start
+// together once every one is prepared; the result is the slowest process's seconds.
+using TimedRun = std::function<double()>;
+double floor_in_processes(std::size_t procs, std::size_t n,
+                          const std::function<TimedRun(std::size_t, std::size_t, std::size_t)>& prepare) {
+    struct Child {
+        pid_t pid;
+        int ready, go, result;
+    };
+    std::vector<Child> kids;
+    std::fflush(stdout);
+    std::fflush(stderr);
+    for (std::size_t k = 0; k < procs; ++k) {
+        int ready[2], go[2];
+        if (::pipe(ready) != 0 || ::pipe(go) != 0) throw std::runtime_error("pipe failed");
+        pid_t pid = ::fork();
+        if (pid < 0) throw std::runtime_error("fork failed");
+        if (pid == 0) {
+            ::close(ready[0]);
+            ::close(go[1]);
+            std::string out = "fail";
+            try {
+                auto run = prepare(k, n * k / procs, n * (k + 1) / procs);
+                char c = 'r';
+                char g = 0;
+                if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &g, 1) != 1) ::_exit(1);
+                out = fmt("%.9f", run());
+            } catch (const std::exception& e) {
+                out = std::string("fail ") + e.what();
+            }
+            ssize_t w = ::write(ready[1], out.data(), out.size());
+            ::_exit(w == static_cast<ssize_t>(out.size()) && !out.starts_with("fail") ? 0 : 1);
+        }
+        ::close(ready[1]);
+        ::close(go[0]);
+        kids.push_back({pid, ready[0], go[1], -1});
+    }
+    auto read_some = [](int fd) {
+        std::string s;
+        char buf[512];
+        ssize_t r;
+        while ((r = ::read(fd, buf, sizeof buf)) > 0) s.append(buf, static_cast<std::size_t>(r));
+        return s;
+    };
+    bool all_ready = true;
+    for (auto& c : kids) {
+        char r = 0;
+        all_ready = ::read(c.ready, &r, 1) == 1 && r == 'r' && all_ready;
+    }
+    for (auto& c : kids) {
+        char g = 'g';
+        if (all_ready && ::write(c.go, &g, 1) != 1) all_ready = false;
+        ::close(c.go);
+    }
+    double slowest = 0;
+    std::string problem;
+    for (auto& c : kids) {
+        std::string res = read_some(c.ready);
+        ::close(c.ready);
+        int status = 0;
+        ::waitpid(c.pid, &status, 0);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || res.empty() || res.starts_with("fail"))
+            problem = res.empty() ? "a floor process failed before it was ready" : res;
+        else slowest = std::max(slowest, std::stod(res));
+    }
+    if (!problem.empty()) throw std::runtime_error("floor in " + std::to_string(procs) + " processes: " + problem);
+    return slowest;
+}
+
 // ---- the report ----------------------------------------------------------------------------
 
 struct Row {
@@ -543,7 +626,7 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
     p11::fill_key_template(ft.unwrap_aes, KeyKind::aes, Exposure::sensitive);
     std::vector<std::uint8_t> bkey(32);
     double export_wall = 0, export_open = 0, verify_wall = 0, export_floor = 0, verify_floor = 0;
-    std::vector<std::vector<std::uint8_t>> backup_blobs;
+    std::vector<std::vector<std::uint8_t>> backup_blobs, store_blobs;
     double mac_verify_s = 0, mac_sign_s = 0;
     long softhsm_growth = 0;
     std::size_t softhsm_keys = 0;  // keys of the verify floor's first chunk (before a restart)
@@ -597,7 +680,6 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
     {
         // ---- the export floor, on the source token, one session, under the store's master key ----
         auto os = ks::open_store(src, store_dir, false);
-        std::vector<std::vector<std::uint8_t>> store_blobs;
         store_blobs.reserve(n);
         for (const auto& id : os.store->key_ids())
             for (const auto& v : os.store->load(id).versions) store_blobs.push_back(v.wrapped);
@@ -720,6 +802,85 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
     // The store's format needs one more token call per ring: the ring file's MAC (C_Sign).
     rows.push_back({"import vs floor + ring MACs (C_Sign)", n, import_wall, import_floor + mac_sign_s, ""});
 
+    // ---- (3a) --jobs J: the floors in 1 and in J processes ----
+    struct Speedup {
+        std::string what;
+        double one = 0, many = 0;
+    };
+    std::vector<Speedup> floor_speedups;
+    if (o.jobs >= 2) {
+        auto both = [&](const std::string& what,
+                        const std::function<TimedRun(std::size_t, std::size_t, std::size_t)>& prepare) {
+            Speedup sp_row{what};
+            sp_row.one = floor_in_processes(1, n, prepare);
+            sp_row.many = floor_in_processes(o.jobs, n, prepare);
+            floor_speedups.push_back(sp_row);
+        };
+        {
+            auto os = ks::open_store(src, store_dir, false);
+            both("floor export", [&](std::size_t, std::size_t first, std::size_t last) -> TimedRun {
+                auto restart = [&os, &bkey] {
+                    p11::restart_token(os.token);
+                    ks::rebind_master_keys(os);
+                    return make_floor_backup_key(*os.token.session, bkey);
+                };
+                auto backup = std::make_shared<p11::SessionObject>(restart());
+                return [&, first, last, backup, restart] {
+                    return chunked_floor(
+                        last - first,
+                        [&](std::size_t a, std::size_t b) {
+                            auto f0 = Clock::now();
+                            floor_export(*os.token.session, os.encryption, os.mechanism, backup->handle(), ft,
+                                         std::span(store_blobs).subspan(first + a, b - a));
+                            return seconds_between(f0, Clock::now());
+                        },
+                        [&] { *backup = restart(); });
+                };
+            });
+            both("floor verify", [&](std::size_t, std::size_t first, std::size_t last) -> TimedRun {
+                auto restart = [&os, &bkey] {
+                    p11::restart_token(os.token);
+                    return make_floor_backup_key(*os.token.session, bkey);
+                };
+                auto backup = std::make_shared<p11::SessionObject>(restart());
+                return [&, first, last, backup, restart] {
+                    return chunked_floor(
+                        last - first,
+                        [&](std::size_t a, std::size_t b) {
+                            auto f0 = Clock::now();
+                            floor_verify(*os.token.session, backup->handle(), ft,
+                                         std::span(backup_blobs).subspan(first + a, b - a));
+                            return seconds_between(f0, Clock::now());
+                        },
+                        [&] { *backup = restart(); });
+                };
+            });
+        }
+        {
+            auto os = ks::open_store(dst, dir + "/restored", false);
+            both("floor import", [&](std::size_t, std::size_t first, std::size_t last) -> TimedRun {
+                auto restart = [&os, &bkey] {
+                    p11::restart_token(os.token);
+                    ks::rebind_master_keys(os);
+                    return make_floor_backup_key(*os.token.session, bkey);
+                };
+                auto backup = std::make_shared<p11::SessionObject>(restart());
+                return [&, first, last, backup, restart] {
+                    return chunked_floor(
+                        last - first,
+                        [&](std::size_t a, std::size_t b) {
+                            auto f0 = Clock::now();
+                            floor_import(*os.token.session, backup->handle(), os.encryption, os.mechanism, ft,
+                                         std::span(backup_blobs).subspan(first + a, b - a));
+                            return seconds_between(f0, Clock::now());
+                        },
+                        [&] { *backup = restart(); });
+                };
+            });
+        }
+        stamp("floors in 1 and J processes");
+    }
+
     // ---- (4) the same as CLI processes, for peak RSS ----
     struct CliRun {
         std::string name;
@@ -758,6 +919,19 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
         run("import", {o.cli, "--token", std::string("label:") + kDstLabel, "import", "--init",
                        "--key-bundle-file", cb, "--key-bundle-secret", cs},
             dir + "/restored-cli");
+        if (o.jobs >= 2) {
+            const std::string j = std::to_string(o.jobs), cbj = dir + "/cli-j.kwbundle", csj = dir + "/cli-j.kwsecret";
+            run("export --jobs " + j, {o.cli, "--token", std::string("label:") + kSrcLabel, "export", "--all",
+                                       "--private-keys", "--jobs", j, "--key-bundle-file", cbj,
+                                       "--key-bundle-secret", csj},
+                store_dir);
+            run("verify --jobs " + j, {o.cli, "--token", std::string("label:") + kSrcLabel, "verify", "--jobs", j,
+                                       "--key-bundle-file", cb, "--key-bundle-secret", cs},
+                store_dir);
+            run("import --jobs " + j, {o.cli, "--token", std::string("label:") + kDstLabel, "import", "--init",
+                                       "--jobs", j, "--key-bundle-file", cb, "--key-bundle-secret", cs},
+                dir + "/restored-cli-j");
+        }
     }
     stamp("CLI runs");
 
@@ -814,6 +988,29 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
             if (c.name == "export")
                 std::printf("export, CLI vs library: CLI %.3f s, library open_store + export_bundle %.3f s\n",
                             c.r->wall, rows[0].wall.value_or(0) + export_wall);
+    }
+
+    if (o.jobs >= 2) {
+        std::printf("\nspeed-up with %zu processes (--jobs %zu), measured in this run:\n", o.jobs, o.jobs);
+        std::printf("%-28s %7s %10s %10s %9s\n", "operation", "keys", "1 proc s", fmt("%zu procs s", o.jobs).c_str(),
+                    "speed-up");
+        std::printf("%s\n", std::string(28 + 7 + 10 + 10 + 9 + 4, '-').c_str());
+        auto line = [&](const std::string& what, double one, double many) {
+            std::printf("%-28s %7zu %10.3f %10.3f %8.2fx\n", what.c_str(), n, one, many, many > 0 ? one / many : 0.0);
+        };
+        for (const auto& f : floor_speedups) line(f.what, f.one, f.many);
+        for (const char* cmd : {"export", "verify", "import"}) {
+            const CliRun *one = nullptr, *many = nullptr;
+            for (const auto& c : cli) {
+                if (c.name == cmd) one = &c;
+                if (c.name == std::string(cmd) + " --jobs " + std::to_string(o.jobs)) many = &c;
+            }
+            if (one && many) line(std::string("keywarden ") + cmd, one->r->wall, many->r->wall);
+        }
+        std::printf("floors in processes: each forked process restarts the module, makes its keys, then all start\n"
+                    "  together on their share of the keys; the time is the slowest process's (restarts not timed).\n"
+                    "  The 1-process row runs the same way. keywarden rows: wall time of the CLI processes above.\n"
+                    "target: at least 1.7x with 2 jobs on a 2-core machine\n");
     }
 
     std::printf("\nrun timeline (s):");
