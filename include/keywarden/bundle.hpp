@@ -93,8 +93,39 @@ std::string encode_entry(const EntryLine& e);
 EntryLine parse_entry(std::string_view line);
 
 SecureBytes metadata_key(const SecureBytes& signature_key);
+
+// AES-256-CTR under a metadata key, for many entries: the cipher and key schedule are set up once
+// (OpenSSL wipes the context when it is freed), and the random IVs are drawn in batches. For one
+// thread at a time.
+class MetaCipher {
+public:
+    explicit MetaCipher(const SecureBytes& meta_key);
+    ~MetaCipher();
+    MetaCipher(const MetaCipher&) = delete;
+    MetaCipher& operator=(const MetaCipher&) = delete;
+    // out[0..in.size()) = in XOR the key stream from the 16-byte initial counter block iv.
+    void apply(std::span<const std::uint8_t> iv, std::span<const std::uint8_t> in, std::uint8_t* out);
+    void random_iv(std::uint8_t* iv16);
+
+private:
+    struct evp_cipher_ctx_st* m_ctx = nullptr;
+    std::vector<std::uint8_t> m_ivs;  // random bytes not yet used (IVs are not secret)
+    std::size_t m_iv_pos = 0;
+};
+
+Bytes seal_metadata(MetaCipher& cipher, const EntryMeta& m);
+EntryMeta open_metadata(MetaCipher& cipher, std::span<const std::uint8_t> sealed);
+// The same, setting up the cipher for one entry.
 Bytes seal_metadata(const SecureBytes& meta_key, const EntryMeta& m);
 EntryMeta open_metadata(const SecureBytes& meta_key, std::span<const std::uint8_t> sealed);
+
+namespace detail {
+// The metadata plaintext as written (the same bytes as meta_json(m)), the JSON tree's dump it
+// must equal, and the strict reader of the written form (nullopt: left to the JSON parser).
+std::string meta_text(const EntryMeta& m);
+std::string meta_json(const EntryMeta& m);
+std::optional<EntryMeta> meta_from_text(std::string_view plain);
+}  // namespace detail
 
 // Key check values of the backup keys, computed on the host from the secret file. They match
 // the token-side definitions (KeyProtector / MacKey::key_check_value) for RFC 5649 wrapping.

@@ -149,6 +149,7 @@ void export_entries(const std::function<KeyRing(std::size_t)>& ring_at, std::siz
         std::vector<Bytes> sealed;  // each version's encrypted metadata, made ahead too
     };
     std::size_t next = 0;
+    MetaCipher meta_cipher(meta_key);  // used by the reading thread only
     ReadAhead<Slot> ahead(
         [&]() -> std::optional<Slot> {
             if (next == count) return std::nullopt;
@@ -159,7 +160,7 @@ void export_entries(const std::function<KeyRing(std::size_t)>& ring_at, std::siz
                 EntryMeta m{r.id.str(), v.version, v.state, v.created, v.valid_from, v.valid_until,
                             r.current && *r.current == v.version, v.key_type, v.key_length, v.kcv,
                             v.public_key, private_keys && !v.wrapped.empty()};
-                slot.sealed.push_back(seal_metadata(meta_key, m));
+                slot.sealed.push_back(seal_metadata(meta_cipher, m));
             }
             return slot;
         },

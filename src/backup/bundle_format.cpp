@@ -6,6 +6,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <charconv>
+#include <cstring>
+
 #include "keywarden/bundle.hpp"
 #include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
@@ -60,23 +63,163 @@ json json_of_meta(const EntryMeta& m) {
             {"wrapped", m.wrapped}};
 }
 
+// A JSON string as nlohmann's dump() writes it: plain printable ASCII is copied, anything
+// else goes through the library.
+void put_string(std::string& out, std::string_view v) {
+    for (char c : v)
+        if (c == '"' || c == '\\' || static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f) {
+            out += json(std::string(v)).dump();
+            return;
+        }
+    out += '"';
+    out += v;
+    out += '"';
+}
+
+// json_of_meta(m).dump(), byte for byte (keys in the order of nlohmann's std::map), without
+// building the tree: it is made once per entry.
+std::string meta_text_impl(const EntryMeta& m) {
+    std::string o;
+    o.reserve(320);
+    o += "{\"created\":";
+    o += std::to_string(m.created);
+    o += m.current ? ",\"current\":true,\"kcv\":" : ",\"current\":false,\"kcv\":";
+    put_string(o, to_hex(m.kcv));
+    o += ",\"key_id\":";
+    put_string(o, m.key_id);
+    o += ",\"key_length\":";
+    o += std::to_string(m.key_length);
+    o += ",\"key_type\":";
+    put_string(o, key_kind_name(m.key_type));
+    o += ",\"public\":";
+    if (m.public_key.empty()) o += "null";
+    else put_string(o, to_base64(m.public_key));
+    o += ",\"state\":";
+    put_string(o, keystore::key_state_name(m.state));
+    o += ",\"valid_from\":";
+    o += std::to_string(m.valid_from);
+    o += ",\"valid_until\":";
+    o += m.valid_until ? std::to_string(*m.valid_until) : std::string("null");
+    o += ",\"version\":";
+    o += std::to_string(m.version);
+    o += m.wrapped ? ",\"wrapped\":true}" : ",\"wrapped\":false}";
+    return o;
+}
+
+// Reads exactly what meta_text writes (no escapes, no spaces, the keys in that order). Anything
+// else gives nullopt and is left to the JSON parser, so this never accepts what it would refuse.
+class MetaScanner {
+public:
+    explicit MetaScanner(std::string_view t) : m_t(t) {}
+    bool lit(std::string_view s) {
+        if (m_t.substr(m_p, s.size()) != s) return false;
+        m_p += s.size();
+        return true;
+    }
+    bool null() { return lit("null"); }
+    std::optional<std::string_view> str() {
+        if (!lit("\"")) return std::nullopt;
+        std::size_t start = m_p;
+        while (m_p < m_t.size()) {
+            char c = m_t[m_p];
+            if (c == '"') return m_t.substr(start, m_p++ - start);
+            if (c == '\\' || static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f)
+                return std::nullopt;
+            ++m_p;
+        }
+        return std::nullopt;
+    }
+    template <typename T>
+    std::optional<T> num() {
+        std::size_t start = m_p;
+        if (m_p < m_t.size() && m_t[m_p] == '-') ++m_p;
+        std::size_t digits = m_p;
+        while (m_p < m_t.size() && m_t[m_p] >= '0' && m_t[m_p] <= '9') ++m_p;
+        std::size_t nd = m_p - digits;
+        // JSON: no leading zeros; "-0" and anything out of T's range are left to the parser.
+        if (nd == 0 || nd > 19 || (m_t[digits] == '0' && (nd > 1 || digits != start))) return std::nullopt;
+        T v{};
+        auto [end, ec] = std::from_chars(m_t.data() + start, m_t.data() + m_p, v);
+        if (ec != std::errc() || end != m_t.data() + m_p) return std::nullopt;
+        return v;
+    }
+    std::optional<bool> boolean() {
+        if (lit("true")) return true;
+        if (lit("false")) return false;
+        return std::nullopt;
+    }
+    bool at_end() const { return m_p == m_t.size(); }
+
+private:
+    std::string_view m_t;
+    std::size_t m_p = 0;
+};
+
+std::optional<EntryMeta> meta_from_text_impl(std::string_view t) {
+    MetaScanner s(t);
+    EntryMeta m;
+    if (!s.lit("{\"created\":")) return std::nullopt;
+    auto created = s.num<std::int64_t>();
+    if (!created || !s.lit(",\"current\":")) return std::nullopt;
+    auto current = s.boolean();
+    if (!current || !s.lit(",\"kcv\":")) return std::nullopt;
+    auto kcv = s.str();
+    if (!kcv || !s.lit(",\"key_id\":")) return std::nullopt;
+    auto key_id = s.str();
+    if (!key_id || !s.lit(",\"key_length\":")) return std::nullopt;
+    auto key_length = s.num<std::uint32_t>();
+    if (!key_length || !s.lit(",\"key_type\":")) return std::nullopt;
+    auto key_type = s.str();
+    if (!key_type || !s.lit(",\"public\":")) return std::nullopt;
+    std::optional<std::string_view> pub;
+    if (!s.null() && !(pub = s.str())) return std::nullopt;
+    if (!s.lit(",\"state\":")) return std::nullopt;
+    auto state = s.str();
+    if (!state || !s.lit(",\"valid_from\":")) return std::nullopt;
+    auto valid_from = s.num<std::int64_t>();
+    if (!valid_from || !s.lit(",\"valid_until\":")) return std::nullopt;
+    if (!s.null()) {
+        auto vu = s.num<std::int64_t>();
+        if (!vu) return std::nullopt;
+        m.valid_until = *vu;
+    }
+    if (!s.lit(",\"version\":")) return std::nullopt;
+    auto version = s.num<std::uint32_t>();
+    if (!version || !s.lit(",\"wrapped\":")) return std::nullopt;
+    auto wrapped = s.boolean();
+    if (!wrapped || !s.lit("}") || !s.at_end()) return std::nullopt;
+    // The values, checked as the JSON path checks them (its errors are the ones reported).
+    auto st = keystore::key_state_from_name(std::string(*state));
+    auto kcv_bytes = from_hex(std::string(*kcv));
+    if (!st || !kcv_bytes) return std::nullopt;
+    bool known = false;
+    for (KeyKind k : {KeyKind::aes, KeyKind::generic_secret, KeyKind::ec_p256_private})
+        if (*key_type == key_kind_name(k)) {
+            m.key_type = k;
+            known = true;
+        }
+    if (!known) return std::nullopt;
+    if (pub) {
+        auto p = from_base64(std::string(*pub));
+        if (!p) return std::nullopt;
+        m.public_key = std::move(*p);
+    }
+    m.key_id = std::string(*key_id);
+    m.version = *version;
+    m.state = *st;
+    m.created = *created;
+    m.valid_from = *valid_from;
+    m.current = *current;
+    m.key_length = *key_length;
+    m.kcv = std::move(*kcv_bytes);
+    m.wrapped = *wrapped;
+    return m;
+}
+
 Bytes hex_field(const json& j, const char* what) {
     auto v = from_hex(j.get<std::string>());
     if (!v) throw FormatError(std::string(what) + " is not hex");
     return *v;
-}
-
-template <typename Out>
-void ctr(const SecureBytes& key, std::span<const std::uint8_t> iv, std::span<const std::uint8_t> in,
-         Out& out) {
-    EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
-    out.resize(in.size());
-    int n = 0;
-    bool ok = ctx && EVP_EncryptInit_ex(ctx, EVP_aes_256_ctr(), nullptr, key.data(), iv.data()) == 1 &&
-              EVP_EncryptUpdate(ctx, reinterpret_cast<unsigned char*>(out.data()), &n, in.data(),
-                                static_cast<int>(in.size())) == 1;
-    EVP_CIPHER_CTX_free(ctx);
-    if (!ok) throw OpenSslError("AES-256-CTR");
 }
 
 }  // namespace
@@ -216,21 +359,68 @@ SecretFile v1_backup_secret(const SecureBytes& backup_key) {
     return s;
 }
 
-Bytes seal_metadata(const SecureBytes& meta_key, const EntryMeta& m) {
-    std::string plain = json_of_meta(m).dump();
-    Bytes out(16);
-    if (RAND_bytes(out.data(), 16) != 1) throw OpenSslError("RAND_bytes");
-    Bytes ct;
-    ctr(meta_key, std::span(out).first(16),
-        std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(plain.data()), plain.size()), ct);
-    out.insert(out.end(), ct.begin(), ct.end());
+namespace detail {
+std::string meta_text(const EntryMeta& m) { return meta_text_impl(m); }
+std::string meta_json(const EntryMeta& m) { return json_of_meta(m).dump(); }
+std::optional<EntryMeta> meta_from_text(std::string_view plain) { return meta_from_text_impl(plain); }
+}  // namespace detail
+
+MetaCipher::MetaCipher(const SecureBytes& meta_key) {
+    if (meta_key.size() != 32) throw Error("internal: a metadata key is 32 bytes");
+    // Fetched once per process: EVP_aes_256_ctr() would fetch the implementation at every init.
+    static EVP_CIPHER* const aes_ctr = EVP_CIPHER_fetch(nullptr, "AES-256-CTR", nullptr);
+    m_ctx = EVP_CIPHER_CTX_new();
+    if (!aes_ctr || !m_ctx || EVP_EncryptInit_ex(m_ctx, aes_ctr, nullptr, meta_key.data(), nullptr) != 1) {
+        EVP_CIPHER_CTX_free(m_ctx);
+        throw OpenSslError("AES-256-CTR");
+    }
+}
+
+MetaCipher::~MetaCipher() { EVP_CIPHER_CTX_free(m_ctx); }
+
+void MetaCipher::apply(std::span<const std::uint8_t> iv, std::span<const std::uint8_t> in, std::uint8_t* out) {
+    int n = 0;
+    if (iv.size() != 16 || EVP_EncryptInit_ex(m_ctx, nullptr, nullptr, nullptr, iv.data()) != 1 ||
+        EVP_EncryptUpdate(m_ctx, out, &n, in.data(), static_cast<int>(in.size())) != 1 ||
+        static_cast<std::size_t>(n) != in.size())
+        throw OpenSslError("AES-256-CTR");
+}
+
+void MetaCipher::random_iv(std::uint8_t* iv16) {
+    if (m_iv_pos + 16 > m_ivs.size()) {
+        m_ivs.resize(64 * 16);
+        if (RAND_bytes(m_ivs.data(), static_cast<int>(m_ivs.size())) != 1) throw OpenSslError("RAND_bytes");
+        m_iv_pos = 0;
+    }
+    std::memcpy(iv16, m_ivs.data() + m_iv_pos, 16);
+    m_iv_pos += 16;
+}
+
+Bytes seal_metadata(MetaCipher& cipher, const EntryMeta& m) {
+    std::string plain = meta_text_impl(m);
+    Bytes out(16 + plain.size());
+    cipher.random_iv(out.data());
+    cipher.apply(std::span(out).first(16),
+                 std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(plain.data()), plain.size()),
+                 out.data() + 16);
     return out;
 }
 
+Bytes seal_metadata(const SecureBytes& meta_key, const EntryMeta& m) {
+    MetaCipher c(meta_key);
+    return seal_metadata(c, m);
+}
+
 EntryMeta open_metadata(const SecureBytes& meta_key, std::span<const std::uint8_t> sealed) {
+    MetaCipher c(meta_key);
+    return open_metadata(c, sealed);
+}
+
+EntryMeta open_metadata(MetaCipher& cipher, std::span<const std::uint8_t> sealed) {
     if (sealed.size() < 17) throw FormatError("bundle entry metadata is too short");
-    std::string plain;
-    ctr(meta_key, sealed.first(16), sealed.subspan(16), plain);
+    std::string plain(sealed.size() - 16, '\0');
+    cipher.apply(sealed.first(16), sealed.subspan(16), reinterpret_cast<std::uint8_t*>(plain.data()));
+    if (auto fast = meta_from_text_impl(plain)) return std::move(*fast);
     try {
         json j = json::parse(plain);
         EntryMeta m;

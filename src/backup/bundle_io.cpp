@@ -42,7 +42,7 @@ SecureBytes read_secret_file(const std::string& path) {
 }
 
 BundleReader::BundleReader(const std::string& path, const SecretFile& secret)
-    : m_path(path), m_secret(secret), m_meta_key(metadata_key(secret.signature)) {
+    : m_path(path), m_secret(secret), m_meta(metadata_key(secret.signature)) {
     m_in.open(path, std::ios::binary);
     if (!m_in)
         throw NotFoundError("cannot open bundle " + path + ": " + std::strerror(errno),
@@ -172,7 +172,7 @@ std::optional<Entry> BundleReader::next() {
     keystore::KeyId id;
     try {
         EntryLine el = parse_entry(line);
-        e = Entry{open_metadata(m_meta_key, el.sealed_meta), std::move(el.wrapped)};
+        e = Entry{open_metadata(m_meta, el.sealed_meta), std::move(el.wrapped)};
         id = keystore::KeyId::parse(e.meta.key_id);
     } catch (const Error& err) {
         // Entries are read before the MAC at the end can vouch for them: anything malformed

@@ -45,7 +45,7 @@ private:
     std::string m_path;
     std::ifstream m_in;
     const SecretFile& m_secret;
-    SecureBytes m_meta_key;
+    MetaCipher m_meta;  // next() only: one thread at a time
     BundleHeader m_header;
     std::optional<HmacStream> m_mac;
     std::uint64_t m_entries = 0, m_rings = 0, m_bytes = 0;
