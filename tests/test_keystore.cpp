@@ -488,3 +488,120 @@ TEST_CASE("ring bodies written as text equal the JSON tree's dump", "[unit]") {
     }
     CHECK(n == 6);
 }
+
+namespace {
+bool same_ring(const KeyRing& a, const KeyRing& b) {
+    if (!(a.id == b.id) || a.current != b.current || a.versions.size() != b.versions.size()) return false;
+    for (std::size_t i = 0; i < a.versions.size(); ++i) {
+        const auto &x = a.versions[i], &y = b.versions[i];
+        if (x.version != y.version || x.state != y.state || x.created != y.created || x.valid_from != y.valid_from ||
+            x.valid_until != y.valid_until || x.key_type != y.key_type || x.key_length != y.key_length ||
+            x.protection != y.protection || x.wrapped != y.wrapped || x.kcv != y.kcv || x.public_key != y.public_key)
+            return false;
+    }
+    return true;
+}
+}  // namespace
+
+// Reading rings without a JSON tree (detail::ring_from_text) must give exactly what the JSON path
+// gives for what keywarden writes, and must leave everything else to the JSON path.
+TEST_CASE("ring bodies are read as text exactly as the JSON path reads them", "[unit]") {
+    SoftStore s;
+    const KeyId poison{RingKind::poison_keypair, ""}, audit{RingKind::audit_log, ""}, poison_sym{RingKind::poison_symmetric, ""};
+    const KeyId spaced{RingKind::hmac, "bob the client"};
+    auto ks = s.open(true);
+    ks->generate({kAliceSym, kAliceStorage, poison, audit, poison_sym, spaced});
+    ks->generate({kAliceSym, kAliceStorage});
+    ks->destroy(kAliceSym, 1);
+    const std::string sid = ks->meta().store_id;
+    std::size_t n = 0;
+    for (const auto& id : ks->key_ids()) {
+        KeyRing r = ks->load(id);
+        INFO(id.str());
+        for (int variant = 0; variant < 2; ++variant) {
+            if (variant == 1) {
+                r.current.reset();
+                r.versions.front().valid_until = -5;
+            }
+            std::string body = keystore::detail::ring_body(r, sid);
+            auto fast = keystore::detail::ring_from_text(body, sid);
+            REQUIRE(fast);
+            CHECK(same_ring(*fast, keystore::detail::ring_from_json(nlohmann::json::parse(body), sid)));
+            CHECK(same_ring(*fast, r));
+        }
+        ++n;
+    }
+    CHECK(n == 6);
+
+    // Each change below is left to the JSON path (nullopt), which then accepts or refuses it.
+    KeyRing r = ks->load(kAliceStorage);
+    const std::string body = keystore::detail::ring_body(r, sid);
+    auto with = [&](const std::string& from, const std::string& to) {
+        std::string t = body;
+        auto at = t.find(from);
+        REQUIRE(at != std::string::npos);
+        return t.replace(at, from.size(), to);
+    };
+    struct Row {
+        std::string text;
+        bool json_accepts;  // whether ring_from_json reads it (the same ring), or throws
+    };
+    std::vector<Row> rows = {
+        {with("{\"client_id\"", "{ \"client_id\""), true},
+        {with("\"format\":1", "\"format\":2"), true},  // not checked in the body (the frame has it)
+        {with("\"store_id\":\"" + sid, "\"store_id\":\"0" + sid.substr(1)), false},
+        {with("\"kind\":\"storage-keypair\"", "\"kind\":\"symmetric\""), false},
+        {with("\"key_type\":\"ec-p256-private\"", "\"key_type\":\"aes\""), false},
+        {with("\"state\":\"active\"", "\"state\":\"asleep\""), false},
+        {with("\"version\":1", "\"version\":-1"), true},  // as before: the JSON library's conversion
+        {with("\"valid_until\":null", "\"valid_until\":1.5"), true},
+        {with("\"kcv\":\"", "\"kcv\":\"z"), false},
+        {with("\"key_id\":\"client/alice01/storage\"", "\"key_id\":\"client\\/alice01/storage\""), true},
+        {with("]}", "],\"extra\":1}"), true},
+        {with("]}", "]} "), true},
+    };
+    for (const auto& row : rows) {
+        INFO(row.text);
+        CHECK_FALSE(keystore::detail::ring_from_text(row.text, sid));
+        if (row.json_accepts) CHECK_NOTHROW(keystore::detail::ring_from_json(nlohmann::json::parse(row.text), sid));
+        else CHECK_THROWS(keystore::detail::ring_from_json(nlohmann::json::parse(row.text), sid));
+    }
+    CHECK_FALSE(keystore::detail::ring_from_text(body.substr(0, body.size() - 1), sid));  // truncated
+    CHECK(keystore::detail::ring_from_text(body, sid));
+}
+
+// Manifest members are read without a JSON tree when they are exactly as written
+// (detail::entry_from_text); the result must be the JSON path's.
+TEST_CASE("manifest members are read as text exactly as the JSON path reads them", "[unit]") {
+    using keystore::detail::ManifestEntry;
+    auto same_entry = [](const ManifestEntry& a, const ManifestEntry& b) {
+        return a.file == b.file && a.sha256 == b.sha256 && keystore::detail::same_summary(a.summary, b.summary);
+    };
+    SoftStore s;
+    auto ks = s.open(true);
+    ks->generate({kAliceSym, kAliceStorage});
+    ks->generate({kAliceSym});
+    std::size_t n = 0;
+    for (const auto& id : ks->key_ids()) {
+        KeyRing r = ks->load(id);
+        r.versions.back().valid_until = -7;
+        ManifestEntry e{id.file(), std::string(64, 'a'), keystore::detail::summarize(r)};
+        std::string member = keystore::detail::manifest_member(id.str(), e);
+        std::string value = member.substr(member.find(':') + 1);
+        INFO(value);
+        auto fast = keystore::detail::entry_from_text(id.str(), value);
+        REQUIRE(fast);
+        CHECK(same_entry(*fast, e));
+        // What the text reader does not take: another file name (the JSON path refuses it), spaces,
+        // other members (the JSON path reads them), a broken end.
+        std::string other = value;
+        other.replace(other.find(id.file()), id.file().size(), "keys/other");
+        CHECK_FALSE(keystore::detail::entry_from_text(id.str(), other));
+        CHECK_FALSE(keystore::detail::entry_from_text(id.str(), "{ " + value.substr(1)));
+        CHECK_FALSE(keystore::detail::entry_from_text(id.str(), value.substr(0, value.size() - 1) + ",\"x\":1}"));
+        CHECK_FALSE(keystore::detail::entry_from_text(id.str(), value.substr(0, value.size() - 1)));
+        CHECK_FALSE(keystore::detail::entry_from_text("not a key id", value));
+        ++n;
+    }
+    CHECK(n == 2);
+}

@@ -6,12 +6,12 @@
 
 #include <nlohmann/json.hpp>
 
-#include <charconv>
 #include <cstring>
 
 #include "keywarden/bundle.hpp"
 #include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
+#include "keywarden/strict_json.hpp"
 
 namespace keywarden::backup {
 
@@ -106,57 +106,10 @@ std::string meta_text_impl(const EntryMeta& m) {
     return o;
 }
 
-// Reads exactly what meta_text writes (no escapes, no spaces, the keys in that order). Anything
-// else gives nullopt and is left to the JSON parser, so this never accepts what it would refuse.
-class MetaScanner {
-public:
-    explicit MetaScanner(std::string_view t) : m_t(t) {}
-    bool lit(std::string_view s) {
-        if (m_t.substr(m_p, s.size()) != s) return false;
-        m_p += s.size();
-        return true;
-    }
-    bool null() { return lit("null"); }
-    std::optional<std::string_view> str() {
-        if (!lit("\"")) return std::nullopt;
-        std::size_t start = m_p;
-        while (m_p < m_t.size()) {
-            char c = m_t[m_p];
-            if (c == '"') return m_t.substr(start, m_p++ - start);
-            if (c == '\\' || static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f)
-                return std::nullopt;
-            ++m_p;
-        }
-        return std::nullopt;
-    }
-    template <typename T>
-    std::optional<T> num() {
-        std::size_t start = m_p;
-        if (m_p < m_t.size() && m_t[m_p] == '-') ++m_p;
-        std::size_t digits = m_p;
-        while (m_p < m_t.size() && m_t[m_p] >= '0' && m_t[m_p] <= '9') ++m_p;
-        std::size_t nd = m_p - digits;
-        // JSON: no leading zeros; "-0" and anything out of T's range are left to the parser.
-        if (nd == 0 || nd > 19 || (m_t[digits] == '0' && (nd > 1 || digits != start))) return std::nullopt;
-        T v{};
-        auto [end, ec] = std::from_chars(m_t.data() + start, m_t.data() + m_p, v);
-        if (ec != std::errc() || end != m_t.data() + m_p) return std::nullopt;
-        return v;
-    }
-    std::optional<bool> boolean() {
-        if (lit("true")) return true;
-        if (lit("false")) return false;
-        return std::nullopt;
-    }
-    bool at_end() const { return m_p == m_t.size(); }
-
-private:
-    std::string_view m_t;
-    std::size_t m_p = 0;
-};
-
+// Reads exactly what meta_text writes (StrictJson); anything else gives nullopt and is left to
+// the JSON parser.
 std::optional<EntryMeta> meta_from_text_impl(std::string_view t) {
-    MetaScanner s(t);
+    StrictJson s(t);
     EntryMeta m;
     if (!s.lit("{\"created\":")) return std::nullopt;
     auto created = s.num<std::int64_t>();

@@ -6,6 +6,7 @@
 #include "detail/format.hpp"
 #include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
+#include "keywarden/strict_json.hpp"
 
 namespace keywarden::keystore::detail {
 
@@ -193,6 +194,98 @@ KeyRing ring_from_json(const json& j, const std::string& store_id) {
     }
 }
 
+std::optional<KeyRing> ring_from_text(std::string_view body, const std::string& store_id) {
+    StrictJson s(body);
+    KeyRing r;
+    if (!s.lit("{\"client_id\":")) return std::nullopt;
+    if (!s.null() && !s.str()) return std::nullopt;  // not read from the file (as in ring_from_json)
+    if (!s.lit(",\"current\":")) return std::nullopt;
+    if (!s.null()) {
+        auto c = s.num<std::uint32_t>();
+        if (!c) return std::nullopt;
+        r.current = *c;
+    }
+    if (!s.lit(",\"format\":" + std::to_string(kRingFormat) + ",\"key_id\":")) return std::nullopt;
+    auto key_id = s.str();
+    if (!key_id || !s.lit(",\"kind\":")) return std::nullopt;
+    auto kind_name = s.str();
+    if (!kind_name || !s.lit(",\"store_id\":")) return std::nullopt;
+    auto sid = s.str();
+    if (!sid || *sid != store_id || !s.lit(",\"versions\":[")) return std::nullopt;
+    try {
+        r.id = KeyId::parse(std::string(*key_id));
+    } catch (const Error&) {
+        return std::nullopt;
+    }
+    auto kind = ring_kind_from_name(std::string(*kind_name));
+    if (!kind || *kind != r.id.kind) return std::nullopt;
+    const KeyKind key_type = key_kind_of(r.id.kind);
+    for (bool first = true; !s.lit("]}"); first = false) {
+        if (!first && !s.lit(",")) return std::nullopt;
+        KeyVersion v;
+        if (!s.lit("{\"created\":")) return std::nullopt;
+        auto created = s.num<std::int64_t>();
+        if (!created || !s.lit(",\"kcv\":")) return std::nullopt;
+        auto kcv = s.str();
+        if (!kcv || !s.lit(",\"key_length\":")) return std::nullopt;
+        auto key_length = s.num<std::uint32_t>();
+        if (!key_length || !s.lit(",\"key_type\":")) return std::nullopt;
+        auto kt = s.str();
+        if (!kt || *kt != key_kind_name(key_type) || !s.lit(",\"protection\":")) return std::nullopt;
+        auto protection = s.str();
+        if (!protection) return std::nullopt;
+        if (s.lit(",\"public\":")) {
+            auto pub = s.str();
+            if (!pub) return std::nullopt;
+            auto p = from_base64(std::string(*pub));
+            if (!p) return std::nullopt;
+            v.public_key = std::move(*p);
+        }
+        if (!s.lit(",\"state\":")) return std::nullopt;
+        auto state = s.str();
+        if (!state || !s.lit(",\"valid_from\":")) return std::nullopt;
+        auto valid_from = s.num<std::int64_t>();
+        if (!valid_from || !s.lit(",\"valid_until\":")) return std::nullopt;
+        if (!s.null()) {
+            auto vu = s.num<std::int64_t>();
+            if (!vu) return std::nullopt;
+            v.valid_until = *vu;
+        }
+        if (!s.lit(",\"version\":")) return std::nullopt;
+        auto version = s.num<std::uint32_t>();
+        if (!version || !s.lit(",\"wrapped\":")) return std::nullopt;
+        if (!s.null()) {
+            auto w = s.str();
+            if (!w) return std::nullopt;
+            auto b = from_base64(std::string(*w));
+            if (!b) return std::nullopt;
+            v.wrapped = std::move(*b);
+        }
+        if (!s.lit("}")) return std::nullopt;
+        auto st = key_state_from_name(std::string(*state));
+        auto kcv_bytes = from_hex(std::string(*kcv));
+        if (!st || !kcv_bytes) return std::nullopt;
+        v.version = *version;
+        v.state = *st;
+        v.created = *created;
+        v.valid_from = *valid_from;
+        v.key_type = key_type;
+        v.key_length = *key_length;
+        v.protection = std::string(*protection);
+        v.kcv = std::move(*kcv_bytes);
+        r.versions.push_back(std::move(v));
+    }
+    if (!s.at_end()) return std::nullopt;
+    return r;
+}
+
+KeyRing ring_from_body(std::span<const std::uint8_t> file, const std::string& store_id, const std::string& what) {
+    std::uint32_t n = get_u32(file.data() + 10);
+    std::string_view body(reinterpret_cast<const char*>(file.data()) + kHeaderSize, n);
+    if (auto r = ring_from_text(body, store_id)) return std::move(*r);
+    return ring_from_json(parse_body(file, what), store_id);
+}
+
 RingSummary summarize(const KeyRing& r) {
     RingSummary s{r.id.str(), r.id.kind, r.id.client_id, {}};
     for (const auto& v : r.versions)
@@ -240,6 +333,54 @@ ManifestEntry entry_from_json(const std::string& id, const json& e) {
 }
 }  // namespace
 
+// A manifest member's value in exactly manifest_member's form, without a JSON tree; nullopt for
+// anything else (left to entry_from_json, which gives the errors).
+std::optional<ManifestEntry> entry_from_text(const std::string& id, std::string_view text) {
+    StrictJson s(text);
+    ManifestEntry me;
+    KeyId kid;
+    try {
+        kid = KeyId::parse(id);
+    } catch (const Error&) {
+        return std::nullopt;
+    }
+    if (!s.lit("{\"file\":")) return std::nullopt;
+    auto file = s.str();
+    if (!file || *file != kid.file() || !s.lit(",\"kind\":") || !s.str() || !s.lit(",\"sha256\":"))
+        return std::nullopt;
+    auto sha = s.str();
+    if (!sha || !s.lit(",\"versions\":[")) return std::nullopt;
+    me.file = std::string(*file);
+    me.sha256 = std::string(*sha);
+    me.summary.key_id = id;
+    me.summary.kind = kid.kind;
+    me.summary.client_id = kid.client_id;
+    for (bool first = true; !s.lit("]}"); first = false) {
+        if (!first && !s.lit(",")) return std::nullopt;
+        if (!s.lit("{\"created\":")) return std::nullopt;
+        auto created = s.num<std::int64_t>();
+        if (!created || !s.lit(",\"current\":")) return std::nullopt;
+        auto current = s.boolean();
+        if (!current || !s.lit(",\"state\":")) return std::nullopt;
+        auto state = s.str();
+        if (!state || !s.lit(",\"valid_from\":")) return std::nullopt;
+        auto valid_from = s.num<std::int64_t>();
+        if (!valid_from || !s.lit(",\"valid_until\":")) return std::nullopt;
+        std::optional<std::int64_t> valid_until;
+        if (!s.null()) {
+            valid_until = s.num<std::int64_t>();
+            if (!valid_until) return std::nullopt;
+        }
+        if (!s.lit(",\"version\":")) return std::nullopt;
+        auto version = s.num<std::uint32_t>();
+        if (!version || !s.lit("}")) return std::nullopt;
+        auto st = key_state_from_name(std::string(*state));
+        if (!st) return std::nullopt;
+        me.summary.versions.push_back({*version, *st, *created, *valid_from, valid_until, *current});
+    }
+    if (!s.at_end()) return std::nullopt;
+    return me;
+}
 std::string manifest_prefix(const ManifestData& m) {
     return "{\"format\":" + std::to_string(kManifestFormat) + ",\"generation\":" + std::to_string(m.generation) +
            ",\"meta_sha256\":" + quoted(m.meta_sha256) + ",\"rings\":{";
@@ -402,41 +543,54 @@ void ManifestScanner::expect(char want) {
 std::string ManifestScanner::value_text() {
     skip_ws();
     std::string out;
-    int depth = 0;
+    int depth = 0, first = -1;
     bool in_string = false, escaped = false;
     for (;;) {
-        int c = peek();
-        if (c < 0) throw IntegrityError("manifest is truncated");
-        if (!in_string && depth == 0 && !out.empty() && out.front() != '"' && out.front() != '{' &&
-            out.front() != '[' && (c == ',' || c == '}' || c == ']' || c == ' ' || c == '\n'))
-            return out;  // the end of a number or literal
-        ++m_pos;
-        out.push_back(static_cast<char>(c));
+        if (peek() < 0) throw IntegrityError("manifest is truncated");  // fills the buffer
+        std::size_t end = m_len;
+        if (m_signed_end) end = static_cast<std::size_t>(std::min<std::uint64_t>(end, m_signed_end - m_file_off));
+        std::size_t i = m_pos;
+        bool done = false;
+        for (; i < end && !done; ++i) {
+            int c = m_buf[i];
+            if (first < 0) {
+                first = c;
+            } else if (!in_string && depth == 0 && first != '"' && first != '{' && first != '[' &&
+                       (c == ',' || c == '}' || c == ']' || c == ' ' || c == '\n')) {
+                done = true;  // the end of a number or literal; c is not part of it
+                break;
+            }
+            if (in_string) {
+                if (escaped) escaped = false;
+                else if (c == '\\') escaped = true;
+                else if (c == '"') {
+                    in_string = false;
+                    done = depth == 0;
+                }
+            } else if (c == '"') {
+                in_string = true;
+            } else if (c == '{' || c == '[') {
+                ++depth;
+            } else if (c == '}' || c == ']') {
+                if (--depth < 0) throw FormatError("manifest: unbalanced JSON in the body");
+                done = depth == 0;
+            }
+        }
+        out.append(reinterpret_cast<const char*>(m_buf.data()) + m_pos, i - m_pos);
+        m_pos = i;
         // A real member is a few hundred bytes per version; a damaged file must not make the
         // scanner hold it whole.
         if (out.size() > kMaxValue) throw FormatError("manifest: a member is too large");
-        if (in_string) {
-            if (escaped) escaped = false;
-            else if (c == '\\') escaped = true;
-            else if (c == '"') {
-                in_string = false;
-                if (depth == 0) return out;
-            }
-        } else if (c == '"') {
-            in_string = true;
-        } else if (c == '{' || c == '[') {
-            ++depth;
-        } else if (c == '}' || c == ']') {
-            if (--depth < 0) throw FormatError("manifest: unbalanced JSON in the body");
-            if (depth == 0) return out;
-        }
+        if (done) return out;
     }
 }
 
 std::string ManifestScanner::key() {
     std::string text = value_text();
     if (text.empty() || text.front() != '"') throw FormatError("manifest: expected a member name in the body");
-    std::string k = json::parse(text).get<std::string>();
+    std::string k;
+    if (auto plain = StrictJson(text).str(); plain && plain->size() + 2 == text.size()) k = std::string(*plain);
+    else k = json::parse(text).get<std::string>();
     expect(':');
     return k;
 }
@@ -509,8 +663,9 @@ std::optional<std::pair<std::string, ManifestEntry>> ManifestScanner::next() {
         if (!m_last_id.empty() && !(m_last_id < id))
             throw FormatError("manifest: the rings are not in key id order (" + id + ")");
         m_last_id = id;
-        json j = json::parse(value_text());
-        auto entry = entry_from_json(id, j);
+        std::string text = value_text();
+        auto fast = entry_from_text(id, text);
+        ManifestEntry entry = fast ? std::move(*fast) : entry_from_json(id, json::parse(text));
         skip_ws();
         int c = get();
         if (c == '}') finish();

@@ -62,13 +62,6 @@ void verify_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* 
     if (!mac.verify_parts(mac_parts_of(domain, binding, signed_part), tag)) throw mac_mismatch(what);
 }
 
-json open_signed(MacKey& mac, std::span<const std::uint8_t> file, const char* magic,
-                 std::uint16_t format, std::string_view domain, const std::string& binding,
-                 const std::string& what) {
-    verify_signed(mac, file, magic, format, domain, binding, what);
-    return parse_body(file, what);
-}
-
 Bytes seal(MacKey& mac, const char* magic, std::uint16_t format, std::string_view domain,
            const std::string& binding, const std::string& body) {
     Bytes file = frame(magic, format, body);
@@ -357,15 +350,12 @@ KeyRing KeyStore::load_entry(const KeyId& id, const std::string& file, const std
     if (digest != sha256)
         throw IntegrityError("key ring " + id.str() + " does not match the signed manifest",
                              "the file was replaced (an older copy?) or changed");
-    json body;
-    if (check_mac) {
-        body = open_signed(*m_keys.mac, *raw, kRingMagic, kRingFormat, kRingDomain,
-                           ring_binding(m_meta.store_id, id), "key ring " + id.str());
-    } else {
+    if (check_mac)
+        verify_signed(*m_keys.mac, *raw, kRingMagic, kRingFormat, kRingDomain, ring_binding(m_meta.store_id, id),
+                      "key ring " + id.str());
+    else
         check_frame(*raw, kRingMagic, kRingFormat, "key ring " + id.str());
-        body = parse_body(*raw, "key ring " + id.str());
-    }
-    KeyRing r = ring_from_json(body, m_meta.store_id);
+    KeyRing r = ring_from_body(*raw, m_meta.store_id, "key ring " + id.str());
     if (!(r.id == id)) throw IntegrityError("key ring " + id.str() + " names another key id");
     return r;
 }

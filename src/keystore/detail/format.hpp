@@ -47,6 +47,11 @@ nlohmann::json ring_to_json(const KeyRing& r, const std::string& store_id);
 // ring_to_json(r, store_id).dump(), byte for byte, without building the tree.
 std::string ring_body(const KeyRing& r, const std::string& store_id);
 KeyRing ring_from_json(const nlohmann::json& j, const std::string& store_id);
+// The ring body in exactly ring_body's form, read without a JSON tree; nullopt for anything else
+// (another layout, or a value ring_from_json refuses), which is then left to ring_from_json.
+std::optional<KeyRing> ring_from_text(std::string_view body, const std::string& store_id);
+// The ring in a framed file (check_frame done): ring_from_text, else the JSON parser.
+KeyRing ring_from_body(std::span<const std::uint8_t> file, const std::string& store_id, const std::string& what);
 
 struct ManifestEntry {
     std::string file;
@@ -66,6 +71,9 @@ std::string manifest_body(const ManifestData& m);
 // member of "rings", one member ("<key id>":{...}; members are joined by ','), everything after.
 std::string manifest_prefix(const ManifestData& m);
 std::string manifest_member(const std::string& id, const ManifestEntry& e);
+// A member's value (the text after "<key id>":) in exactly manifest_member's form, without a
+// JSON tree; nullopt for anything else, which is left to the JSON parser.
+std::optional<ManifestEntry> entry_from_text(const std::string& id, std::string_view text);
 std::string manifest_suffix(const ManifestData& m);
 // Parses an authenticated manifest body (the frame already checked).
 ManifestData parse_manifest_body(std::span<const std::uint8_t> file);
