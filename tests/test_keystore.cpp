@@ -605,3 +605,30 @@ TEST_CASE("manifest members are read as text exactly as the JSON path reads them
     }
     CHECK(n == 2);
 }
+
+// How --jobs workers hand written rings to the parent: one line each, read back exactly.
+TEST_CASE("pending ring records survive the trip from a worker to the parent", "[unit]") {
+    SoftStore s;
+    auto ks = s.open(true);
+    const KeyId spaced{RingKind::hmac, "bob the client"};
+    ks->generate({kAliceSym, kAliceStorage, spaced});
+    ks->generate({kAliceSym});
+    std::size_t n = 0;
+    for (const auto& id : ks->key_ids()) {
+        KeyRing r = ks->load(id);
+        KeyStore::PendingRing p{id.str(), id.file(), std::string(64, 'f'), keystore::detail::summarize(r)};
+        std::string line = KeyStore::pending_text(p);
+        INFO(line);
+        CHECK(line.find('\n') == std::string::npos);
+        auto back = KeyStore::pending_from_text(line);
+        CHECK(back.key_id == p.key_id);
+        CHECK(back.file == p.file);
+        CHECK(back.sha256 == p.sha256);
+        CHECK(keystore::detail::same_summary(back.summary, p.summary));
+        CHECK_THROWS_AS(KeyStore::pending_from_text(line.substr(0, line.size() - 1)), Error);
+        ++n;
+    }
+    CHECK(n == 3);
+    for (const char* bad : {"", "\"", "\"a\"", "\"a\":{}", "wrapped 3", "\"client\\/x/symmetric\":{}"})
+        CHECK_THROWS_AS(KeyStore::pending_from_text(bad), Error);
+}

@@ -274,6 +274,10 @@ public:
         std::string key_id, file, sha256;
         RingSummary summary;
     };
+    // A written ring's record as one line of text (its manifest member), and back: how --jobs
+    // workers hand their rings to the parent.
+    static std::string pending_text(const PendingRing& p);
+    static PendingRing pending_from_text(std::string_view line);
     PendingRing write_pending(const KeyRing& ring);
     // For a store another process fills with a BulkWriter (import --init --jobs): seals the ring
     // and writes it under its final name at once.

@@ -8,6 +8,7 @@
 #include <charconv>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <string_view>
 
 namespace keywarden {
@@ -62,5 +63,18 @@ private:
     std::string_view m_t;
     std::size_t m_p = 0;
 };
+
+// Appends v as a JSON string when it is printable ASCII without '"' or '\\': then every JSON
+// writer writes the same bytes. False, and nothing appended, otherwise (use the JSON library).
+inline bool append_plain_json_string(std::string& out, std::string_view v) {
+    for (char ch : v) {
+        auto c = static_cast<unsigned char>(ch);
+        if (c == '"' || c == '\\' || c < 0x20 || c >= 0x7f) return false;
+    }
+    out += '"';
+    out += v;
+    out += '"';
+    return true;
+}
 
 }  // namespace keywarden

@@ -647,33 +647,6 @@ void hardlink_clone(const fs::path& from, const fs::path& to) {
 }
 
 // A ring as worker processes pass it back: key id, file, digest and the manifest summary.
-std::string pending_to_line(const keystore::KeyStore::PendingRing& p) {
-    nlohmann::json versions = nlohmann::json::array();
-    for (const auto& v : p.summary.versions)
-        versions.push_back({v.version, keystore::key_state_name(v.state), v.created, v.valid_from,
-                            v.valid_until ? nlohmann::json(*v.valid_until) : nlohmann::json(nullptr), v.current});
-    return nlohmann::json{{"key_id", p.key_id}, {"file", p.file}, {"sha256", p.sha256}, {"versions", versions}}.dump();
-}
-
-keystore::KeyStore::PendingRing pending_from_line(const std::string& line) {
-    auto j = nlohmann::json::parse(line);
-    keystore::KeyStore::PendingRing p;
-    p.key_id = j.at("key_id");
-    p.file = j.at("file");
-    p.sha256 = j.at("sha256");
-    KeyId id = KeyId::parse(p.key_id);
-    p.summary = {p.key_id, id.kind, id.client_id, {}};
-    for (const auto& v : j.at("versions")) {
-        auto st = keystore::key_state_from_name(v.at(1).get<std::string>());
-        if (!st) throw Error("internal: bad state from a worker");
-        p.summary.versions.push_back({v.at(0).get<std::uint32_t>(), *st, v.at(2).get<std::int64_t>(),
-                                      v.at(3).get<std::int64_t>(),
-                                      v.at(4).is_null() ? std::nullopt : std::optional<std::int64_t>(v.at(4).get<std::int64_t>()),
-                                      v.at(5).get<bool>()});
-    }
-    return p;
-}
-
 KeyVersion version_from(const EntryMeta& m) {
     KeyVersion v;
     v.version = m.version;
@@ -966,7 +939,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                               [&](const KeyRing& r) {
                                   auto p = o.init ? mine.store->write_final(r) : mine.store->write_pending(r);
                                   for (const auto& v : r.versions) wrapped += !v.wrapped.empty();
-                                  out << pending_to_line(p) << "\n";
+                                  out << keystore::KeyStore::pending_text(p) << "\n";
                               },
                               [] {}, &recycler);
                 while (own.skip_next()) {
@@ -984,7 +957,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                         wrapped += std::stoull(l.substr(8));
                         continue;
                     }
-                    auto p = pending_from_line(l);
+                    auto p = keystore::KeyStore::pending_from_text(l);
                     ++sum.rings_written;
                     sum.entries_written += p.summary.versions.size();
                     if (bulk) bulk->add_written(p);

@@ -66,14 +66,7 @@ json json_of_meta(const EntryMeta& m) {
 // A JSON string as nlohmann's dump() writes it: plain printable ASCII is copied, anything
 // else goes through the library.
 void put_string(std::string& out, std::string_view v) {
-    for (char c : v)
-        if (c == '"' || c == '\\' || static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f) {
-            out += json(std::string(v)).dump();
-            return;
-        }
-    out += '"';
-    out += v;
-    out += '"';
+    if (!append_plain_json_string(out, v)) out += json(std::string(v)).dump();
 }
 
 // json_of_meta(m).dump(), byte for byte (keys in the order of nlohmann's std::map), without

@@ -125,15 +125,22 @@ json ring_to_json(const KeyRing& r, const std::string& store_id) {
 // The same bytes as ring_to_json(r, store_id).dump(), written directly: import seals one ring per
 // key on its token thread, and building a JSON tree for each costs more than the text.
 std::string ring_body(const KeyRing& r, const std::string& store_id) {
-    auto q = [](const std::string& t) { return json(t).dump(); };
     std::string out;
+    auto q = [&out](const std::string& t) {
+        if (!append_plain_json_string(out, t)) out += json(t).dump();
+    };
     out.reserve(256 + r.versions.size() * 320);
-    out += "{\"client_id\":" + (r.id.client_id.empty() ? std::string("null") : q(r.id.client_id));
+    out += "{\"client_id\":";
+    if (r.id.client_id.empty()) out += "null";
+    else q(r.id.client_id);
     out += ",\"current\":" + (r.current ? std::to_string(*r.current) : std::string("null"));
     out += ",\"format\":" + std::to_string(kRingFormat);
-    out += ",\"key_id\":" + q(r.id.str());
-    out += ",\"kind\":" + q(ring_kind_name(r.id.kind));
-    out += ",\"store_id\":" + q(store_id);
+    out += ",\"key_id\":";
+    q(r.id.str());
+    out += ",\"kind\":";
+    q(ring_kind_name(r.id.kind));
+    out += ",\"store_id\":";
+    q(store_id);
     out += ",\"versions\":[";
     bool first = true;
     for (const auto& v : r.versions) {
@@ -142,10 +149,13 @@ std::string ring_body(const KeyRing& r, const std::string& store_id) {
         out += "{\"created\":" + std::to_string(v.created);
         out += ",\"kcv\":\"" + to_hex(v.kcv) + "\"";
         out += ",\"key_length\":" + std::to_string(v.key_length);
-        out += ",\"key_type\":" + q(key_kind_name(v.key_type));
-        out += ",\"protection\":" + q(v.protection);
+        out += ",\"key_type\":";
+        q(key_kind_name(v.key_type));
+        out += ",\"protection\":";
+        q(v.protection);
         if (!v.public_key.empty()) out += ",\"public\":\"" + to_base64(v.public_key) + "\"";
-        out += ",\"state\":" + q(key_state_name(v.state));
+        out += ",\"state\":";
+        q(key_state_name(v.state));
         out += ",\"valid_from\":" + std::to_string(v.valid_from);
         out += ",\"valid_until\":" + (v.valid_until ? std::to_string(*v.valid_until) : std::string("null"));
         out += ",\"version\":" + std::to_string(v.version);
@@ -309,7 +319,11 @@ bool same_summary(const RingSummary& a, const RingSummary& b) {
 }
 
 namespace {
-std::string quoted(const std::string& s) { return json(s).dump(); }
+std::string quoted(const std::string& s) {
+    std::string out;
+    if (!append_plain_json_string(out, s)) out = json(s).dump();
+    return out;
+}
 std::string opt_text(const std::optional<std::int64_t>& v) { return v ? std::to_string(*v) : "null"; }
 
 ManifestEntry entry_from_json(const std::string& id, const json& e) {

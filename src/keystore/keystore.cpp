@@ -17,6 +17,7 @@
 #include "detail/format.hpp"
 #include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
+#include "keywarden/strict_json.hpp"
 
 namespace keywarden::keystore {
 
@@ -315,6 +316,38 @@ std::vector<KeyId> KeyStore::key_ids() const {
 
 bool KeyStore::contains(const KeyId& id) const {
     return manifest().data.rings.count(id.str()) != 0;
+}
+
+std::string KeyStore::pending_text(const PendingRing& p) {
+    return manifest_member(p.key_id, ManifestEntry{p.file, p.sha256, p.summary});
+}
+
+KeyStore::PendingRing KeyStore::pending_from_text(std::string_view line) {
+    // Written by pending_text in another keywarden process: the name, ':', the value.
+    std::string id;
+    std::size_t colon = std::string_view::npos;
+    StrictJson name(line);
+    if (auto plain = name.str()) {
+        id = std::string(*plain);
+        colon = plain->size() + 2;
+    } else {
+        // A name with escapes: find its end (the first unescaped quote after the opening one).
+        bool escaped = false;
+        for (std::size_t i = 1; i < line.size(); ++i) {
+            if (escaped) escaped = false;
+            else if (line[i] == '\\') escaped = true;
+            else if (line[i] == '"') {
+                colon = i + 1;
+                break;
+            }
+        }
+        if (colon == std::string_view::npos) throw Error("internal: a bad ring record from a worker");
+        id = json::parse(line.substr(0, colon)).get<std::string>();
+    }
+    if (colon >= line.size() || line[colon] != ':') throw Error("internal: a bad ring record from a worker");
+    auto e = entry_from_text(id, line.substr(colon + 1));
+    if (!e) throw Error("internal: a bad ring record from a worker");
+    return PendingRing{id, std::move(e->file), std::move(e->sha256), std::move(e->summary)};
 }
 
 KeyRing KeyStore::load(const KeyId& id, bool check_mac) const {
