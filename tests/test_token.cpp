@@ -1,4 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 
 #include "keywarden/token_check.hpp"
@@ -301,4 +303,63 @@ TEST_CASE("after a token restart old sessions are dead and never touch new objec
     old_session.reset();  // must not close the new session
     CHECK(object_count(*ctx.session) == before);
     for (const auto& k : fresh) CHECK(ctx.session->get_ulong(k.handle(), CKA_KEY_TYPE) == CKK_AES);
+}
+
+TEST_CASE("worker processes: finished() runs in order as workers end, and errors win", "[token]") {
+    kwtest::SoftHsm hsm;
+    keywarden::pkcs11::TokenContext ctx;
+    ctx.module = hsm.module();
+    ctx.token = hsm.token();
+    ctx.session = Session::open(ctx.module, ctx.token.slot, true);
+    std::string_view pin = kwtest::SoftHsm::user_pin;
+    ctx.pin = std::make_shared<SecureBytes>(pin.begin(), pin.end());
+    ctx.session->login(*ctx.pin);
+    const std::string dir = hsm.dir();
+    auto marker = [&](std::size_t k) { return dir + "/done-" + std::to_string(k); };
+
+    // Each worker leaves a file; finished(k) must see worker k's file, and come in order.
+    std::vector<std::size_t> order;
+    run_in_processes(
+        ctx, 3,
+        [&](std::size_t k, TokenContext& c) {
+            CHECK(c.session->live());  // (a failed CHECK here would not reach the parent)
+            if (k == 0) ::usleep(200000);  // the first worker ends last
+            kwtest::write_file(marker(k), "x");
+        },
+        [&](std::size_t k) {
+            CHECK(kwtest::read_text(marker(k)) == "x");
+            order.push_back(k);
+        });
+    CHECK(order == std::vector<std::size_t>{0, 1, 2});
+    CHECK(ctx.session->live());  // the parent's session is untouched
+
+    // finished() throws: no further call, every worker still ends, then its error.
+    order.clear();
+    CHECK_THROWS_WITH(run_in_processes(
+                          ctx, 3,
+                          [&](std::size_t k, TokenContext&) {
+                              if (k == 2) ::usleep(200000);
+                              kwtest::write_file(marker(10 + k), "x");
+                          },
+                          [&](std::size_t k) {
+                              order.push_back(k);
+                              throw Error("taking in failed");
+                          }),
+                      Catch::Contains("taking in failed"));
+    CHECK(order == std::vector<std::size_t>{0});
+    CHECK(kwtest::read_text(marker(12)) == "x");  // the slow worker was waited for
+
+    // A worker fails: no finished() for it or after it, and its error is the one thrown.
+    order.clear();
+    CHECK_THROWS_WITH(run_in_processes(
+                          ctx, 3,
+                          [&](std::size_t k, TokenContext&) {
+                              if (k == 1) throw ConflictError("worker one failed");
+                          },
+                          [&](std::size_t k) {
+                              order.push_back(k);
+                              if (k == 0) throw Error("must not win");
+                          }),
+                      Catch::Contains("worker one failed"));
+    CHECK(order == std::vector<std::size_t>{0});
 }

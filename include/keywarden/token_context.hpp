@@ -57,8 +57,13 @@ std::size_t token_restart_every();
 // processes (see shared/PKCS11-NOTES.md). Each child starts the module afresh
 // (Module::restart), finds the token again by serial and logs in with the
 // parent's PIN. Waits for all; throws the first child's error with its exit code and hint.
+// `finished(k)`, if given, runs in the parent as soon as children 0..k have all succeeded (in
+// order, while later children may still run), so the parent can take in child k's results
+// meanwhile. If it throws, no further call is made, every child is still waited for, and then
+// its error is thrown (a child's failure takes precedence).
 void run_in_processes(const TokenContext& parent, std::size_t jobs,
-                      const std::function<void(std::size_t index, TokenContext& child)>& work);
+                      const std::function<void(std::size_t index, TokenContext& child)>& work,
+                      const std::function<void(std::size_t index)>& finished = {});
 
 // Loads the module named by the options, or by the token URI's module-path / module-name.
 std::shared_ptr<Module> load_module(const TokenOptions& o);

@@ -915,6 +915,23 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             // names and this process writes the manifest from their lines (BulkWriter).
             std::string staging_root = staging;
             const std::size_t entries = sum.entries;
+            std::unique_ptr<keystore::KeyStore::BulkWriter> bulk;
+            if (o.init) bulk = dst.bulk_writer(staging_dir.parent());
+            std::size_t wrapped = 0;
+            auto take_in = [&](std::size_t k) {
+                std::ifstream in(results.path() + "/" + std::to_string(k));
+                for (std::string l; std::getline(in, l);) {
+                    if (l.starts_with("wrapped ")) {
+                        wrapped += std::stoull(l.substr(8));
+                        continue;
+                    }
+                    auto p = keystore::KeyStore::pending_from_text(l);
+                    ++sum.rings_written;
+                    sum.entries_written += p.summary.versions.size();
+                    if (bulk) bulk->add_written(p);
+                    else dst.adopt_pending(p);
+                }
+            };
             pkcs11::run_in_processes(ctx, o.jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
                 // Not strict: the other workers' ring files are not in its manifest yet.
                 auto mine = keystore::open_store_on(c, keystore::open_file_storage(staging_root), false, false,
@@ -946,24 +963,15 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                 }
                 out << "wrapped " << wrapped << "\n";
                 if (!out.flush()) throw Error("cannot write import results");
+            },
+            // Into a new store, worker k's rings go into the manifest as soon as workers 0..k
+            // are done, while later ones still run (they end at about the same time, not
+            // exactly). A merge adopts them only when every worker is done.
+            [&](std::size_t k) {
+                if (bulk) take_in(k);
             });
-            std::unique_ptr<keystore::KeyStore::BulkWriter> bulk;
-            if (o.init) bulk = dst.bulk_writer(staging_dir.parent());
-            std::size_t wrapped = 0;
-            for (std::size_t k = 0; k < o.jobs; ++k) {
-                std::ifstream in(results.path() + "/" + std::to_string(k));
-                for (std::string l; std::getline(in, l);) {
-                    if (l.starts_with("wrapped ")) {
-                        wrapped += std::stoull(l.substr(8));
-                        continue;
-                    }
-                    auto p = keystore::KeyStore::pending_from_text(l);
-                    ++sum.rings_written;
-                    sum.entries_written += p.summary.versions.size();
-                    if (bulk) bulk->add_written(p);
-                    else dst.adopt_pending(p);
-                }
-            }
+            if (!bulk)
+                for (std::size_t k = 0; k < o.jobs; ++k) take_in(k);
             if (mac_only) sum.wrapped_keys = wrapped;
             if (mac_only && (sum.entries_written != sum.entries || sum.rings_written != sum.rings))
                 throw IntegrityError("the bundle holds other counts than its header says");

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <exception>
 
 #include "keywarden/log.hpp"
 #include "keywarden/pin.hpp"
@@ -158,7 +159,8 @@ void TokenRecycler::made(std::size_t temporary_keys) {
 }
 
 void run_in_processes(const TokenContext& parent, std::size_t jobs,
-                      const std::function<void(std::size_t, TokenContext&)>& work) {
+                      const std::function<void(std::size_t, TokenContext&)>& work,
+                      const std::function<void(std::size_t)>& finished) {
     struct Child {
         pid_t pid;
         int fd;
@@ -197,12 +199,21 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
         children.push_back({pid, p[0]});
     }
     std::optional<Error> first;
-    for (auto& c : children) {
+    std::exception_ptr in_finished;  // what finished() threw; every child is still waited for
+    for (std::size_t k = 0; k < children.size(); ++k) {
+        auto& c = children[k];
         std::string report = read_all(c.fd);
         ::close(c.fd);
         int status = 0;
         ::waitpid(c.pid, &status, 0);
         bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        if (ok && !first && !in_finished && finished) {
+            try {
+                finished(k);
+            } catch (...) {
+                in_finished = std::current_exception();
+            }
+        }
         if (ok || first) continue;
         if (report.empty()) {
             first.emplace("a worker process died (status " + std::to_string(status) + ")");
@@ -216,6 +227,7 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
                       static_cast<ExitCode>(code));
     }
     if (first) throw *first;
+    if (in_finished) std::rethrow_exception(in_finished);
 }
 
 }  // namespace keywarden::pkcs11
