@@ -652,7 +652,15 @@ void ManifestScanner::finish() {
     m_state = 2;
 }
 
-std::optional<std::pair<std::string, ManifestEntry>> ManifestScanner::next() {
+std::optional<std::pair<std::string, ManifestEntry>> ManifestScanner::next() { return read_next(true); }
+
+std::optional<std::string> ManifestScanner::skip_next() {
+    auto e = read_next(false);
+    if (!e) return std::nullopt;
+    return std::move(e->first);
+}
+
+std::optional<std::pair<std::string, ManifestEntry>> ManifestScanner::read_next(bool parse_entry) {
     try {
         if (m_state == 0) {
             // The members before "rings" (keys are sorted: format, generation, meta_sha256).
@@ -678,8 +686,11 @@ std::optional<std::pair<std::string, ManifestEntry>> ManifestScanner::next() {
             throw FormatError("manifest: the rings are not in key id order (" + id + ")");
         m_last_id = id;
         std::string text = value_text();
-        auto fast = entry_from_text(id, text);
-        ManifestEntry entry = fast ? std::move(*fast) : entry_from_json(id, json::parse(text));
+        ManifestEntry entry;
+        if (parse_entry) {
+            auto fast = entry_from_text(id, text);
+            entry = fast ? std::move(*fast) : entry_from_json(id, json::parse(text));
+        }
         skip_ws();
         int c = get();
         if (c == '}') finish();

@@ -403,13 +403,14 @@ struct KeyStore::RingCursor::State {
     std::unique_ptr<ManifestScanner> scan;                           // a streamed one
     bool done = false;
 
-    std::optional<std::pair<std::string, ManifestEntry>> next_entry() {
+    std::optional<std::pair<std::string, ManifestEntry>> next_entry(bool parse = true) {
         for (;;) {
-            auto e = next_any();
+            auto e = next_any(parse);
             if (!e || !filter || filter(KeyId::parse(e->first))) return e;
         }
     }
-    std::optional<std::pair<std::string, ManifestEntry>> next_any() {
+    // parse false: a streamed entry has only its key id (the ring is being skipped).
+    std::optional<std::pair<std::string, ManifestEntry>> next_any(bool parse) {
         if (done) return std::nullopt;
         if (!scan) {
             if (it == end) {
@@ -427,7 +428,8 @@ struct KeyStore::RingCursor::State {
         };
         std::optional<std::pair<std::string, ManifestEntry>> e;
         try {
-            e = scan->next();
+            if (parse) e = scan->next();
+            else if (auto id = scan->skip_next()) e.emplace(std::move(*id), ManifestEntry{});
         } catch (const Error&) {
             throw changed();  // it parsed at open, so its bytes are not those any more
         }
@@ -450,7 +452,7 @@ std::optional<KeyRing> KeyStore::RingCursor::next() {
     return m->store->load_entry(KeyId::parse(e->first), e->second.file, e->second.sha256, m->check_mac);
 }
 
-bool KeyStore::RingCursor::skip() { return m->next_entry().has_value(); }
+bool KeyStore::RingCursor::skip() { return m->next_entry(false).has_value(); }
 
 KeyStore::RingCursor KeyStore::rings(bool check_mac, std::function<bool(const KeyId&)> filter) const {
     auto st = std::make_unique<RingCursor::State>();

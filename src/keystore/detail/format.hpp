@@ -92,6 +92,10 @@ public:
     // The next ring, or nullopt after the last one; then the whole file has been read, the
     // top-level fields are in top() and tag() and sha256() are ready.
     std::optional<std::pair<std::string, ManifestEntry>> next();
+    // The next ring's key id only, its value passed over unparsed (for a reader that skips rings
+    // it does not want: the whole file still goes through the hash, and a reader compares it
+    // with the authenticated one at the end).
+    std::optional<std::string> skip_next();
     const ManifestData& top() const { return m_top; }  // store_id, generation, meta_sha256
     // After next() threw: reads the rest of the file into the MAC (and the hash) and takes the
     // tag from where the header says it is, so that the caller can tell a damaged file (MAC
@@ -101,6 +105,7 @@ public:
     Bytes sha256() const { return m_sha; }
 
 private:
+    std::optional<std::pair<std::string, ManifestEntry>> read_next(bool parse_entry);
     std::size_t fill();
     void feed_mac();
     static constexpr std::size_t kMaxValue = 16u << 20;
