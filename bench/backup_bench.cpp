@@ -450,20 +450,57 @@ double floor_in_processes(std::size_t procs, std::size_t n,
                           const std::function<TimedRun(std::size_t, std::size_t, std::size_t)>& prepare) {
     struct Child {
         pid_t pid;
-        int ready, go, result;
+        int ready, go;  // ready: 'r', then the result text ("<seconds>" or "fail <why>")
     };
     std::vector<Child> kids;
+    auto read_rest = [](int fd) {
+        std::string s;
+        char buf[512];
+        ssize_t r;
+        while ((r = ::read(fd, buf, sizeof buf)) > 0) s.append(buf, static_cast<std::size_t>(r));
+        return s;
+    };
+    // Every child started is waited for, whatever happens after.
+    auto reap = [&](bool release) {
+        for (auto& c : kids) {
+            if (c.go >= 0) {
+                char g = 'g';
+                if (release && ::write(c.go, &g, 1) != 1) {
+                }
+                ::close(c.go);
+                c.go = -1;
+            }
+        }
+    };
     std::fflush(stdout);
     std::fflush(stderr);
-    for (std::size_t k = 0; k < procs; ++k) {
+    std::string problem;
+    for (std::size_t k = 0; k < procs && problem.empty(); ++k) {
         int ready[2], go[2];
-        if (::pipe(ready) != 0 || ::pipe(go) != 0) throw std::runtime_error("pipe failed");
+        if (::pipe2(ready, O_CLOEXEC) != 0) {
+            problem = "pipe failed";
+            break;
+        }
+        if (::pipe2(go, O_CLOEXEC) != 0) {
+            ::close(ready[0]);
+            ::close(ready[1]);
+            problem = "pipe failed";
+            break;
+        }
         pid_t pid = ::fork();
-        if (pid < 0) throw std::runtime_error("fork failed");
+        if (pid < 0) {
+            for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
+            problem = "fork failed";
+            break;
+        }
         if (pid == 0) {
             ::close(ready[0]);
             ::close(go[1]);
-            std::string out = "fail";
+            for (auto& c : kids) {  // the earlier children's ends: theirs alone
+                ::close(c.ready);
+                ::close(c.go);
+            }
+            std::string out;
             try {
                 auto run = prepare(k, n * k / procs, n * (k + 1) / procs);
                 char c = 'r';
@@ -478,36 +515,32 @@ double floor_in_processes(std::size_t procs, std::size_t n,
         }
         ::close(ready[1]);
         ::close(go[0]);
-        kids.push_back({pid, ready[0], go[1], -1});
+        kids.push_back({pid, ready[0], go[1]});
     }
-    auto read_some = [](int fd) {
-        std::string s;
-        char buf[512];
-        ssize_t r;
-        while ((r = ::read(fd, buf, sizeof buf)) > 0) s.append(buf, static_cast<std::size_t>(r));
-        return s;
-    };
-    bool all_ready = true;
-    for (auto& c : kids) {
+    // All start together once every one is prepared; otherwise none starts.
+    std::vector<std::string> early(kids.size());
+    bool all_ready = problem.empty();
+    for (std::size_t k = 0; k < kids.size(); ++k) {
         char r = 0;
-        all_ready = ::read(c.ready, &r, 1) == 1 && r == 'r' && all_ready;
+        if (::read(kids[k].ready, &r, 1) != 1) all_ready = false;
+        else if (r != 'r') {
+            early[k] = std::string(1, r);  // the first byte of "fail ..."
+            all_ready = false;
+        }
     }
-    for (auto& c : kids) {
-        char g = 'g';
-        if (all_ready && ::write(c.go, &g, 1) != 1) all_ready = false;
-        ::close(c.go);
-    }
+    reap(all_ready);
     double slowest = 0;
-    std::string problem;
-    for (auto& c : kids) {
-        std::string res = read_some(c.ready);
-        ::close(c.ready);
+    for (std::size_t k = 0; k < kids.size(); ++k) {
+        std::string res = early[k] + read_rest(kids[k].ready);
+        ::close(kids[k].ready);
         int status = 0;
-        ::waitpid(c.pid, &status, 0);
-        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || res.empty() || res.starts_with("fail"))
-            problem = res.empty() ? "a floor process failed before it was ready" : res;
-        else slowest = std::max(slowest, std::stod(res));
+        ::waitpid(kids[k].pid, &status, 0);
+        bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0 && !res.empty() && !res.starts_with("fail");
+        if (ok) slowest = std::max(slowest, std::stod(res));
+        else if (problem.empty() && !res.empty())  // the first real failure, not its echoes
+            problem = "process " + std::to_string(k) + ": " + res;
     }
+    if (problem.empty() && !all_ready) problem = "a floor process ended before it was ready";
     if (!problem.empty()) throw std::runtime_error("floor in " + std::to_string(procs) + " processes: " + problem);
     return slowest;
 }

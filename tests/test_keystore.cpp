@@ -405,11 +405,18 @@ TEST_CASE("a streamed store reads what a loaded store reads, and refuses the sam
         // A reader that skips rings (a --jobs worker before its share) passes over their values
         // unparsed: the replaced file is still noticed, at the end.
         auto skip_all = [&] {
-            auto cur = ks->rings(false);
+            auto cur = ks->rings(false, [](const KeyId&) { return true; });  // export always filters
             std::size_t n = 0;
             while (cur.skip()) ++n;
             return n;
         };
+        CHECK_THROWS_WITH(skip_all(), Catch::Contains("changed while the store was being read"));
+        // Also when a skipped ring's key id is no key id at all.
+        auto bytes = kwtest::read_text(m);
+        auto at = bytes.find("\"client/");
+        REQUIRE(at != std::string::npos);
+        bytes[at + 3] = 'X';  // "clXent/...": not a kind
+        kwtest::write_file(m, bytes);
         CHECK_THROWS_WITH(skip_all(), Catch::Contains("changed while the store was being read"));
     }
     SECTION("a reader that skips every ring passes over each once") {
@@ -647,6 +654,7 @@ TEST_CASE("pending ring records survive the trip from a worker to the parent", "
         ++n;
     }
     CHECK(n == 3);
-    for (const char* bad : {"", "\"", "\"a\"", "\"a\":{}", "wrapped 3", "\"client\\/x/symmetric\":{}"})
+    for (const char* bad : {"", "\"", "\"a\"", "\"a\":{}", "wrapped 3", "\"client\\/x/symmetric\":{}",
+                            "\"bad \\u00zz\":{}", "x\"client/x/symmetric\":{}"})
         CHECK_THROWS_AS(KeyStore::pending_from_text(bad), Error);
 }

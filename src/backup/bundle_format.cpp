@@ -314,9 +314,17 @@ std::optional<EntryMeta> meta_from_text(std::string_view plain) { return meta_fr
 MetaCipher::MetaCipher(const SecureBytes& meta_key) {
     if (meta_key.size() != 32) throw Error("internal: a metadata key is 32 bytes");
     // Fetched once per process: EVP_aes_256_ctr() would fetch the implementation at every init.
-    static EVP_CIPHER* const aes_ctr = EVP_CIPHER_fetch(nullptr, "AES-256-CTR", nullptr);
+    // A failed fetch is not kept: the next MetaCipher tries again. (The context holds its own
+    // reference to the cipher.)
+    static EVP_CIPHER* const cached = EVP_CIPHER_fetch(nullptr, "AES-256-CTR", nullptr);
+    EVP_CIPHER* retry = cached ? nullptr : EVP_CIPHER_fetch(nullptr, "AES-256-CTR", nullptr);
     m_ctx = EVP_CIPHER_CTX_new();
-    if (!aes_ctr || !m_ctx || EVP_EncryptInit_ex(m_ctx, aes_ctr, nullptr, meta_key.data(), nullptr) != 1) {
+    // The context keeps the key schedule until it is freed (OpenSSL wipes it then): for the life
+    // of one bundle reader or export, like the metadata key it comes from.
+    bool ok = (cached || retry) && m_ctx &&
+              EVP_EncryptInit_ex(m_ctx, cached ? cached : retry, nullptr, meta_key.data(), nullptr) == 1;
+    EVP_CIPHER_free(retry);
+    if (!ok) {
         EVP_CIPHER_CTX_free(m_ctx);
         throw OpenSslError("AES-256-CTR");
     }
@@ -334,8 +342,10 @@ void MetaCipher::apply(std::span<const std::uint8_t> iv, std::span<const std::ui
 
 void MetaCipher::random_iv(std::uint8_t* iv16) {
     if (m_iv_pos + 16 > m_ivs.size()) {
-        m_ivs.resize(64 * 16);
-        if (RAND_bytes(m_ivs.data(), static_cast<int>(m_ivs.size())) != 1) throw OpenSslError("RAND_bytes");
+        // Filled aside and taken only when RAND_bytes succeeded: never zero IVs after a failure.
+        std::vector<std::uint8_t> fresh(64 * 16);
+        if (RAND_bytes(fresh.data(), static_cast<int>(fresh.size())) != 1) throw OpenSslError("RAND_bytes");
+        m_ivs = std::move(fresh);
         m_iv_pos = 0;
     }
     std::memcpy(iv16, m_ivs.data() + m_iv_pos, 16);

@@ -330,7 +330,7 @@ KeyStore::PendingRing KeyStore::pending_from_text(std::string_view line) {
     if (auto plain = name.str()) {
         id = std::string(*plain);
         colon = plain->size() + 2;
-    } else {
+    } else if (line.starts_with('"')) {
         // A name with escapes: find its end (the first unescaped quote after the opening one).
         bool escaped = false;
         for (std::size_t i = 1; i < line.size(); ++i) {
@@ -342,7 +342,13 @@ KeyStore::PendingRing KeyStore::pending_from_text(std::string_view line) {
             }
         }
         if (colon == std::string_view::npos) throw Error("internal: a bad ring record from a worker");
-        id = json::parse(line.substr(0, colon)).get<std::string>();
+        try {
+            id = json::parse(line.substr(0, colon)).get<std::string>();
+        } catch (const json::exception&) {
+            throw Error("internal: a bad ring record from a worker");
+        }
+    } else {
+        throw Error("internal: a bad ring record from a worker");
     }
     if (colon >= line.size() || line[colon] != ':') throw Error("internal: a bad ring record from a worker");
     auto e = entry_from_text(id, line.substr(colon + 1));
@@ -429,7 +435,10 @@ struct KeyStore::RingCursor::State {
         std::optional<std::pair<std::string, ManifestEntry>> e;
         try {
             if (parse) e = scan->next();
-            else if (auto id = scan->skip_next()) e.emplace(std::move(*id), ManifestEntry{});
+            else if (auto id = scan->skip_next()) {
+                KeyId::parse(*id);  // as next() checks it: a bad one means the file changed
+                e.emplace(std::move(*id), ManifestEntry{});
+            }
         } catch (const Error&) {
             throw changed();  // it parsed at open, so its bytes are not those any more
         }
