@@ -842,73 +842,46 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
     };
     std::vector<Speedup> floor_speedups;
     if (o.jobs >= 2) {
-        auto both = [&](const std::string& what,
-                        const std::function<TimedRun(std::size_t, std::size_t, std::size_t)>& prepare) {
-            Speedup sp_row{what};
-            sp_row.one = floor_in_processes(1, n, prepare);
-            sp_row.many = floor_in_processes(o.jobs, n, prepare);
-            floor_speedups.push_back(sp_row);
+        // One floor in 1 and in J processes. In each process: the token restarted (the master
+        // keys found again if `rebind`), the floor's backup key made; then floor(backup, first,
+        // count) over the process's keys, chunked and restarted as chunked_floor does.
+        using Floor = std::function<void(CK_OBJECT_HANDLE, std::size_t, std::size_t)>;
+        auto both = [&](const std::string& what, ks::OpenStore& os, bool rebind, const Floor& floor) {
+            auto prepare = [&](std::size_t, std::size_t first, std::size_t last) -> TimedRun {
+                auto restart = [&os, &bkey, rebind] {
+                    p11::restart_token(os.token);
+                    if (rebind) ks::rebind_master_keys(os);
+                    return make_floor_backup_key(*os.token.session, bkey);
+                };
+                auto backup = std::make_shared<p11::SessionObject>(restart());
+                return [&floor, first, last, backup, restart] {
+                    return chunked_floor(
+                        last - first,
+                        [&](std::size_t a, std::size_t b) {
+                            auto f0 = Clock::now();
+                            floor(backup->handle(), first + a, b - a);
+                            return seconds_between(f0, Clock::now());
+                        },
+                        [&] { *backup = restart(); });
+                };
+            };
+            floor_speedups.push_back({what, floor_in_processes(1, n, prepare), floor_in_processes(o.jobs, n, prepare)});
         };
         {
             auto os = ks::open_store(src, store_dir, false);
-            both("floor export", [&](std::size_t, std::size_t first, std::size_t last) -> TimedRun {
-                auto restart = [&os, &bkey] {
-                    p11::restart_token(os.token);
-                    ks::rebind_master_keys(os);
-                    return make_floor_backup_key(*os.token.session, bkey);
-                };
-                auto backup = std::make_shared<p11::SessionObject>(restart());
-                return [&, first, last, backup, restart] {
-                    return chunked_floor(
-                        last - first,
-                        [&](std::size_t a, std::size_t b) {
-                            auto f0 = Clock::now();
-                            floor_export(*os.token.session, os.encryption, os.mechanism, backup->handle(), ft,
-                                         std::span(store_blobs).subspan(first + a, b - a));
-                            return seconds_between(f0, Clock::now());
-                        },
-                        [&] { *backup = restart(); });
-                };
+            both("floor export", os, true, [&](CK_OBJECT_HANDLE backup, std::size_t first, std::size_t count) {
+                floor_export(*os.token.session, os.encryption, os.mechanism, backup, ft,
+                             std::span(store_blobs).subspan(first, count));
             });
-            both("floor verify", [&](std::size_t, std::size_t first, std::size_t last) -> TimedRun {
-                auto restart = [&os, &bkey] {
-                    p11::restart_token(os.token);
-                    return make_floor_backup_key(*os.token.session, bkey);
-                };
-                auto backup = std::make_shared<p11::SessionObject>(restart());
-                return [&, first, last, backup, restart] {
-                    return chunked_floor(
-                        last - first,
-                        [&](std::size_t a, std::size_t b) {
-                            auto f0 = Clock::now();
-                            floor_verify(*os.token.session, backup->handle(), ft,
-                                         std::span(backup_blobs).subspan(first + a, b - a));
-                            return seconds_between(f0, Clock::now());
-                        },
-                        [&] { *backup = restart(); });
-                };
+            both("floor verify", os, false, [&](CK_OBJECT_HANDLE backup, std::size_t first, std::size_t count) {
+                floor_verify(*os.token.session, backup, ft, std::span(backup_blobs).subspan(first, count));
             });
         }
         {
             auto os = ks::open_store(dst, dir + "/restored", false);
-            both("floor import", [&](std::size_t, std::size_t first, std::size_t last) -> TimedRun {
-                auto restart = [&os, &bkey] {
-                    p11::restart_token(os.token);
-                    ks::rebind_master_keys(os);
-                    return make_floor_backup_key(*os.token.session, bkey);
-                };
-                auto backup = std::make_shared<p11::SessionObject>(restart());
-                return [&, first, last, backup, restart] {
-                    return chunked_floor(
-                        last - first,
-                        [&](std::size_t a, std::size_t b) {
-                            auto f0 = Clock::now();
-                            floor_import(*os.token.session, backup->handle(), os.encryption, os.mechanism, ft,
-                                         std::span(backup_blobs).subspan(first + a, b - a));
-                            return seconds_between(f0, Clock::now());
-                        },
-                        [&] { *backup = restart(); });
-                };
+            both("floor import", os, true, [&](CK_OBJECT_HANDLE backup, std::size_t first, std::size_t count) {
+                floor_import(*os.token.session, backup, os.encryption, os.mechanism, ft,
+                             std::span(backup_blobs).subspan(first, count));
             });
         }
         stamp("floors in 1 and J processes");

@@ -491,16 +491,24 @@ TEST_CASE("a bulk-written store equals a staged one, in any ring order", "[unit]
     }
 }
 
+namespace {
+// One ring of each of the six kinds (one with a space in its client id), two with a second
+// version, one version destroyed.
+void fill_every_kind(KeyStore& ks) {
+    const KeyId poison{RingKind::poison_keypair, ""}, audit{RingKind::audit_log, ""};
+    const KeyId poison_sym{RingKind::poison_symmetric, ""}, spaced{RingKind::hmac, "bob the client"};
+    ks.generate({kAliceSym, kAliceStorage, poison, audit, poison_sym, spaced});
+    ks.generate({kAliceSym, kAliceStorage});
+    ks.destroy(kAliceSym, 1);
+}
+}  // namespace
+
 // Sealing writes ring bodies as text directly (detail::ring_body); the bytes must stay those of
 // the JSON tree's dump() that earlier versions wrote, for every kind of ring and version.
 TEST_CASE("ring bodies written as text equal the JSON tree's dump", "[unit]") {
     SoftStore s;
-    const KeyId poison{RingKind::poison_keypair, ""}, audit{RingKind::audit_log, ""}, poison_sym{RingKind::poison_symmetric, ""};
-    const KeyId spaced{RingKind::hmac, "bob the client"};
     auto ks = s.open(true);
-    ks->generate({kAliceSym, kAliceStorage, poison, audit, poison_sym, spaced});
-    ks->generate({kAliceSym, kAliceStorage});
-    ks->destroy(kAliceSym, 1);
+    fill_every_kind(*ks);
     std::size_t n = 0;
     for (const auto& id : ks->key_ids()) {
         KeyRing r = ks->load(id);
@@ -532,12 +540,8 @@ bool same_ring(const KeyRing& a, const KeyRing& b) {
 // gives for what keywarden writes, and must leave everything else to the JSON path.
 TEST_CASE("ring bodies are read as text exactly as the JSON path reads them", "[unit]") {
     SoftStore s;
-    const KeyId poison{RingKind::poison_keypair, ""}, audit{RingKind::audit_log, ""}, poison_sym{RingKind::poison_symmetric, ""};
-    const KeyId spaced{RingKind::hmac, "bob the client"};
     auto ks = s.open(true);
-    ks->generate({kAliceSym, kAliceStorage, poison, audit, poison_sym, spaced});
-    ks->generate({kAliceSym, kAliceStorage});
-    ks->destroy(kAliceSym, 1);
+    fill_every_kind(*ks);
     const std::string sid = ks->meta().store_id;
     std::size_t n = 0;
     for (const auto& id : ks->key_ids()) {

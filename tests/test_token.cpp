@@ -50,6 +50,18 @@ std::unique_ptr<TokenKey> known_key(const std::shared_ptr<Session>& s, KeyKind k
     return std::make_unique<TokenKey>(KeySpec{kind, 32}, s->create_object(t));
 }
 
+// A token context on the test token, logged in with the user PIN (kept, as open_token keeps it).
+TokenContext logged_in(kwtest::SoftHsm& hsm) {
+    TokenContext ctx;
+    ctx.module = hsm.module();
+    ctx.token = hsm.token();
+    ctx.session = Session::open(ctx.module, ctx.token.slot, true);
+    std::string_view pin = kwtest::SoftHsm::user_pin;
+    ctx.pin = std::make_shared<SecureBytes>(pin.begin(), pin.end());
+    ctx.session->login(*ctx.pin);
+    return ctx;
+}
+
 }  // namespace
 
 TEST_CASE("login: right PIN works, wrong PIN is tried exactly once", "[token]") {
@@ -275,13 +287,7 @@ TEST_CASE("EC private keys whose scalar starts with zero bytes read back at full
 // now has its handle.
 TEST_CASE("after a token restart old sessions are dead and never touch new objects", "[token]") {
     kwtest::SoftHsm hsm;
-    keywarden::pkcs11::TokenContext ctx;
-    ctx.module = hsm.module();
-    ctx.token = hsm.token();
-    ctx.session = Session::open(ctx.module, ctx.token.slot, true);
-    std::string_view pin = kwtest::SoftHsm::user_pin;
-    ctx.pin = std::make_shared<SecureBytes>(pin.begin(), pin.end());
-    ctx.session->login(*ctx.pin);
+    TokenContext ctx = logged_in(hsm);
     auto old_session = ctx.session;
     auto old_key = make_kek(*old_session);
     CK_OBJECT_HANDLE old_handle = old_key.handle();
@@ -307,13 +313,7 @@ TEST_CASE("after a token restart old sessions are dead and never touch new objec
 
 TEST_CASE("worker processes: finished() runs in order as workers end, and errors win", "[token]") {
     kwtest::SoftHsm hsm;
-    keywarden::pkcs11::TokenContext ctx;
-    ctx.module = hsm.module();
-    ctx.token = hsm.token();
-    ctx.session = Session::open(ctx.module, ctx.token.slot, true);
-    std::string_view pin = kwtest::SoftHsm::user_pin;
-    ctx.pin = std::make_shared<SecureBytes>(pin.begin(), pin.end());
-    ctx.session->login(*ctx.pin);
+    TokenContext ctx = logged_in(hsm);
     const std::string dir = hsm.dir();
     auto marker = [&](std::size_t k) { return dir + "/done-" + std::to_string(k); };
 

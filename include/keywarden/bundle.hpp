@@ -115,9 +115,6 @@ private:
 
 Bytes seal_metadata(MetaCipher& cipher, const EntryMeta& m);
 EntryMeta open_metadata(MetaCipher& cipher, std::span<const std::uint8_t> sealed);
-// The same, setting up the cipher for one entry.
-Bytes seal_metadata(const SecureBytes& meta_key, const EntryMeta& m);
-EntryMeta open_metadata(const SecureBytes& meta_key, std::span<const std::uint8_t> sealed);
 
 namespace detail {
 // The metadata plaintext as written (the same bytes as meta_json(m)), the JSON tree's dump it

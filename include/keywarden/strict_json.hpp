@@ -52,6 +52,20 @@ public:
         m_p = p;
         return v;
     }
+    // null (out empty) or a value of that kind (out set); false when it is neither.
+    template <typename T>
+    bool null_or_num(std::optional<T>& out) {
+        out.reset();
+        if (null()) return true;
+        out = num<T>();
+        return out.has_value();
+    }
+    bool null_or_str(std::optional<std::string_view>& out) {
+        out.reset();
+        if (null()) return true;
+        out = str();
+        return out.has_value();
+    }
     std::optional<bool> boolean() {
         if (lit("true")) return true;
         if (lit("false")) return false;

@@ -118,18 +118,12 @@ std::optional<EntryMeta> meta_from_text_impl(std::string_view t) {
     auto key_type = s.str();
     if (!key_type || !s.lit(",\"public\":")) return std::nullopt;
     std::optional<std::string_view> pub;
-    if (!s.null() && !(pub = s.str())) return std::nullopt;
-    if (!s.lit(",\"state\":")) return std::nullopt;
+    if (!s.null_or_str(pub) || !s.lit(",\"state\":")) return std::nullopt;
     auto state = s.str();
     if (!state || !s.lit(",\"valid_from\":")) return std::nullopt;
     auto valid_from = s.num<std::int64_t>();
     if (!valid_from || !s.lit(",\"valid_until\":")) return std::nullopt;
-    if (!s.null()) {
-        auto vu = s.num<std::int64_t>();
-        if (!vu) return std::nullopt;
-        m.valid_until = *vu;
-    }
-    if (!s.lit(",\"version\":")) return std::nullopt;
+    if (!s.null_or_num(m.valid_until) || !s.lit(",\"version\":")) return std::nullopt;
     auto version = s.num<std::uint32_t>();
     if (!version || !s.lit(",\"wrapped\":")) return std::nullopt;
     auto wrapped = s.boolean();
@@ -360,16 +354,6 @@ Bytes seal_metadata(MetaCipher& cipher, const EntryMeta& m) {
                  std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(plain.data()), plain.size()),
                  out.data() + 16);
     return out;
-}
-
-Bytes seal_metadata(const SecureBytes& meta_key, const EntryMeta& m) {
-    MetaCipher c(meta_key);
-    return seal_metadata(c, m);
-}
-
-EntryMeta open_metadata(const SecureBytes& meta_key, std::span<const std::uint8_t> sealed) {
-    MetaCipher c(meta_key);
-    return open_metadata(c, sealed);
 }
 
 EntryMeta open_metadata(MetaCipher& cipher, std::span<const std::uint8_t> sealed) {

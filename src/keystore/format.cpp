@@ -204,17 +204,24 @@ KeyRing ring_from_json(const json& j, const std::string& store_id) {
     }
 }
 
+namespace {
+// Base64 text into `out`; false if it is not base64.
+bool base64_into(std::string_view text, Bytes& out) {
+    auto b = from_base64(std::string(text));
+    if (!b) return false;
+    out = std::move(*b);
+    return true;
+}
+}  // namespace
+
 std::optional<KeyRing> ring_from_text(std::string_view body, const std::string& store_id) {
     StrictJson s(body);
     KeyRing r;
-    if (!s.lit("{\"client_id\":")) return std::nullopt;
-    if (!s.null() && !s.str()) return std::nullopt;  // not read from the file (as in ring_from_json)
-    if (!s.lit(",\"current\":")) return std::nullopt;
-    if (!s.null()) {
-        auto c = s.num<std::uint32_t>();
-        if (!c) return std::nullopt;
-        r.current = *c;
-    }
+    // client_id is not read from the file (as in ring_from_json).
+    std::optional<std::string_view> client_id;
+    if (!s.lit("{\"client_id\":") || !s.null_or_str(client_id) || !s.lit(",\"current\":") ||
+        !s.null_or_num(r.current))
+        return std::nullopt;
     if (!s.lit(",\"format\":" + std::to_string(kRingFormat) + ",\"key_id\":")) return std::nullopt;
     auto key_id = s.str();
     if (!key_id || !s.lit(",\"kind\":")) return std::nullopt;
@@ -246,32 +253,19 @@ std::optional<KeyRing> ring_from_text(std::string_view body, const std::string& 
         if (!protection) return std::nullopt;
         if (s.lit(",\"public\":")) {
             auto pub = s.str();
-            if (!pub) return std::nullopt;
-            auto p = from_base64(std::string(*pub));
-            if (!p) return std::nullopt;
-            v.public_key = std::move(*p);
+            if (!pub || !base64_into(*pub, v.public_key)) return std::nullopt;
         }
         if (!s.lit(",\"state\":")) return std::nullopt;
         auto state = s.str();
         if (!state || !s.lit(",\"valid_from\":")) return std::nullopt;
         auto valid_from = s.num<std::int64_t>();
         if (!valid_from || !s.lit(",\"valid_until\":")) return std::nullopt;
-        if (!s.null()) {
-            auto vu = s.num<std::int64_t>();
-            if (!vu) return std::nullopt;
-            v.valid_until = *vu;
-        }
-        if (!s.lit(",\"version\":")) return std::nullopt;
+        if (!s.null_or_num(v.valid_until) || !s.lit(",\"version\":")) return std::nullopt;
         auto version = s.num<std::uint32_t>();
         if (!version || !s.lit(",\"wrapped\":")) return std::nullopt;
-        if (!s.null()) {
-            auto w = s.str();
-            if (!w) return std::nullopt;
-            auto b = from_base64(std::string(*w));
-            if (!b) return std::nullopt;
-            v.wrapped = std::move(*b);
-        }
-        if (!s.lit("}")) return std::nullopt;
+        std::optional<std::string_view> wrapped;
+        if (!s.null_or_str(wrapped) || (wrapped && !base64_into(*wrapped, v.wrapped)) || !s.lit("}"))
+            return std::nullopt;
         auto st = key_state_from_name(std::string(*state));
         auto kcv_bytes = from_hex(std::string(*kcv));
         if (!st || !kcv_bytes) return std::nullopt;
@@ -381,11 +375,7 @@ std::optional<ManifestEntry> entry_from_text(const std::string& id, std::string_
         auto valid_from = s.num<std::int64_t>();
         if (!valid_from || !s.lit(",\"valid_until\":")) return std::nullopt;
         std::optional<std::int64_t> valid_until;
-        if (!s.null()) {
-            valid_until = s.num<std::int64_t>();
-            if (!valid_until) return std::nullopt;
-        }
-        if (!s.lit(",\"version\":")) return std::nullopt;
+        if (!s.null_or_num(valid_until) || !s.lit(",\"version\":")) return std::nullopt;
         auto version = s.num<std::uint32_t>();
         if (!version || !s.lit("}")) return std::nullopt;
         auto st = key_state_from_name(std::string(*state));
