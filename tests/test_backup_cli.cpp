@@ -469,6 +469,88 @@ TEST_CASE("backup: restarting the token during export, verify and import changes
     CHECK(!fs::exists(secret));
 }
 
+// import puts KEYWARDEN_TOKEN_BATCH keys at a time through the token (all unwrapped, checked,
+// wrapped, destroyed). Any batch size, in one process or in workers, must give the same store.
+TEST_CASE("backup: any token batch size imports the same store; a bad size is refused", "[cli]") {
+    BackupFixture f;
+    std::string bundle = f.dir + "/tb.dat", secret = f.dir + "/tb.json";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    const auto expected = f.versions(f.a);
+    REQUIRE(expected.size() == 11);
+    int n = 0;
+    for (const char* batch : {"1", "3", "1024"})
+        for (const char* jobs : {"1", "2"}) {
+            INFO("batch " << batch << ", " << jobs << " jobs");
+            std::string store = f.dir + "/TB" + std::to_string(n++);
+            f.must([&] { auto v = f.imp(store, bundle, secret); v.insert(v.end(), {"--init", "--jobs", jobs}); return v; }(),
+                   {{"KEYWARDEN_TOKEN_BATCH", batch}});
+            CHECK(f.versions(store) == expected);
+            for (const auto& [id, version, state] : expected) {
+                if (state == "destroyed") continue;
+                INFO(id << " v" << version);
+                CHECK(f.must({"--keystore", f.a, "read", id, "--private", "--version", version}).out ==
+                      f.must({"--keystore", store, "read", id, "--private", "--version", version}).out);
+            }
+            f.must({"--keystore", store, "keystore", "verify"});
+        }
+    for (const char* bad : {"0", "1025", "many", "-1"}) {
+        INFO("KEYWARDEN_TOKEN_BATCH=" << bad);
+        std::string store = f.dir + "/TBbad";
+        auto r = f.run([&] { auto v = f.imp(store, bundle, secret); v.push_back("--init"); return v; }(),
+                       {{"KEYWARDEN_TOKEN_BATCH", bad}});
+        CHECK(r.code == 2);
+        CHECK_THAT(r.err, Catch::Contains("KEYWARDEN_TOKEN_BATCH"));
+        CHECK(!fs::exists(store));
+    }
+}
+
+// Two keys of the same type with their wrapped halves swapped (and the bundle's MAC made again with
+// the secret): each unwraps, but to the other's key. The key check value catches it, names the
+// first such key in bundle order whatever the batch size, and nothing is imported.
+TEST_CASE("backup: a key that unwraps to another key's value is refused in any batch", "[cli]") {
+    BackupFixture f(false);
+    f.must({"--keystore", f.a, "--token", "kw-src", "init"});
+    for (const char* c : {"aaa-client", "mmm-client", "zzz-client"})
+        f.must({"--keystore", f.a, "generate", "--client-id", c, "--symmetric"});
+    std::string bundle = f.dir + "/s.dat", secret = f.dir + "/s.json", swapped = f.dir + "/swapped.dat";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    std::vector<std::string> lines;
+    {
+        std::istringstream in(kwtest::read_text(bundle));
+        for (std::string l; std::getline(in, l);) lines.push_back(l);
+    }
+    REQUIRE(lines.size() == 6);  // magic, header, three entries, mac
+    auto halves = [](const std::string& l) {
+        auto sp = l.find(' ');
+        return std::make_pair(l.substr(0, sp), l.substr(sp + 1));
+    };
+    auto [meta_m, key_m] = halves(lines[3]);
+    auto [meta_z, key_z] = halves(lines[4]);
+    REQUIRE(key_m != key_z);
+    lines[3] = meta_m + " " + key_z;
+    lines[4] = meta_z + " " + key_m;
+    std::string body;
+    for (std::size_t i = 0; i + 1 < lines.size(); ++i) body += lines[i] + "\n";
+    auto key = keywarden::from_base64(nlohmann::json::parse(kwtest::read_text(secret)).at("signature").get<std::string>());
+    REQUIRE(key);
+    auto tag = keywarden::hmac_sha256(*key, std::span(reinterpret_cast<const std::uint8_t*>(body.data()), body.size()));
+    kwtest::write_file(swapped, body + "mac " + keywarden::to_hex(tag) + "\n");
+
+    auto v = f.run({"--keystore", f.a, "verify", "--key-bundle-file", swapped, "--key-bundle-secret", secret});
+    CHECK(v.code == 4);
+    for (const char* batch : {"1", "16"})
+        for (const char* jobs : {"1", "2"}) {
+            INFO("batch " << batch << ", " << jobs << " jobs");
+            std::string store = f.dir + "/S" + batch + "-" + jobs;
+            auto r = f.run([&] { auto v = f.imp(store, swapped, secret); v.insert(v.end(), {"--init", "--jobs", jobs}); return v; }(),
+                           {{"KEYWARDEN_TOKEN_BATCH", batch}});
+            CHECK(r.code == 4);
+            // With 2 jobs the second worker holds both rings (the first has only aaa-client).
+            CHECK_THAT(r.err, Catch::Contains("client/mmm-client/symmetric version 1: the key's check value differs"));
+            CHECK(!fs::exists(store));
+        }
+}
+
 // export --all reads the store in one streamed pass; a damaged store is refused just the same,
 // with exit 4, and no output file is left.
 TEST_CASE("backup: export --all of a damaged store is refused and leaves no files", "[cli]") {

@@ -282,6 +282,7 @@ public:
     // For a store another process fills with a BulkWriter (import --init --jobs): seals the ring
     // and writes it under its final name at once.
     PendingRing write_final(const KeyRing& ring);
+    PendingRing store_final(const KeyRing& ring, const Bytes& file);
     void adopt_pending(const PendingRing& p);
     // write_pending in two steps, so that the file I/O can run on another thread than the
     // token work: seal_ring signs in the token; store_sealed only writes (no token call).
@@ -299,8 +300,9 @@ public:
     public:
         ~BulkWriter();
         void add(const KeyRing& ring, const Bytes& sealed);
-        // A ring another process wrote under its final name (write_final), by its record.
-        void add_written(const PendingRing& p);
+        // A ring another process wrote under its final name (write_final), by its record; with
+        // `text`, that record's pending_text() as read back (saves writing it again).
+        void add_written(const PendingRing& p, std::string text = {});
         void commit();
 
     private:

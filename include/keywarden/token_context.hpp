@@ -51,6 +51,9 @@ private:
 };
 // KEYWARDEN_TOKEN_RESTART_EVERY (a number of keys; 0 never restarts), default 16384.
 std::size_t token_restart_every();
+// KEYWARDEN_TOKEN_BATCH: how many temporary keys a backup command holds in the token at once
+// (1 to 1024), default 16. 1 for a token with few free object slots.
+std::size_t token_batch();
 
 // Runs `work` in `jobs` child processes, each with its own module state, session and login on
 // the same token. SoftHSM serialises every call inside one process, so parallel work on it needs

@@ -270,7 +270,9 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
         reader.rewind();
         std::size_t done = 0;
         restore_rings(reader, {}, backup, *dst, SIZE_MAX,
-                      [&](const KeyRing& r) { dst->put_ring(r); },
+                      [&](std::vector<KeyRing>& rings) {
+                          for (const auto& r : rings) dst->put_ring(r);
+                      },
                       [&] { if (o.progress) o.progress(++done, sum.entries); });
         dst->sync();
         dst.reset();

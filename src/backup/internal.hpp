@@ -247,12 +247,14 @@ private:
 
 // Rebuilds rings from `count` entries, each key unwrapped under the backup key and wrapped under
 // dst's master key in the token; rings named in `skip` are read but not rebuilt. With count ==
-// SIZE_MAX the whole rest of the bundle is read, ahead on a second thread. recycler: told after
-// each ring's sink; it may restart the token and rebind `backup` and dst's master keys.
+// SIZE_MAX the whole rest of the bundle is read, ahead on a second thread. Keys go through the
+// token pkcs11::token_batch() at a time; `sink` gets the finished rings in order, several at a
+// time (it may move from them). recycler: told after each batch, when no temporary key is held;
+// it may restart the token and rebind `backup` and dst's master keys.
 void restore_rings(BundleReader& reader, const std::set<std::string>& skip, TokenBackupKey& backup,
                    keystore::Store& dst, std::size_t count,
-                   const std::function<void(const keystore::KeyRing&)>& sink, const std::function<void()>& tick,
-                   pkcs11::TokenRecycler* recycler = nullptr);
+                   const std::function<void(std::vector<keystore::KeyRing>&)>& sink,
+                   const std::function<void()>& tick, pkcs11::TokenRecycler* recycler = nullptr);
 
 // A file written in full or not at all: created beside its target with O_EXCL, linked into
 // place at the end (link() refuses to replace an existing file), removed on any failure.

@@ -229,7 +229,9 @@ int run(int argc, char** argv) {
     log::set_verbosity(g.verbose);
     pkcs11::set_trace_echo(g.verbose >= 2);
     try {
-        pkcs11::token_restart_every();  // a bad value is refused before anything is done
+        // Bad values are refused before anything is done.
+        pkcs11::token_restart_every();
+        pkcs11::token_batch();
     } catch (const Error& e) {
         std::cerr << "error: " << e.what() << "\nhint: " << e.hint() << "\n";
         return static_cast<int>(e.exit_code());

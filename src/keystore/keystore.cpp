@@ -547,8 +547,9 @@ KeyStore::PendingRing KeyStore::store_sealed(const KeyRing& r, const Bytes& file
 
 KeyStore::PendingRing KeyStore::write_pending(const KeyRing& r) { return store_sealed(r, seal_ring(r)); }
 
-KeyStore::PendingRing KeyStore::write_final(const KeyRing& r) {
-    Bytes file = seal_ring(r);
+KeyStore::PendingRing KeyStore::write_final(const KeyRing& r) { return store_final(r, seal_ring(r)); }
+
+KeyStore::PendingRing KeyStore::store_final(const KeyRing& r, const Bytes& file) {
     std::string name = r.id.file();
     m_storage->write_unsynced(name, file);
     return {r.id.str(), name, hex_digest(file), summarize(r)};
@@ -601,8 +602,9 @@ struct KeyStore::BulkWriter::State {
     std::size_t count = 0;
     bool committed = false;
 
-    // Notes one ring's manifest member.
+    // Notes one ring's manifest member, from its entry or as its text.
     void member(const std::string& id, const ManifestEntry& entry);
+    void member(const std::string& id, std::string text);
     ~State() {
         if (scratch) std::fclose(scratch);
     }
@@ -660,25 +662,29 @@ void KeyStore::BulkWriter::add(const KeyRing& ring, const Bytes& sealed) {
     m->member(ring.id.str(), ManifestEntry{ring.id.file(), hex_digest(sealed), summarize(ring)});
 }
 
-void KeyStore::BulkWriter::add_written(const PendingRing& p) {
+void KeyStore::BulkWriter::add_written(const PendingRing& p, std::string text) {
     if (m->committed) throw Error("internal: bulk writer already committed");
     if (p.file != KeyId::parse(p.key_id).file()) throw Error("internal: a written ring names a wrong file");
-    m->member(p.key_id, ManifestEntry{p.file, p.sha256, p.summary});
+    if (text.empty()) m->member(p.key_id, ManifestEntry{p.file, p.sha256, p.summary});
+    else m->member(p.key_id, std::move(text));
 }
 
 void KeyStore::BulkWriter::State::member(const std::string& id, const ManifestEntry& entry) {
+    member(id, manifest_member(id, entry));
+}
+
+void KeyStore::BulkWriter::State::member(const std::string& id, std::string text) {
     if (sorted && !last_id.empty() && !(last_id < id)) {
         if (last_id == id) throw IntegrityError("key ring " + id + " appears twice");
         // Out of order: from here on the members are kept in memory.
-        each([&](const std::string& text) {
+        each([&](const std::string& earlier) {
             // The member starts with its key id as a JSON string.
             std::size_t end = 1;
-            while (end < text.size() && text[end] != '"') end += text[end] == '\\' ? 2 : 1;
-            members.emplace(nlohmann::json::parse(text.substr(0, end + 1)).get<std::string>(), text);
+            while (end < earlier.size() && earlier[end] != '"') end += earlier[end] == '\\' ? 2 : 1;
+            members.emplace(nlohmann::json::parse(earlier.substr(0, end + 1)).get<std::string>(), earlier);
         });
         sorted = false;
     }
-    std::string text = manifest_member(id, entry);
     if (sorted) {
         if (std::fwrite(text.data(), 1, text.size(), scratch) != text.size() || std::fputc('\n', scratch) == EOF)
             throw Error(std::string("cannot write the import's scratch file beside the store: ") + std::strerror(errno),
@@ -690,6 +696,10 @@ void KeyStore::BulkWriter::State::member(const std::string& id, const ManifestEn
     bytes += text.size();
     ++count;
 }
+
+namespace {
+constexpr std::size_t kCommitPiece = 64 * 1024;
+}  // namespace
 
 void KeyStore::BulkWriter::commit() {
     if (m->committed) throw Error("internal: bulk writer already committed");
@@ -709,17 +719,30 @@ void KeyStore::BulkWriter::commit() {
         return std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(t.data()), t.size());
     };
     static const std::uint8_t comma = ',';
-    // The body, piece by piece, to f: twice, once for the MAC and once for the file.
+    // The body to f, twice: once for the MAC and once for the file. Members are gathered into
+    // 64 KiB pieces, so that neither the token nor the file system sees three calls per ring.
+    Bytes piece;
+    piece.reserve(kCommitPiece);
     auto produce = [&](const Storage::Sink& f) {
-        f(header);
-        f(bytes(prefix));
+        piece.clear();
+        auto add = [&](std::span<const std::uint8_t> b) {
+            if (piece.size() + b.size() > kCommitPiece && !piece.empty()) {
+                f(piece);
+                piece.clear();
+            }
+            if (b.size() >= kCommitPiece) f(b);
+            else piece.insert(piece.end(), b.begin(), b.end());
+        };
+        add(header);
+        add(bytes(prefix));
         bool first = true;
         m->each([&](const std::string& text) {
-            if (!first) f({&comma, 1});
+            if (!first) add({&comma, 1});
             first = false;
-            f(bytes(text));
+            add(bytes(text));
         });
-        f(bytes(suffix));
+        add(bytes(suffix));
+        if (!piece.empty()) f(piece);
     };
     auto mac = ks.m_keys.mac->stream();
     for (auto piece : mac_parts_of(kManifestDomain, ks.m_meta.store_id, {})) mac->update(piece);

@@ -145,6 +145,19 @@ std::size_t token_restart_every() {
     return static_cast<std::size_t>(n);
 }
 
+std::size_t token_batch() {
+    const char* v = std::getenv("KEYWARDEN_TOKEN_BATCH");
+    if (!v || !*v) return 16;
+    char* end = nullptr;
+    errno = 0;
+    unsigned long long n = std::strtoull(v, &end, 10);
+    if (errno != 0 || *end != '\0' || *v < '0' || *v > '9' || n < 1 || n > 1024)
+        throw UsageError(std::string("KEYWARDEN_TOKEN_BATCH must be a number of keys from 1 to 1024, not '") + v +
+                             "'",
+                         "unset it for the default (16), or set 1 for a token with few free object slots");
+    return static_cast<std::size_t>(n);
+}
+
 TokenRecycler::TokenRecycler(TokenContext& ctx, std::function<void()> rebind)
     : m_ctx(ctx), m_rebind(std::move(rebind)), m_every(token_restart_every()) {}
 
