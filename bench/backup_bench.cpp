@@ -4,11 +4,12 @@
 // each operation needs, and the same three operations as `keywarden` CLI processes for their
 // peak RSS. Prints plain-text tables.
 //
-//   backup-bench [--keys N] [--cli PATH] [--module PATH] [--jobs J] [--keep-dir]
+//   backup-bench [--keys N] [--cli PATH] [--module PATH] [--jobs J [--repeat R]] [--keep-dir]
 //
 // With --jobs J (J >= 2) it also measures what J processes gain: each floor run in 1 and in J
 // forked processes (each with its own session, started together, splitting the keys), and the
-// CLI commands with --jobs 1 and --jobs J.
+// CLI commands with --jobs 1 and --jobs J. Single runs of these vary by a few per cent on a
+// shared machine; --repeat R measures each speed-up R times and reports the medians.
 //
 // The store holds N rings of kind client/<id>/symmetric (AES-256), one version each: one key per
 // client, N clients, made by a single KeyStore::generate call (not timed in the tables).
@@ -78,10 +79,11 @@ struct Options {
     std::string cli = "build/keywarden";
     std::string module;
     std::size_t jobs = 1;  // >= 2: also the process speed-ups of the floors and the CLI
+    std::size_t repeat = 1;  // rounds of the --jobs measurements; the medians are reported
 };
 
 constexpr const char* kUsage =
-    "usage: backup-bench [--keys N] [--cli PATH] [--module PATH] [--jobs J] [--keep-dir]\n";
+    "usage: backup-bench [--keys N] [--cli PATH] [--module PATH] [--jobs J [--repeat R]] [--keep-dir]\n";
 
 [[noreturn]] void usage_exit(const std::string& problem) {
     std::cerr << "backup-bench: " << problem << "\n" << kUsage;
@@ -112,6 +114,10 @@ Options parse_options(int argc, char** argv) {
             o.jobs = parse_count(a == "--jobs" ? value(a) : a.substr(7));
             if (o.jobs > 16) usage_exit("--jobs is at most 16");
         }
+        else if (a == "--repeat" || a.starts_with("--repeat=")) {
+            o.repeat = parse_count(a == "--repeat" ? value(a) : a.substr(9));
+            if (o.repeat > 15) usage_exit("--repeat is at most 15");
+        }
         else if (a == "--cli") o.cli = value(a);
         else if (a.starts_with("--cli=")) o.cli = a.substr(6);
         else if (a == "--module") o.module = value(a);
@@ -125,6 +131,8 @@ Options parse_options(int argc, char** argv) {
                          "  --module PATH  PKCS#11 module (default /usr/lib/softhsm/libsofthsm2.so)\n"
                          "  --jobs J       also time the floors in 1 and J processes, and the CLI\n"
                          "                 commands with --jobs 1 and --jobs J (speed-ups)\n"
+                         "  --repeat R     with --jobs: measure each speed-up R times, alternating the\n"
+                         "                 1- and J-process runs, and report the medians (default 1)\n"
                          "  --keep-dir     keep the temporary tokens, stores and bundles\n";
             std::exit(0);
         } else usage_exit("unknown option " + a);
@@ -392,18 +400,24 @@ std::size_t floor_verify(p11::Session& s, CK_OBJECT_HANDLE backup, FloorTemplate
 }
 
 // Import, per key: C_UnwrapKey under the backup key, the check-value op, C_WrapKey under the
-// destination master key, C_DestroyObject.
+// destination master key, C_DestroyObject. In batches of `batch` keys, as the library does
+// (KEYWARDEN_TOKEN_BATCH): the batch's unwraps, then its check values, wraps and destroys; 1 is
+// the plain per-key loop.
 std::size_t floor_import(p11::Session& s, CK_OBJECT_HANDLE backup, CK_OBJECT_HANDLE master,
                          CK_MECHANISM_TYPE master_mech, FloorTemplates& t,
-                         std::span<const std::vector<std::uint8_t>> blobs) {
+                         std::span<const std::vector<std::uint8_t>> blobs, std::size_t batch) {
     CK_MECHANISM um{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
     CK_MECHANISM ecb{CKM_AES_ECB, nullptr, 0};
     CK_MECHANISM wm{master_mech, nullptr, 0};
     std::size_t n = 0;
-    for (const auto& b : blobs) {
-        auto k = s.unwrap_key(&um, backup, b, t.unwrap_aes);
-        s.encrypt(&ecb, k.handle(), kZeros16);
-        n += !s.wrap_key(&wm, master, k.handle()).empty();
+    std::vector<p11::SessionObject> keys;
+    keys.reserve(batch);
+    for (std::size_t first = 0; first < blobs.size(); first += batch) {
+        std::size_t last = std::min(blobs.size(), first + batch);
+        for (std::size_t i = first; i < last; ++i) keys.push_back(s.unwrap_key(&um, backup, blobs[i], t.unwrap_aes));
+        for (auto& k : keys) s.encrypt(&ecb, k.handle(), kZeros16);
+        for (auto& k : keys) n += !s.wrap_key(&wm, master, k.handle()).empty();
+        keys.clear();  // C_DestroyObject each
     }
     return n;
 }
@@ -813,21 +827,37 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
         auto os = ks::open_store(dst, dir + "/restored", false);
         if (os.store->key_ids().size() != n) throw std::runtime_error("the restored store has the wrong size");
         auto backup = make_floor_backup_key(*os.token.session, bkey);
-        std::size_t done = 0;
-        import_floor = chunked_floor(
-            n,
-            [&](std::size_t first, std::size_t last) {
-                auto a = Clock::now();
-                done += floor_import(*os.token.session, backup.handle(), os.encryption, os.mechanism, ft,
-                                     std::span(backup_blobs).subspan(first, last - first));
-                return seconds_between(a, Clock::now());
-            },
-            [&] {
-                p11::restart_token(os.token);
-                ks::rebind_master_keys(os);
-                backup = make_floor_backup_key(*os.token.session, bkey);
-            });
-        if (done != n) throw std::runtime_error("the import floor rewrapped too few keys");
+        // Both orders, each from a fresh module state: one key at a time, and in the library's
+        // batches. The faster is the floor.
+        std::map<std::size_t, double> by_batch;
+        for (std::size_t batch : {std::size_t{1}, p11::token_batch()}) {
+            if (by_batch.count(batch)) continue;
+            p11::restart_token(os.token);
+            ks::rebind_master_keys(os);
+            backup = make_floor_backup_key(*os.token.session, bkey);
+            std::size_t done = 0;
+            by_batch[batch] = chunked_floor(
+                n,
+                [&](std::size_t first, std::size_t last) {
+                    auto a = Clock::now();
+                    done += floor_import(*os.token.session, backup.handle(), os.encryption, os.mechanism, ft,
+                                         std::span(backup_blobs).subspan(first, last - first), batch);
+                    return seconds_between(a, Clock::now());
+                },
+                [&] {
+                    p11::restart_token(os.token);
+                    ks::rebind_master_keys(os);
+                    backup = make_floor_backup_key(*os.token.session, bkey);
+                });
+            if (done != n) throw std::runtime_error("the import floor rewrapped too few keys");
+        }
+        import_floor = by_batch.begin()->second;
+        std::string orders;
+        for (const auto& [batch, secs] : by_batch) {
+            import_floor = std::min(import_floor, secs);
+            orders += fmt(" %zu key(s) at a time %.3f s;", batch, secs);
+        }
+        notes.push_back("import floor, the faster of:" + orders);
         mac_sign_s = time_ring_macs(*os.token.session, os.signature, n, ring_bytes, false);
     }
     stamp("import floor, ring MACs (sign), closing the store");
@@ -838,7 +868,7 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
     // ---- (3a) --jobs J: the floors in 1 and in J processes ----
     struct Speedup {
         std::string what;
-        double one = 0, many = 0;
+        std::vector<double> one, many;  // one time per round
     };
     std::vector<Speedup> floor_speedups;
     if (o.jobs >= 2) {
@@ -865,7 +895,12 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
                         [&] { *backup = restart(); });
                 };
             };
-            floor_speedups.push_back({what, floor_in_processes(1, n, prepare), floor_in_processes(o.jobs, n, prepare)});
+            Speedup sp{what, {}, {}};
+            for (std::size_t r = 0; r < o.repeat; ++r) {
+                sp.one.push_back(floor_in_processes(1, n, prepare));
+                sp.many.push_back(floor_in_processes(o.jobs, n, prepare));
+            }
+            floor_speedups.push_back(std::move(sp));
         };
         {
             auto os = ks::open_store(src, store_dir, false);
@@ -881,7 +916,7 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
             auto os = ks::open_store(dst, dir + "/restored", false);
             both("floor import", os, true, [&](CK_OBJECT_HANDLE backup, std::size_t first, std::size_t count) {
                 floor_import(*os.token.session, backup, os.encryption, os.mechanism, ft,
-                             std::span(backup_blobs).subspan(first, count));
+                             std::span(backup_blobs).subspan(first, count), p11::token_batch());
             });
         }
         stamp("floors in 1 and J processes");
@@ -893,6 +928,7 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
         std::optional<ChildResult> r;
     };
     std::vector<CliRun> cli;
+    std::map<std::string, std::vector<double>> jobs_walls;  // --jobs: each CLI pair's wall times, per round
     bool have_cli = ::access(o.cli.c_str(), X_OK) == 0;
     if (have_cli) {
         const std::string cb = dir + "/cli.kwbundle", cs = dir + "/cli.kwsecret";
@@ -937,6 +973,42 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
             run("import --jobs " + j, {o.cli, "--token", std::string("label:") + kDstLabel, "import", "--init",
                                        "--jobs", j, "--key-bundle-file", cb, "--key-bundle-secret", cs},
                 dir + "/restored-cli-j");
+            // Further rounds of the same pairs (--repeat), alternating 1 and J jobs; their times go
+            // only into the speed-up table.
+            for (const auto& c : cli) jobs_walls[c.name].push_back(c.r->wall);
+            for (std::size_t round = 1; round < o.repeat; ++round) {
+                std::string tag = std::to_string(round);
+                auto again = [&](const std::string& name, std::vector<std::string> args, const std::string& keystore) {
+                    std::string out = dir + "/cli-r.out", err = dir + "/cli-r.err";
+                    auto r = sp.run(args, env(keystore), out, err);
+                    if (r.status != 0)
+                        throw std::runtime_error("'" + o.cli + " " + name + "' failed (exit " + std::to_string(r.status) +
+                                                 "): " + read_text(err));
+                    jobs_walls[name].push_back(r.wall);
+                };
+                for (const std::string& jj : {std::string("1"), j}) {
+                    std::string name = jj == "1" ? "" : " --jobs " + j;
+                    std::string b = dir + "/cli-r" + tag + "-" + jj + ".kwbundle", sc = dir + "/cli-r" + tag + "-" + jj + ".kwsecret";
+                    again("export" + name, {o.cli, "--token", std::string("label:") + kSrcLabel, "export", "--all",
+                                            "--private-keys", "--jobs", jj, "--key-bundle-file", b, "--key-bundle-secret", sc},
+                          store_dir);
+                    fs::remove(b);
+                    fs::remove(sc);
+                }
+                for (const std::string& jj : {std::string("1"), j})
+                    again("verify" + (jj == "1" ? std::string() : " --jobs " + j),
+                          {o.cli, "--token", std::string("label:") + kSrcLabel, "verify", "--jobs", jj,
+                           "--key-bundle-file", cb, "--key-bundle-secret", cs},
+                          store_dir);
+                for (const std::string& jj : {std::string("1"), j}) {
+                    std::string store = dir + "/restored-cli-r" + tag + "-" + jj;
+                    again("import" + (jj == "1" ? std::string() : " --jobs " + j),
+                          {o.cli, "--token", std::string("label:") + kDstLabel, "import", "--init", "--jobs", jj,
+                           "--key-bundle-file", cb, "--key-bundle-secret", cs},
+                          store);
+                    fs::remove_all(store);
+                }
+            }
         }
     }
     stamp("CLI runs");
@@ -1001,21 +1073,30 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
         std::printf("%-28s %7s %10s %10s %9s\n", "operation", "keys", "1 proc s", fmt("%zu procs s", o.jobs).c_str(),
                     "speed-up");
         std::printf("%s\n", std::string(28 + 7 + 10 + 10 + 9 + 4, '-').c_str());
-        auto line = [&](const std::string& what, double one, double many) {
-            std::printf("%-28s %7zu %10.3f %10.3f %8.2fx\n", what.c_str(), n, one, many, many > 0 ? one / many : 0.0);
+        auto median = [](std::vector<double> v) {
+            std::sort(v.begin(), v.end());
+            return v.empty() ? 0.0 : v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+        };
+        auto line = [&](const std::string& what, const std::vector<double>& one, const std::vector<double>& many) {
+            double a = median(one), b = median(many);
+            std::string rounds;
+            if (one.size() > 1)
+                for (std::size_t i = 0; i < one.size() && i < many.size(); ++i)
+                    rounds += fmt(" %.2f", many[i] > 0 ? one[i] / many[i] : 0.0);
+            std::printf("%-28s %7zu %10.3f %10.3f %8.2fx%s\n", what.c_str(), n, a, b, b > 0 ? a / b : 0.0,
+                        rounds.empty() ? "" : ("   rounds:" + rounds).c_str());
         };
         for (const auto& f : floor_speedups) line(f.what, f.one, f.many);
         for (const char* cmd : {"export", "verify", "import"}) {
-            const CliRun *one = nullptr, *many = nullptr;
-            for (const auto& c : cli) {
-                if (c.name == cmd) one = &c;
-                if (c.name == std::string(cmd) + " --jobs " + std::to_string(o.jobs)) many = &c;
-            }
-            if (one && many) line(std::string("keywarden ") + cmd, one->r->wall, many->r->wall);
+            auto one = jobs_walls.find(cmd), many = jobs_walls.find(std::string(cmd) + " --jobs " + std::to_string(o.jobs));
+            if (one != jobs_walls.end() && many != jobs_walls.end())
+                line(std::string("keywarden ") + cmd, one->second, many->second);
         }
         std::printf("floors in processes: each forked process restarts the module, makes its keys, then all start\n"
                     "  together on their share of the keys; the time is the slowest process's (restarts not timed).\n"
                     "  The 1-process row runs the same way. keywarden rows: wall time of the CLI processes above.\n"
+                    "  With --repeat R: the median of R rounds (1 and J processes alternating); 'rounds' lists\n"
+                    "  each round's speed-up.\n"
                     "target: at least 1.7x with 2 jobs on a 2-core machine\n");
     }
 
