@@ -449,11 +449,14 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
                 while (cursor.skip()) {
                 }
                 part.commit();
-            });
-            for (std::size_t k = 0; k < n; ++k) {
+            },
+            // Part k goes into the bundle as soon as workers 0..k are done, while later ones may
+            // still run.
+            [&](std::size_t k) {
                 std::ifstream in(parts.path() + "/" + std::to_string(k));
                 for (std::string l; std::getline(in, l);) emit(l, !l.ends_with(" -"));
-            }
+                if (in.bad()) throw Error("cannot read the export's part file " + std::to_string(k));
+            });
         }
         if (sum.entries != h.entries)
             throw Error("internal: the store changed during export");
