@@ -504,6 +504,34 @@ TEST_CASE("backup: any token batch size imports the same store; a bad size is re
     }
 }
 
+// KEYWARDEN_TOKEN_BATCH bounds the temporary keys import holds in the token at once, also when a
+// ring has more versions than that. Counted from the -vv call trace: from the first C_UnwrapKey on,
+// every C_UnwrapKey makes one and every C_DestroyObject ends one (before it, --init makes and
+// destroys objects of its own).
+TEST_CASE("backup: import holds at most KEYWARDEN_TOKEN_BATCH temporary keys at once", "[cli]") {
+    BackupFixture f;  // two rings have two versions
+    std::string bundle = f.dir + "/ob.dat", secret = f.dir + "/ob.json";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    for (std::size_t batch : {1, 3}) {
+        INFO("batch " << batch);
+        std::string store = f.dir + "/OB" + std::to_string(batch);
+        auto r = f.must([&] { auto v = f.imp(store, bundle, secret); v.insert(v.begin(), "-vv"); v.push_back("--init"); return v; }(),
+                        {{"KEYWARDEN_TOKEN_BATCH", std::to_string(batch)}});
+        long alive = 0, most = 0, unwraps = 0;
+        std::istringstream err(r.err);
+        for (std::string l; std::getline(err, l);) {
+            if (l.find("C_UnwrapKey -> CKR_OK") != std::string::npos) {
+                ++unwraps;
+                most = std::max(most, ++alive);
+            } else if (unwraps > 0 && l.find("C_DestroyObject -> CKR_OK") != std::string::npos) {
+                --alive;
+            }
+        }
+        CHECK(unwraps == 10);  // the bundle's wrapped keys
+        CHECK(most == static_cast<long>(batch));
+    }
+}
+
 // Two keys of the same type with their wrapped halves swapped (and the bundle's MAC made again with
 // the secret): each unwraps, but to the other's key. The key check value catches it, names the
 // first such key in bundle order whatever the batch size, and nothing is imported.

@@ -765,22 +765,27 @@ void restore_rings(detail::BundleReader& reader, const std::set<std::string>& sk
     std::vector<Waiting> waiting;   // their keys, in bundle order
     std::vector<KeyRing> finished;  // rewrapped, for the sink
     auto rewrap = [&] {
-        std::vector<std::unique_ptr<TransientKey>> keys;
-        keys.reserve(waiting.size());
-        for (const auto& w : waiting) {
-            const auto& v = held[w.ring].versions[w.version];
-            keys.push_back(backup.under().unprotect(w.blob, {v.key_type, v.key_length}, Exposure::sensitive));
-        }
-        for (std::size_t i = 0; i < waiting.size(); ++i) {
-            const auto& r = held[waiting[i].ring];
-            const auto& v = r.versions[waiting[i].version];
-            if (!same(backup.backend().check_value(*keys[i], v.public_key), v.kcv))
-                throw IntegrityError(r.id.str() + " version " + std::to_string(v.version) +
-                                     ": the key's check value differs from its record");
-        }
-        for (std::size_t i = 0; i < waiting.size(); ++i)
-            held[waiting[i].ring].versions[waiting[i].version].wrapped = dst.keys().protector->protect(*keys[i]);
-        keys.clear();  // the temporary objects are destroyed here
+        // At most `batch` temporary objects at once, even when one ring has more versions.
+        for (std::size_t first = 0; first < waiting.size(); first += batch) {
+            const std::size_t last = std::min(waiting.size(), first + batch);
+            std::vector<std::unique_ptr<TransientKey>> keys;
+            keys.reserve(last - first);
+            for (std::size_t i = first; i < last; ++i) {
+                const auto& v = held[waiting[i].ring].versions[waiting[i].version];
+                keys.push_back(
+                    backup.under().unprotect(waiting[i].blob, {v.key_type, v.key_length}, Exposure::sensitive));
+            }
+            for (std::size_t i = first; i < last; ++i) {
+                const auto& r = held[waiting[i].ring];
+                const auto& v = r.versions[waiting[i].version];
+                if (!same(backup.backend().check_value(*keys[i - first], v.public_key), v.kcv))
+                    throw IntegrityError(r.id.str() + " version " + std::to_string(v.version) +
+                                         ": the key's check value differs from its record");
+            }
+            for (std::size_t i = first; i < last; ++i)
+                held[waiting[i].ring].versions[waiting[i].version].wrapped =
+                    dst.keys().protector->protect(*keys[i - first]);
+        }  // the temporary objects are destroyed at the end of each round
         std::size_t made = waiting.size();
         waiting.clear();
         for (auto& r : held) finished.push_back(std::move(r));
