@@ -137,6 +137,7 @@ Options parse_options(int argc, char** argv) {
             std::exit(0);
         } else usage_exit("unknown option " + a);
     }
+    if (o.repeat > 1 && o.jobs < 2) usage_exit("--repeat needs --jobs J (J >= 2): it repeats the speed-up measurements");
     return o;
 }
 

@@ -534,7 +534,8 @@ TEST_CASE("backup: import holds at most KEYWARDEN_TOKEN_BATCH temporary keys at 
 
 // Two keys of the same type with their wrapped halves swapped (and the bundle's MAC made again with
 // the secret): each unwraps, but to the other's key. The key check value catches it, names the
-// first such key in bundle order whatever the batch size, and nothing is imported.
+// first key whose check value differs, in bundle order, whatever the batch size, and nothing is
+// imported.
 TEST_CASE("backup: a key that unwraps to another key's value is refused in any batch", "[cli]") {
     BackupFixture f(false);
     f.must({"--keystore", f.a, "--token", "kw-src", "init"});

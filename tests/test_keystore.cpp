@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The key store on the software key protector: no token needed.
 #include <catch2/catch.hpp>
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 
@@ -505,6 +506,21 @@ TEST_CASE("a bulk-written manifest of many pieces equals a staged one, however t
         for (const auto& id : ks->key_ids()) rings.push_back(ks->load(id));
     }
     REQUIRE(rings.size() == 800);
+    // One ring with a manifest member of more than one piece on its own: 700 versions.
+    {
+        KeyRing big = rings.front();
+        big.id = KeyId{RingKind::symmetric, "client0999"};
+        const KeyVersion v = big.versions.front();
+        big.versions.clear();
+        for (std::uint32_t i = 1; i <= 700; ++i) {
+            KeyVersion c = v;
+            c.version = i;
+            c.state = i == 700 ? KeyState::active : KeyState::deactivated;
+            big.versions.push_back(c);
+        }
+        big.current = 700;
+        rings.insert(rings.begin(), big);  // client0999 sorts before client1000
+    }
     SoftStore staged("0123456789abcdef0123456789abcdef", 1700000000);
     {
         auto w = staged.open(true);
@@ -513,26 +529,32 @@ TEST_CASE("a bulk-written manifest of many pieces equals a staged one, however t
     }
     const std::string expected = kwtest::read_text(staged.dir + "/manifest");
     REQUIRE(expected.size() > 3 * 64 * 1024);
-    for (const char* how : {"add", "written, with text", "written, without text"}) {
+    REQUIRE(keystore::detail::manifest_member(rings.front().id.str(),
+                                              {rings.front().id.file(), std::string(64, '0'),
+                                               keystore::detail::summarize(rings.front())})
+                .size() > 64 * 1024);
+    for (const char* how : {"add", "written, with text", "written, without text", "written, with text, reversed"}) {
         INFO(how);
         SoftStore dst("0123456789abcdef0123456789abcdef", 1700000000);
+        std::vector<KeyRing> order = rings;
+        if (std::string(how).ends_with("reversed")) std::reverse(order.begin(), order.end());
         {
             auto ks = dst.open(true);
             auto bulk = ks->bulk_writer(dst.root);
-            for (const auto& r : rings) {
+            for (const auto& r : order) {
                 if (std::string(how) == "add") {
                     bulk->add(r, ks->seal_ring(r));
                     continue;
                 }
                 auto p = ks->write_final(r);  // as a worker does
-                if (std::string(how) == "written, with text") bulk->add_written(p, KeyStore::pending_text(p));
+                if (std::string(how).starts_with("written, with text")) bulk->add_written(p, KeyStore::pending_text(p));
                 else bulk->add_written(p);
             }
             bulk->commit();
         }
         CHECK(kwtest::read_text(dst.dir + "/manifest") == expected);
         auto ks = dst.open();
-        CHECK(ks->key_ids().size() == 800);
+        CHECK(ks->key_ids().size() == 801);
         CHECK(ks->verify().ok());
     }
 }
@@ -701,6 +723,15 @@ TEST_CASE("pending ring records survive the trip from a worker to the parent", "
         CHECK(back.sha256 == p.sha256);
         CHECK(keystore::detail::same_summary(back.summary, p.summary));
         CHECK_THROWS_AS(KeyStore::pending_from_text(line.substr(0, line.size() - 1)), Error);
+        // The parent copies a record into the manifest as it reads it, so only the exact written
+        // form is taken: a kind other than the key id's is refused.
+        std::string kind = std::string("\"kind\":\"") + ring_kind_name(id.kind) + "\"";
+        REQUIRE(line.find(kind) != std::string::npos);
+        std::string other = line;
+        other.replace(other.find(kind), kind.size(),
+                      std::string("\"kind\":\"") + ring_kind_name(id.kind == RingKind::hmac ? RingKind::symmetric
+                                                                                        : RingKind::hmac) + "\"");
+        CHECK_THROWS_AS(KeyStore::pending_from_text(other), Error);
         ++n;
     }
     CHECK(n == 3);

@@ -454,6 +454,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
             // still run.
             [&](std::size_t k) {
                 std::ifstream in(parts.path() + "/" + std::to_string(k));
+                if (!in.is_open()) throw Error("cannot open the export's part file " + std::to_string(k));
                 for (std::string l; std::getline(in, l);) emit(l, !l.ends_with(" -"));
                 if (in.bad()) throw Error("cannot read the export's part file " + std::to_string(k));
             });
@@ -674,8 +675,8 @@ public:
               run();
           }) {}
     ~RingWriter() { stop(); }
-    void push(const KeyRing& r, Bytes file) {
-        m_batch.emplace_back(r, std::move(file));
+    void push(KeyRing r, Bytes file) {
+        m_batch.emplace_back(std::move(r), std::move(file));
         if (m_batch.size() >= kBatch) hand_over();
     }
     // Waits for every queued ring; rethrows a write error.
@@ -748,8 +749,10 @@ private:
 // Keys go through the token in batches of up to token_batch(): all unwrapped, then all checked,
 // then all wrapped, then all destroyed. On SoftHSM that is a few per cent faster than one key at a
 // time, and with --jobs (where a worker also writes files) much more: each kind of work keeps the
-// host's caches warm for a while. Finished rings are handed over kSinkBatch at a time for the
-// same reason (the sink signs them in the token and writes them).
+// host's caches warm for a while. Finished rings are handed over at least kSinkBatch at a time
+// for the same reason (the sink signs them in the token and writes them). Within a batch, a key
+// that does not unwrap is reported before an earlier key whose check value differs (import has
+// checked the bundle's MAC before: either means a bundle made with its secret, or a token fault).
 void restore_rings(detail::BundleReader& reader, const std::set<std::string>& skip, TokenBackupKey& backup,
                    keystore::Store& dst, std::size_t count,
                    const std::function<void(std::vector<KeyRing>&)>& sink, const std::function<void()>& tick,

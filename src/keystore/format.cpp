@@ -354,8 +354,10 @@ std::optional<ManifestEntry> entry_from_text(const std::string& id, std::string_
     }
     if (!s.lit("{\"file\":")) return std::nullopt;
     auto file = s.str();
-    if (!file || *file != kid.file() || !s.lit(",\"kind\":") || !s.str() || !s.lit(",\"sha256\":"))
-        return std::nullopt;
+    if (!file || *file != kid.file() || !s.lit(",\"kind\":")) return std::nullopt;
+    // The kind written is the key id's: anything else is not the written form.
+    auto kind = s.str();
+    if (!kind || *kind != ring_kind_name(kid.kind) || !s.lit(",\"sha256\":")) return std::nullopt;
     auto sha = s.str();
     if (!sha || !s.lit(",\"versions\":[")) return std::nullopt;
     me.file = std::string(*file);
