@@ -1,5 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Backups end to end: export from store A on token 1, import into store B on token 2.
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 
 #include <catch2/catch.hpp>
@@ -502,6 +504,78 @@ TEST_CASE("backup: any token batch size imports the same store; a bad size is re
         CHECK_THAT(r.err, Catch::Contains("KEYWARDEN_TOKEN_BATCH"));
         CHECK(!fs::exists(store));
     }
+}
+
+// A killed export, verify or import can leave a temp file or a work directory beside the bundle
+// (or the secret). The next run on the same path removes those that no live run holds and that
+// are over a minute old, and says so; anything else there is left alone. --dry-run removes nothing.
+// Only export looks beside the secret file (verify and import only read it).
+TEST_CASE("backup: the next run removes what a killed run left beside the bundle, and nothing else", "[cli]") {
+    BackupFixture f;
+    const std::string out = f.dir + "/out", bundle = out + "/b.dat", secret = out + "/s.json";
+    fs::create_directories(out);
+    struct Row {
+        std::string name;
+        bool dir, aged, locked, stale;
+    };
+    const std::vector<Row> rows{
+        {".b.dat.tmp-AAAAAA", false, true, false, true},    // a killed export's bundle
+        {".s.json.tmp-BBBBBB", false, true, false, true},   // and its secret
+        {".b.dat.parts-CCCCCC", true, true, false, true},   // export workers' directory
+        {".b.dat.verify-DDDDDD", true, true, false, true},  // verify workers'
+        {".b.dat.import-EEEEEE", true, true, false, true},  // import workers'
+        {".b.dat.tmp-FFFFFF", false, true, true, false},    // a live run holds it
+        {".b.dat.parts-GGGGGG", true, true, true, false},   // a live run's workers hold it
+        {".b.dat.tmp-HHHHHH", false, false, false, false},  // just made: maybe not locked yet
+        {".b.dat.other-IIIIII", false, true, false, false}, // not keywarden's
+        {".b.dat.tmp-JJJJJJJ", false, true, false, false},  // not a mkstemp name
+        {".c.dat.tmp-KKKKKK", false, true, false, false},   // another bundle's
+        {"b.dat.tmp-LLLLLL", false, true, false, false},    // not hidden
+    };
+    std::vector<int> held;
+    auto plant = [&] {
+        for (int fd : held) ::close(fd);
+        held.clear();
+        for (const auto& r : rows) {
+            std::string p = out + "/" + r.name;
+            if (fs::exists(p)) fs::remove_all(p);
+            std::string lock = p;
+            if (r.dir) {
+                fs::create_directory(p);
+                kwtest::write_file(p + "/0", "part");
+                lock = p + "/.lock";
+            }
+            kwtest::write_file(lock, "");
+            if (r.locked) {
+                int fd = ::open(lock.c_str(), O_RDONLY | O_CLOEXEC);
+                REQUIRE(fd >= 0);
+                REQUIRE(::flock(fd, LOCK_EX | LOCK_NB) == 0);
+                held.push_back(fd);
+            }
+            if (r.aged) {
+                struct timespec ts[2] = {{std::time(nullptr) - 120, 0}, {std::time(nullptr) - 120, 0}};
+                REQUIRE(::utimensat(AT_FDCWD, p.c_str(), ts, AT_SYMLINK_NOFOLLOW) == 0);
+            }
+        }
+    };
+    auto check = [&](const kwtest::CliResult& r, bool cleans, bool exporting = false) {
+        for (const auto& row : rows) {
+            INFO(row.name);
+            bool gone = row.stale && cleans && (exporting || !row.name.starts_with(".s.json"));
+            CHECK(fs::exists(out + "/" + row.name) == !gone);
+            CHECK((r.err.find("removed " + out + "/" + row.name + ",") != std::string::npos) == gone);
+        }
+    };
+    plant();
+    check(f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }()), true,
+          true);
+    plant();
+    check(f.must({"--keystore", f.a, "verify", "--key-bundle-file", bundle, "--key-bundle-secret", secret}), true);
+    plant();
+    check(f.must([&] { auto v = f.imp(f.dir + "/L1", bundle, secret); v.insert(v.end(), {"--init", "--dry-run"}); return v; }()),
+          false);
+    check(f.must([&] { auto v = f.imp(f.dir + "/L2", bundle, secret); v.push_back("--init"); return v; }()), true);
+    for (int fd : held) ::close(fd);
 }
 
 // KEYWARDEN_TOKEN_BATCH bounds the temporary keys import holds in the token at once, also when a

@@ -22,6 +22,10 @@
 #include <map>
 #include <set>
 
+#include <sys/file.h>
+
+#include <ctime>
+
 #include <nlohmann/json.hpp>
 
 #include "bundle_io.hpp"
@@ -68,6 +72,41 @@ void fsync_dir_of(const std::string& path) {
     ::close(fd);
 }
 
+
+void remove_stale_leftovers(const std::string& path) {
+    fs::path t = fs::absolute(path);
+    const std::string prefix = "." + t.filename().string() + ".";
+    std::error_code ec;
+    fs::directory_iterator it(t.parent_path(), ec);
+    if (ec) return;
+    std::vector<fs::path> found;
+    for (const auto& e : it) {
+        std::string rest = e.path().filename().string();
+        if (!rest.starts_with(prefix)) continue;
+        rest = rest.substr(prefix.size());
+        auto dash = rest.find('-');
+        if (dash == std::string::npos || rest.size() != dash + 7) continue;  // mkstemp's XXXXXX
+        std::string what = rest.substr(0, dash);
+        if (what == "tmp" || what == "parts" || what == "verify" || what == "import") found.push_back(e.path());
+    }
+    const auto now = std::time(nullptr);
+    for (const auto& p : found) {
+        struct stat st {};
+        if (::lstat(p.c_str(), &st) != 0 || st.st_uid != ::geteuid() || now - st.st_mtime < 60) continue;
+        bool file = p.filename().string().substr(prefix.size()).starts_with("tmp-");
+        if (file ? !S_ISREG(st.st_mode) : !S_ISDIR(st.st_mode)) continue;
+        // Removed while holding its lock: a live run holds it, and a run cannot take it back.
+        int fd = ::open((file ? p : p / ".lock").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+            ::close(fd);
+            continue;  // in use
+        }
+        if (fd < 0 && file) continue;  // gone meanwhile
+        bool removed = file ? ::unlink(p.c_str()) == 0 : (fs::remove_all(p, ec), !ec);
+        if (fd >= 0) ::close(fd);
+        if (removed) log::warn("removed " + p.string() + ", left behind by an earlier run that was killed");
+    }
+}
 
 std::string canonical_target(const std::string& p) {
     fs::path a = fs::absolute(p);
@@ -116,22 +155,39 @@ pkcs11::SessionObject load_backup_key(pkcs11::Session& s, const SecureBytes& val
 }
 
 
-// A private directory beside `near` for worker output; removed with everything in it.
+// A private directory beside `near` for worker output; removed with everything in it. Its
+// ".lock" is flocked while it exists (forked workers share the lock), so that a later run can
+// tell it from one a killed run left behind (remove_stale_leftovers).
 class TempDir {
 public:
     TempDir(const std::string& near, const char* what) {
         fs::path t = fs::absolute(near);
         m_path = (t.parent_path() / ("." + t.filename().string() + "." + what + "-XXXXXX")).string();
         if (!::mkdtemp(m_path.data())) io_fail("cannot create a work directory beside", near);
+        m_lock = ::open((m_path + "/.lock").c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (m_lock < 0) {
+            int e = errno;
+            std::error_code ec;
+            fs::remove_all(m_path, ec);
+            errno = e;
+            io_fail("cannot create a file in the work directory", m_path);
+        }
+        // A file system without flock: the directory is then protected only while it is young.
+        if (::flock(m_lock, LOCK_EX | LOCK_NB) != 0)
+            log::debug("no lock on " + m_path + ": " + std::strerror(errno));
     }
     ~TempDir() {
         std::error_code ec;
         fs::remove_all(m_path, ec);
+        ::close(m_lock);
     }
+    TempDir(const TempDir&) = delete;
+    TempDir& operator=(const TempDir&) = delete;
     const std::string& path() const { return m_path; }
 
 private:
     std::string m_path;
+    int m_lock = -1;
 };
 
 // The entries of `count` rings, in order, each from ring_at(i). Each key is unwrapped under the
@@ -328,6 +384,8 @@ ImportTarget open_import_target(const pkcs11::TokenOptions& tok, const std::stri
 ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
     auto t0 = std::chrono::steady_clock::now();
     refuse_outputs(o.bundle_path, o.secret_path);
+    remove_stale_leftovers(o.bundle_path);
+    remove_stale_leftovers(o.secret_path);
     keystore::KeyStore& store = *os.store;
     // Only until the key loop: the module may restart there, and this session with it.
     pkcs11::Session& session = *os.token.session;
@@ -521,6 +579,7 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
                            pkcs11::TokenContext& token, const keystore::Store* against,
                            const Progress& progress, std::size_t jobs) {
     VerifyReport rep;
+    remove_stale_leftovers(bundle_path);
     detail::BundleReader reader(bundle_path, secret);
     rep.header = reader.header();
     const CK_MECHANISM_TYPE mech = mechanism_of(rep.header.wrap_method);
@@ -851,6 +910,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     ImportSummary sum;
     sum.dry_run = o.dry_run;
     SecretFile secret = parse_secret_file(detail::read_secret_file(o.secret_path));
+    if (!o.dry_run) remove_stale_leftovers(o.bundle_path);
     detail::BundleReader reader(o.bundle_path, secret);
     sum.bundle_id = reader.header().bundle_id;
 

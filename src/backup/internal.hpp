@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <sys/file.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -36,6 +37,13 @@ bool same(const Bytes& a, const Bytes& b);
 // Throws Error naming errno, with a hint for a full disk or a file size limit.
 [[noreturn]] void io_fail(const std::string& what, const std::string& path);
 void fsync_dir_of(const std::string& path);
+
+// What a killed export, verify or import leaves beside `path`: ".<name>.tmp-XXXXXX" files
+// (ExclusiveFile) and ".<name>.parts|verify|import-XXXXXX" work directories (TempDir). A live run
+// holds an flock on each (the file itself; the directory's ".lock"), and anything changed less
+// than a minute ago is left alone (a run that has just made it may not hold the lock yet). The
+// others, if they belong to this user, are removed, with a note on stderr.
+void remove_stale_leftovers(const std::string& path);
 // An absolute path with its directory resolved, to compare two output paths.
 std::string canonical_target(const std::string& p);
 
@@ -266,6 +274,8 @@ public:
         int fd = ::mkstemp(m_temp.data());
         if (fd < 0) io_fail("cannot create a file beside", m_target);
         ::fchmod(fd, 0600);
+        // Held while the file is being written: remove_stale_leftovers() leaves it alone.
+        ::flock(fd, LOCK_EX | LOCK_NB);
         m_fd = fd;
     }
     ~ExclusiveFile() {
