@@ -49,6 +49,30 @@ bool keypair(const std::string& id) {
     return id.ends_with("/storage") || id == "poison/keypair";
 }
 
+// A fresh store of three symmetric rings (aaa-client, mmm-client, zzz-client, one version each),
+// exported with its private keys: the bundle has magic, header, three entry lines and the mac.
+std::vector<std::string> three_ring_bundle(BackupFixture& f, const std::string& bundle, const std::string& secret) {
+    f.must({"--keystore", f.a, "--token", "kw-src", "init"});
+    for (const char* c : {"aaa-client", "mmm-client", "zzz-client"})
+        f.must({"--keystore", f.a, "generate", "--client-id", c, "--symmetric"});
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    std::vector<std::string> lines;
+    std::istringstream in(kwtest::read_text(bundle));
+    for (std::string l; std::getline(in, l);) lines.push_back(l);
+    return lines;
+}
+
+// Writes `lines` (every line but the mac) as a bundle at `path`, with its MAC made again with the
+// signature key of the secret file at `secret`.
+void write_with_new_mac(const std::string& path, const std::vector<std::string>& lines, const std::string& secret) {
+    std::string body;
+    for (const auto& l : lines) body += l + "\n";
+    auto key = keywarden::from_base64(nlohmann::json::parse(kwtest::read_text(secret)).at("signature").get<std::string>());
+    REQUIRE(key);
+    auto tag = keywarden::hmac_sha256(*key, std::span(reinterpret_cast<const std::uint8_t*>(body.data()), body.size()));
+    kwtest::write_file(path, body + "mac " + keywarden::to_hex(tag) + "\n");
+}
+
 }  // namespace
 
 TEST_CASE("backup: --all --private-keys round trip across tokens", "[cli]") {
@@ -612,16 +636,8 @@ TEST_CASE("backup: import holds at most KEYWARDEN_TOKEN_BATCH temporary keys at 
 // imported.
 TEST_CASE("backup: a key that unwraps to another key's value is refused in any batch", "[cli]") {
     BackupFixture f(false);
-    f.must({"--keystore", f.a, "--token", "kw-src", "init"});
-    for (const char* c : {"aaa-client", "mmm-client", "zzz-client"})
-        f.must({"--keystore", f.a, "generate", "--client-id", c, "--symmetric"});
     std::string bundle = f.dir + "/s.dat", secret = f.dir + "/s.json", swapped = f.dir + "/swapped.dat";
-    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
-    std::vector<std::string> lines;
-    {
-        std::istringstream in(kwtest::read_text(bundle));
-        for (std::string l; std::getline(in, l);) lines.push_back(l);
-    }
+    std::vector<std::string> lines = three_ring_bundle(f, bundle, secret);
     REQUIRE(lines.size() == 6);  // magic, header, three entries, mac
     auto halves = [](const std::string& l) {
         auto sp = l.find(' ');
@@ -632,12 +648,8 @@ TEST_CASE("backup: a key that unwraps to another key's value is refused in any b
     REQUIRE(key_m != key_z);
     lines[3] = meta_m + " " + key_z;
     lines[4] = meta_z + " " + key_m;
-    std::string body;
-    for (std::size_t i = 0; i + 1 < lines.size(); ++i) body += lines[i] + "\n";
-    auto key = keywarden::from_base64(nlohmann::json::parse(kwtest::read_text(secret)).at("signature").get<std::string>());
-    REQUIRE(key);
-    auto tag = keywarden::hmac_sha256(*key, std::span(reinterpret_cast<const std::uint8_t*>(body.data()), body.size()));
-    kwtest::write_file(swapped, body + "mac " + keywarden::to_hex(tag) + "\n");
+    lines.pop_back();  // the old mac
+    write_with_new_mac(swapped, lines, secret);
 
     auto v = f.run({"--keystore", f.a, "verify", "--key-bundle-file", swapped, "--key-bundle-secret", secret});
     CHECK(v.code == 4);
@@ -702,25 +714,13 @@ TEST_CASE("backup: export --all of a damaged store is refused and leaves no file
 // is a ring) and computing its MAC again with the secret file's signature key.
 TEST_CASE("backup: a bundle whose rings are not in key id order still imports", "[cli]") {
     BackupFixture f(false);
-    f.must({"--keystore", f.a, "--token", "kw-src", "init"});
-    f.must({"--keystore", f.a, "generate", "--client-id", "aaa-client", "--symmetric"});
-    f.must({"--keystore", f.a, "generate", "--client-id", "mmm-client", "--symmetric"});
-    f.must({"--keystore", f.a, "generate", "--client-id", "zzz-client", "--symmetric"});
     std::string bundle = f.dir + "/o.dat", secret = f.dir + "/o.json", reversed = f.dir + "/rev.dat";
-    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
-    std::vector<std::string> lines;
-    {
-        std::istringstream in(kwtest::read_text(bundle));
-        for (std::string l; std::getline(in, l);) lines.push_back(l);
-    }
+    std::vector<std::string> lines = three_ring_bundle(f, bundle, secret);
     REQUIRE(lines.size() == 6);  // magic, header, three entries, mac
     REQUIRE(lines.back().starts_with("mac "));
     std::reverse(lines.begin() + 2, lines.begin() + 5);
-    std::string body = lines[0] + "\n" + lines[1] + "\n" + lines[2] + "\n" + lines[3] + "\n" + lines[4] + "\n";
-    auto key = keywarden::from_base64(nlohmann::json::parse(kwtest::read_text(secret)).at("signature").get<std::string>());
-    REQUIRE(key);
-    auto tag = keywarden::hmac_sha256(*key, std::span(reinterpret_cast<const std::uint8_t*>(body.data()), body.size()));
-    kwtest::write_file(reversed, body + "mac " + keywarden::to_hex(tag) + "\n");
+    lines.pop_back();  // the old mac
+    write_with_new_mac(reversed, lines, secret);
     f.must({"--keystore", f.a, "verify", "--key-bundle-file", reversed, "--key-bundle-secret", secret});
     for (const char* jobs : {"1", "2"}) {
         INFO(jobs << " jobs");

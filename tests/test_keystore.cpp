@@ -546,7 +546,7 @@ TEST_CASE("a bulk-written manifest of many pieces equals a staged one, however t
                     bulk->add(r, ks->seal_ring(r));
                     continue;
                 }
-                auto p = ks->write_final(r);  // as a worker does
+                auto p = ks->store_final(r, ks->seal_ring(r));  // as a worker does
                 if (std::string(how).starts_with("written, with text")) bulk->add_written(p, KeyStore::pending_text(p));
                 else bulk->add_written(p);
             }
@@ -646,7 +646,9 @@ TEST_CASE("ring bodies are read as text exactly as the JSON path reads them", "[
     std::vector<Row> rows = {
         {with("{\"client_id\"", "{ \"client_id\""), true},
         {with("\"format\":1", "\"format\":2"), true},  // not checked in the body (the frame has it)
-        {with("\"store_id\":\"" + sid, "\"store_id\":\"0" + sid.substr(1)), false},
+        // (Another first digit: a store id that starts with 0 would otherwise be left as it is.)
+        {with("\"store_id\":\"" + sid, std::string("\"store_id\":\"") + (sid[0] == '0' ? '1' : '0') + sid.substr(1)),
+         false},
         {with("\"kind\":\"storage-keypair\"", "\"kind\":\"symmetric\""), false},
         {with("\"key_type\":\"ec-p256-private\"", "\"key_type\":\"aes\""), false},
         {with("\"state\":\"active\"", "\"state\":\"asleep\""), false},

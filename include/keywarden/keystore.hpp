@@ -279,9 +279,8 @@ public:
     static std::string pending_text(const PendingRing& p);
     static PendingRing pending_from_text(std::string_view line);
     PendingRing write_pending(const KeyRing& ring);
-    // For a store another process fills with a BulkWriter (import --init --jobs): seals the ring
-    // and writes it under its final name at once.
-    PendingRing write_final(const KeyRing& ring);
+    // For a store another process fills with a BulkWriter (import --init --jobs): writes a sealed
+    // ring under its final name at once (no token call).
     PendingRing store_final(const KeyRing& ring, const Bytes& file);
     void adopt_pending(const PendingRing& p);
     // write_pending in two steps, so that the file I/O can run on another thread than the
@@ -300,7 +299,7 @@ public:
     public:
         ~BulkWriter();
         void add(const KeyRing& ring, const Bytes& sealed);
-        // A ring another process wrote under its final name (write_final), by its record; with
+        // A ring another process wrote under its final name (store_final), by its record; with
         // `text`, that record's pending_text() as read back (saves writing it again).
         void add_written(const PendingRing& p, std::string text = {});
         void commit();

@@ -79,7 +79,7 @@ void remove_stale_leftovers(const std::string& path) {
     std::error_code ec;
     fs::directory_iterator it(t.parent_path(), ec);
     if (ec) return;
-    std::vector<fs::path> found;
+    std::vector<std::pair<fs::path, bool>> found;  // a leftover, and whether it is a temp file
     for (const auto& e : it) {
         std::string rest = e.path().filename().string();
         if (!rest.starts_with(prefix)) continue;
@@ -87,13 +87,13 @@ void remove_stale_leftovers(const std::string& path) {
         auto dash = rest.find('-');
         if (dash == std::string::npos || rest.size() != dash + 7) continue;  // mkstemp's XXXXXX
         std::string what = rest.substr(0, dash);
-        if (what == "tmp" || what == "parts" || what == "verify" || what == "import") found.push_back(e.path());
+        if (what == "tmp" || what == "parts" || what == "verify" || what == "import")
+            found.emplace_back(e.path(), what == "tmp");
     }
     const auto now = std::time(nullptr);
-    for (const auto& p : found) {
+    for (const auto& [p, file] : found) {
         struct stat st {};
         if (::lstat(p.c_str(), &st) != 0 || st.st_uid != ::geteuid() || now - st.st_mtime < 60) continue;
-        bool file = p.filename().string().substr(prefix.size()).starts_with("tmp-");
         if (file ? !S_ISREG(st.st_mode) : !S_ISDIR(st.st_mode)) continue;
         // Removed while holding its lock: a live run holds it, and a run cannot take it back.
         int fd = ::open((file ? p : p / ".lock").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);

@@ -538,21 +538,25 @@ Bytes KeyStore::seal_ring(const KeyRing& r) {
                 ring_binding(m_meta.store_id, r.id), ring_body(r, m_meta.store_id));
 }
 
-KeyStore::PendingRing KeyStore::store_sealed(const KeyRing& r, const Bytes& file) {
-    // Every changed ring goes into "<file>.pending", without a sync per file.
+namespace {
+// A sealed ring written, without a sync, under its file name plus `suffix`; its record names the
+// file without the suffix.
+KeyStore::PendingRing write_ring_file(Storage& storage, const KeyRing& r, const Bytes& file, const char* suffix) {
     std::string name = r.id.file();
-    m_storage->write_unsynced(name + kPending, file);
+    storage.write_unsynced(name + suffix, file);
     return {r.id.str(), name, hex_digest(file), summarize(r)};
+}
+}  // namespace
+
+// Every changed ring goes into "<file>.pending", without a sync per file.
+KeyStore::PendingRing KeyStore::store_sealed(const KeyRing& r, const Bytes& file) {
+    return write_ring_file(*m_storage, r, file, kPending);
 }
 
 KeyStore::PendingRing KeyStore::write_pending(const KeyRing& r) { return store_sealed(r, seal_ring(r)); }
 
-KeyStore::PendingRing KeyStore::write_final(const KeyRing& r) { return store_final(r, seal_ring(r)); }
-
 KeyStore::PendingRing KeyStore::store_final(const KeyRing& r, const Bytes& file) {
-    std::string name = r.id.file();
-    m_storage->write_unsynced(name, file);
-    return {r.id.str(), name, hex_digest(file), summarize(r)};
+    return write_ring_file(*m_storage, r, file, "");
 }
 
 void KeyStore::adopt_pending(const PendingRing& p) {
@@ -658,8 +662,8 @@ std::unique_ptr<KeyStore::BulkWriter> KeyStore::bulk_writer(const std::string& s
 void KeyStore::BulkWriter::add(const KeyRing& ring, const Bytes& sealed) {
     if (m->committed) throw Error("internal: bulk writer already committed");
     // The ring file under its final name: the manifest written at commit() names it.
-    m->store->m_storage->write_unsynced(ring.id.file(), sealed);
-    m->member(ring.id.str(), ManifestEntry{ring.id.file(), hex_digest(sealed), summarize(ring)});
+    auto p = m->store->store_final(ring, sealed);
+    m->member(p.key_id, ManifestEntry{p.file, p.sha256, p.summary});
 }
 
 void KeyStore::BulkWriter::add_written(const PendingRing& p, std::string text) {

@@ -3,6 +3,7 @@
 #include <sys/prctl.h>
 #include <sys/wait.h>
 
+#include <climits>
 #include <csignal>
 #include <unistd.h>
 
@@ -133,29 +134,36 @@ void restart_token(TokenContext& c) {
     }
 }
 
-std::size_t token_restart_every() {
-    const char* v = std::getenv("KEYWARDEN_TOKEN_RESTART_EVERY");
-    if (!v || !*v) return 16384;
+namespace {
+
+// A number of keys from the environment variable `name`: `fallback` when unset or empty; anything
+// but digits, or outside [low, high], is a usage error with `hint`.
+std::size_t keys_from_env(const char* name, std::size_t fallback, unsigned long long low, unsigned long long high,
+                          const char* hint) {
+    const char* v = std::getenv(name);
+    if (!v || !*v) return fallback;
     char* end = nullptr;
     errno = 0;
     unsigned long long n = std::strtoull(v, &end, 10);
-    if (errno != 0 || *end != '\0' || *v < '0' || *v > '9')
-        throw UsageError(std::string("KEYWARDEN_TOKEN_RESTART_EVERY must be a number of keys, not '") + v + "'",
-                         "unset it for the default (16384), or set 0 to never restart the module");
+    if (errno != 0 || *end != '\0' || *v < '0' || *v > '9' || n < low || n > high) {
+        std::string range = low == 0 && high == ULLONG_MAX
+                                ? std::string()
+                                : " from " + std::to_string(low) + " to " + std::to_string(high);
+        throw UsageError(std::string(name) + " must be a number of keys" + range + ", not '" + v + "'", hint);
+    }
     return static_cast<std::size_t>(n);
 }
 
+}  // namespace
+
+std::size_t token_restart_every() {
+    return keys_from_env("KEYWARDEN_TOKEN_RESTART_EVERY", 16384, 0, ULLONG_MAX,
+                         "unset it for the default (16384), or set 0 to never restart the module");
+}
+
 std::size_t token_batch() {
-    const char* v = std::getenv("KEYWARDEN_TOKEN_BATCH");
-    if (!v || !*v) return 16;
-    char* end = nullptr;
-    errno = 0;
-    unsigned long long n = std::strtoull(v, &end, 10);
-    if (errno != 0 || *end != '\0' || *v < '0' || *v > '9' || n < 1 || n > 1024)
-        throw UsageError(std::string("KEYWARDEN_TOKEN_BATCH must be a number of keys from 1 to 1024, not '") + v +
-                             "'",
+    return keys_from_env("KEYWARDEN_TOKEN_BATCH", 16, 1, 1024,
                          "unset it for the default (16), or set 1 for a token with few free object slots");
-    return static_cast<std::size_t>(n);
 }
 
 TokenRecycler::TokenRecycler(TokenContext& ctx, std::function<void()> rebind)
