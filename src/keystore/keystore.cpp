@@ -322,34 +322,34 @@ std::string KeyStore::pending_text(const PendingRing& p) {
     return manifest_member(p.key_id, ManifestEntry{p.file, p.sha256, p.summary});
 }
 
-KeyStore::PendingRing KeyStore::pending_from_text(std::string_view line) {
-    // Written by pending_text in another keywarden process: the name, ':', the value.
-    std::string id;
-    std::size_t colon = std::string_view::npos;
-    StrictJson name(line);
-    if (auto plain = name.str()) {
-        id = std::string(*plain);
-        colon = plain->size() + 2;
-    } else if (line.starts_with('"')) {
-        // A name with escapes: find its end (the first unescaped quote after the opening one).
-        bool escaped = false;
-        for (std::size_t i = 1; i < line.size(); ++i) {
-            if (escaped) escaped = false;
-            else if (line[i] == '\\') escaped = true;
-            else if (line[i] == '"') {
-                colon = i + 1;
-                break;
+namespace {
+// A manifest member's name (its key id), the JSON string it starts with, and where that string
+// ends; nullopt if the text does not start with a whole JSON string.
+std::optional<std::pair<std::string, std::size_t>> member_name(std::string_view text) {
+    if (auto plain = StrictJson(text).str()) return std::make_pair(std::string(*plain), plain->size() + 2);
+    if (!text.starts_with('"')) return std::nullopt;
+    // A name with escapes: its end is the first unescaped quote after the opening one.
+    bool escaped = false;
+    for (std::size_t i = 1; i < text.size(); ++i) {
+        if (escaped) escaped = false;
+        else if (text[i] == '\\') escaped = true;
+        else if (text[i] == '"') {
+            try {
+                return std::make_pair(json::parse(text.substr(0, i + 1)).get<std::string>(), i + 1);
+            } catch (const json::exception&) {
+                return std::nullopt;
             }
         }
-        if (colon == std::string_view::npos) throw Error("internal: a bad ring record from a worker");
-        try {
-            id = json::parse(line.substr(0, colon)).get<std::string>();
-        } catch (const json::exception&) {
-            throw Error("internal: a bad ring record from a worker");
-        }
-    } else {
-        throw Error("internal: a bad ring record from a worker");
     }
+    return std::nullopt;
+}
+}  // namespace
+
+KeyStore::PendingRing KeyStore::pending_from_text(std::string_view line) {
+    // Written by pending_text in another keywarden process: the name, ':', the value.
+    auto name = member_name(line);
+    if (!name) throw Error("internal: a bad ring record from a worker");
+    auto [id, colon] = std::move(*name);
     if (colon >= line.size() || line[colon] != ':') throw Error("internal: a bad ring record from a worker");
     auto e = entry_from_text(id, line.substr(colon + 1));
     if (!e) throw Error("internal: a bad ring record from a worker");
@@ -682,10 +682,10 @@ void KeyStore::BulkWriter::State::member(const std::string& id, std::string text
         if (last_id == id) throw IntegrityError("key ring " + id + " appears twice");
         // Out of order: from here on the members are kept in memory.
         each([&](const std::string& earlier) {
-            // The member starts with its key id as a JSON string.
-            std::size_t end = 1;
-            while (end < earlier.size() && earlier[end] != '"') end += earlier[end] == '\\' ? 2 : 1;
-            members.emplace(nlohmann::json::parse(earlier.substr(0, end + 1)).get<std::string>(), earlier);
+            // The member starts with its key id as a JSON string (written by manifest_member).
+            auto name = member_name(earlier);
+            if (!name) throw Error("internal: a bad manifest member in the import's scratch file");
+            members.emplace(std::move(name->first), earlier);
         });
         sorted = false;
     }
