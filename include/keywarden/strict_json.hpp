@@ -91,4 +91,8 @@ inline bool append_plain_json_string(std::string& out, std::string_view v) {
     return true;
 }
 
+// Appends v as a JSON string, byte for byte as the JSON library's dump() writes it: plain text
+// directly (append_plain_json_string), anything else through the library.
+void append_json_string(std::string& out, std::string_view v);
+
 }  // namespace keywarden

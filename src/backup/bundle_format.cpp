@@ -63,12 +63,6 @@ json json_of_meta(const EntryMeta& m) {
             {"wrapped", m.wrapped}};
 }
 
-// A JSON string as nlohmann's dump() writes it: plain printable ASCII is copied, anything
-// else goes through the library.
-void put_string(std::string& out, std::string_view v) {
-    if (!append_plain_json_string(out, v)) out += json(std::string(v)).dump();
-}
-
 // json_of_meta(m).dump(), byte for byte (keys in the order of nlohmann's std::map), without
 // building the tree: it is made once per entry.
 std::string meta_text_impl(const EntryMeta& m) {
@@ -77,18 +71,18 @@ std::string meta_text_impl(const EntryMeta& m) {
     o += "{\"created\":";
     o += std::to_string(m.created);
     o += m.current ? ",\"current\":true,\"kcv\":" : ",\"current\":false,\"kcv\":";
-    put_string(o, to_hex(m.kcv));
+    append_json_string(o, to_hex(m.kcv));
     o += ",\"key_id\":";
-    put_string(o, m.key_id);
+    append_json_string(o, m.key_id);
     o += ",\"key_length\":";
     o += std::to_string(m.key_length);
     o += ",\"key_type\":";
-    put_string(o, key_kind_name(m.key_type));
+    append_json_string(o, key_kind_name(m.key_type));
     o += ",\"public\":";
     if (m.public_key.empty()) o += "null";
-    else put_string(o, to_base64(m.public_key));
+    else append_json_string(o, to_base64(m.public_key));
     o += ",\"state\":";
-    put_string(o, keystore::key_state_name(m.state));
+    append_json_string(o, keystore::key_state_name(m.state));
     o += ",\"valid_from\":";
     o += std::to_string(m.valid_from);
     o += ",\"valid_until\":";

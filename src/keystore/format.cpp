@@ -126,9 +126,7 @@ json ring_to_json(const KeyRing& r, const std::string& store_id) {
 // key on its token thread, and building a JSON tree for each costs more than the text.
 std::string ring_body(const KeyRing& r, const std::string& store_id) {
     std::string out;
-    auto q = [&out](const std::string& t) {
-        if (!append_plain_json_string(out, t)) out += json(t).dump();
-    };
+    auto q = [&out](std::string_view t) { append_json_string(out, t); };
     out.reserve(256 + r.versions.size() * 320);
     out += "{\"client_id\":";
     if (r.id.client_id.empty()) out += "null";
@@ -315,7 +313,7 @@ bool same_summary(const RingSummary& a, const RingSummary& b) {
 namespace {
 std::string quoted(const std::string& s) {
     std::string out;
-    if (!append_plain_json_string(out, s)) out = json(s).dump();
+    append_json_string(out, s);
     return out;
 }
 std::string opt_text(const std::optional<std::int64_t>& v) { return v ? std::to_string(*v) : "null"; }
@@ -743,3 +741,11 @@ StoreMeta meta_from_json(const json& j) {
 }
 
 }  // namespace keywarden::keystore::detail
+
+namespace keywarden {
+
+void append_json_string(std::string& out, std::string_view v) {
+    if (!append_plain_json_string(out, v)) out += nlohmann::json(std::string(v)).dump();
+}
+
+}  // namespace keywarden
