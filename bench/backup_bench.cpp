@@ -940,13 +940,18 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
                     {"KEYWARDEN_TOKEN", std::nullopt},
                     {"KEYWARDEN_PIN_SOURCE", std::nullopt}};
         };
-        auto run = [&](const std::string& name, std::vector<std::string> args, const std::string& keystore) {
-            std::string out = dir + "/cli-" + name + ".out", err = dir + "/cli-" + name + ".err";
+        // One keywarden process; its output in files named after `tag`. A failure stops the bench.
+        auto spawn = [&](const std::string& name, const std::vector<std::string>& args, const std::string& keystore,
+                         const std::string& tag) {
+            std::string out = dir + "/cli-" + tag + ".out", err = dir + "/cli-" + tag + ".err";
             auto r = sp.run(args, env(keystore), out, err);
             if (r.status != 0)
                 throw std::runtime_error("'" + o.cli + " " + name + "' failed (exit " + std::to_string(r.status) +
                                          "): " + read_text(err));
-            cli.push_back({name, r});
+            return r;
+        };
+        auto run = [&](const std::string& name, std::vector<std::string> args, const std::string& keystore) {
+            cli.push_back({name, spawn(name, args, keystore, name)});
         };
         // The measurement floor of the method: a tiny program through the same spawner.
         {
@@ -980,12 +985,7 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
             for (std::size_t round = 1; round < o.repeat; ++round) {
                 std::string tag = std::to_string(round);
                 auto again = [&](const std::string& name, std::vector<std::string> args, const std::string& keystore) {
-                    std::string out = dir + "/cli-r.out", err = dir + "/cli-r.err";
-                    auto r = sp.run(args, env(keystore), out, err);
-                    if (r.status != 0)
-                        throw std::runtime_error("'" + o.cli + " " + name + "' failed (exit " + std::to_string(r.status) +
-                                                 "): " + read_text(err));
-                    jobs_walls[name].push_back(r.wall);
+                    jobs_walls[name].push_back(spawn(name, args, keystore, "r").wall);
                 };
                 for (const std::string& jj : {std::string("1"), j}) {
                     std::string name = jj == "1" ? "" : " --jobs " + j;
