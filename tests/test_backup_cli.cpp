@@ -453,6 +453,43 @@ TEST_CASE("backup: --jobs 2 gives the same result as one process", "[cli]") {
 // SoftHSM keeps destroyed session objects until C_Finalize, so the bulk loops restart the module
 // every KEYWARDEN_TOKEN_RESTART_EVERY keys and find or make their keys again. Forcing a restart
 // after every key or every third key, in one process and in workers, must change nothing.
+// With --jobs, workers take chunks of rings as they go and this process copies the chunks in
+// order: the bundle lists the same entries in the same (key id) order as one process writes.
+TEST_CASE("backup: export --jobs N writes the entries in the order one process does", "[cli]") {
+    BackupFixture f;
+    for (int i = 0; i < 12; ++i) f.must({"--keystore", f.a, "generate", "--client-id", "chunk" + std::to_string(100 + i), "--symmetric"});
+    auto order = [&](const std::string& jobs) {
+        std::string bundle = f.dir + "/o" + jobs + ".dat", secret = f.dir + "/o" + jobs + ".json",
+                    out = f.dir + "/plain" + jobs;
+        f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys", "--jobs", jobs}); return v; }());
+        REQUIRE(kwtest::sh(kwtest::source_root() + "/docs/decrypt-bundle.sh " + bundle + " " + secret + " " + out +
+                           " >/dev/null") == 0);
+        std::vector<std::string> entries;
+        for (int n = 1; fs::exists(out + "/" + std::to_string(n) + ".json"); ++n) {
+            auto m = nlohmann::json::parse(kwtest::read_text(out + "/" + std::to_string(n) + ".json"));
+            entries.push_back(m["key_id"].get<std::string>() + "@" + std::to_string(m["version"].get<int>()));
+        }
+        // Every key, as `keywarden read` gives it.
+        int compared = kwtest::compare_decrypted(out, [&](const std::string& id, const std::string& version) {
+            return f.must({"--keystore", f.a, "read", id, "--private", "--format", "raw", "--version", version}).out;
+        });
+        CHECK(compared == 22);
+        // Nothing of the workers' part files is left beside the bundle.
+        for (const auto& e : fs::directory_iterator(f.dir))
+            CHECK(e.path().filename().string().find(".parts-") == std::string::npos);
+        return entries;
+    };
+    auto one = order("1");
+    REQUIRE(one.size() == 23);  // 10 keys of the fixture + 1 destroyed version + 12 new rings
+    CHECK(std::is_sorted(one.begin(), one.end(), [](const std::string& a, const std::string& b) {
+        return a.substr(0, a.rfind('@')) < b.substr(0, b.rfind('@'));
+    }));
+    for (const char* jobs : {"2", "3", "5"}) {
+        INFO(jobs << " jobs");
+        CHECK(order(jobs) == one);
+    }
+}
+
 TEST_CASE("backup: restarting the token during export, verify and import changes nothing", "[cli]") {
     BackupFixture f;
     const std::vector<std::pair<std::string, std::string>> rows{{"1", "1"}, {"3", "1"}, {"1", "2"}, {"3", "2"}};
@@ -653,6 +690,14 @@ TEST_CASE("backup: a key that unwraps to another key's value is refused in any b
 
     auto v = f.run({"--keystore", f.a, "verify", "--key-bundle-file", swapped, "--key-bundle-secret", secret});
     CHECK(v.code == 4);
+    // Both keys are reported, in bundle order, however many workers (taking chunks) found them.
+    CHECK(v.out.find("client/mmm-client/symmetric@1") < v.out.find("client/zzz-client/symmetric@1"));
+    CHECK(v.out.find("client/zzz-client/symmetric@1") != std::string::npos);
+    for (const char* jobs : {"2", "3"}) {
+        auto vj = f.run({"--keystore", f.a, "verify", "--key-bundle-file", swapped, "--key-bundle-secret", secret, "-j", jobs});
+        CHECK(vj.code == 4);
+        CHECK(vj.out == v.out);
+    }
     for (const char* batch : {"1", "16"})
         for (const char* jobs : {"1", "2"}) {
             INFO("batch " << batch << ", " << jobs << " jobs");

@@ -363,3 +363,120 @@ TEST_CASE("worker processes: finished() runs in order as workers end, and errors
                       Catch::Contains("worker one failed"));
     CHECK(order == std::vector<std::size_t>{0});
 }
+
+TEST_CASE("worker processes: shared chunks are each done once, in order, and meanwhile sees them", "[token]") {
+    kwtest::SoftHsm hsm;
+    TokenContext ctx = logged_in(hsm);
+    const std::string dir = hsm.dir();
+
+    // Chunks shrink as the work runs out and cover the items exactly.
+    for (std::size_t items : {0, 1, 2, 7, 100, 20000}) {
+        for (std::size_t jobs : {1, 2, 3}) {
+            INFO(items << " items, " << jobs << " jobs");
+            SharedWork w(items, jobs);
+            std::size_t at = 0, last_size = SIZE_MAX;
+            while (auto c = w.claim()) {
+                CHECK(c->first == at);
+                CHECK(c->last > c->first);
+                CHECK(c->last - c->first <= last_size);
+                last_size = c->last - c->first;
+                at = c->last;
+            }
+            CHECK(at == items);
+            CHECK_FALSE(w.claim());
+            if (items >= 100) CHECK(w.chunks() >= 8 * jobs);  // enough chunks to balance
+        }
+    }
+
+    // Three workers: one slow. Each chunk is recorded by the worker that claimed it, each worker
+    // claims in increasing order, and the slow one takes fewer; meanwhile() in the parent sees
+    // every chunk as it is recorded.
+    const std::size_t items = 300;
+    SharedWork w(items, 3);
+    std::vector<std::size_t> seen;
+    run_in_processes(
+        ctx, 3,
+        [&](std::size_t k, TokenContext&) {
+            std::string log;
+            std::size_t prev = 0;
+            bool any = false;
+            while (auto c = w.claim()) {
+                if (any && c->index <= prev) throw Error("claims out of order");
+                prev = c->index;
+                any = true;
+                ::usleep(k == 0 ? 20000 : 1000);
+                log += std::to_string(c->first) + "-" + std::to_string(c->last) + "\n";
+                w.record(c->index, k, c->first, c->last - c->first);
+            }
+            kwtest::write_file(dir + "/chunks-" + std::to_string(k), log);
+        },
+        {},
+        [&](const std::function<bool()>& running) {
+            for (std::size_t i = 0; i < w.chunks(); ++i) {
+                while (!w.recorded(i)) {
+                    if (!running() && !w.recorded(i)) return;
+                    ::usleep(500);
+                }
+                seen.push_back(i);
+            }
+            CHECK(running() == running());  // callable after the work is done
+        });
+    REQUIRE(seen.size() == w.chunks());
+    std::vector<std::size_t> by_worker(3, 0);
+    std::size_t covered = 0;
+    for (std::size_t i = 0; i < w.chunks(); ++i) {
+        auto o = w.output(i);
+        CHECK(o.offset == covered);  // recorded first item = the chunk's own first item
+        covered += o.length;
+        by_worker.at(o.child) += o.length;
+    }
+    CHECK(covered == items);
+    CHECK(by_worker[0] < by_worker[1]);  // the slow worker did less
+    CHECK(by_worker[0] < by_worker[2]);
+
+    // A worker that fails leaves chunks unrecorded: meanwhile() sees the workers end and
+    // returns; the worker's error is thrown, and output() of a missing chunk throws.
+    SharedWork broken(50, 2);
+    bool gave_up = false;
+    CHECK_THROWS_WITH(run_in_processes(
+                          ctx, 2,
+                          [&](std::size_t k, TokenContext&) {
+                              // Worker 0 is slow, so worker 1 claims a chunk before the end.
+                              while (auto c = broken.claim()) {
+                                  if (k == 1) throw ConflictError("worker one failed");
+                                  ::usleep(5000);
+                                  broken.record(c->index, k, 0, 0);
+                              }
+                          },
+                          {},
+                          [&](const std::function<bool()>& running) {
+                              for (std::size_t i = 0; i < broken.chunks(); ++i)
+                                  while (!broken.recorded(i)) {
+                                      if (!running() && !broken.recorded(i)) {
+                                          gave_up = true;
+                                          return;
+                                      }
+                                      ::usleep(500);
+                                  }
+                          }),
+                      Catch::Contains("worker one failed"));
+    CHECK(gave_up);
+    std::size_t missing = 0;
+    for (std::size_t i = 0; i < broken.chunks(); ++i) missing += !broken.recorded(i);
+    CHECK(missing >= 1);
+    for (std::size_t i = 0; i < broken.chunks(); ++i)
+        if (!broken.recorded(i)) CHECK_THROWS_WITH(broken.output(i), Catch::Contains("no worker recorded"));
+
+    // meanwhile() throws: every worker is still waited for, then its error.
+    SharedWork slow(4, 2);
+    CHECK_THROWS_WITH(run_in_processes(
+                          ctx, 2,
+                          [&](std::size_t k, TokenContext&) {
+                              ::usleep(100000);
+                              kwtest::write_file(dir + "/late-" + std::to_string(k), "x");
+                          },
+                          {}, [&](const std::function<bool()>&) { throw Error("copying failed"); }),
+                      Catch::Contains("copying failed"));
+    CHECK(kwtest::read_text(dir + "/late-0") == "x");
+    CHECK(kwtest::read_text(dir + "/late-1") == "x");
+}

@@ -2,10 +2,12 @@
 // Opening a token the way an operator names it: module, token selector, PIN source.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "keywarden/pkcs11.hpp"
 
@@ -64,9 +66,51 @@ std::size_t token_batch();
 // order, while later children may still run), so the parent can take in child k's results
 // meanwhile. If it throws, no further call is made, every child is still waited for, and then
 // its error is thrown (a child's failure takes precedence).
+// `meanwhile(running)`, if given, runs in the parent once every child is started: running()
+// is false once every child has exited. Its error is thrown after every child is waited for (a
+// child's failure takes precedence).
 void run_in_processes(const TokenContext& parent, std::size_t jobs,
                       const std::function<void(std::size_t index, TokenContext& child)>& work,
-                      const std::function<void(std::size_t index)>& finished = {});
+                      const std::function<void(std::size_t index)>& finished = {},
+                      const std::function<void(const std::function<bool()>& running)>& meanwhile = {});
+
+// Work for run_in_processes' children, handed out in chunks as each child asks for the next, so
+// that a child on a slower or busier core takes fewer (an even split waits for the slowest
+// child). Chunks shrink as the work runs out (each is 1/(8 jobs) of what is left, rounded up),
+// so the children end within a few items of each other. The parent makes it before the
+// children are forked (the counter is in shared memory). claim() gives out chunks in increasing
+// order, so a child that reads its input in order only ever skips forward. A child records where
+// it put a chunk's output (offset and length in its own file); the parent reads them back in
+// chunk order once every child is done.
+class SharedWork {
+public:
+    SharedWork(std::size_t items, std::size_t jobs);
+    ~SharedWork();
+    SharedWork(const SharedWork&) = delete;
+    SharedWork& operator=(const SharedWork&) = delete;
+
+    struct Chunk {
+        std::size_t index, first, last;  // items [first, last)
+    };
+    std::optional<Chunk> claim();
+    std::size_t chunks() const noexcept { return m_chunks; }
+
+    struct Output {
+        std::size_t child = 0;
+        std::uint64_t offset = 0, length = 0;
+    };
+    // In the child, once the chunk's output is in its file (written, not just buffered).
+    void record(std::size_t chunk, std::size_t child, std::uint64_t offset, std::uint64_t length);
+    // In the parent: whether a child has recorded the chunk; and where its output is (throws
+    // Error if no child recorded it).
+    bool recorded(std::size_t chunk) const;
+    Output output(std::size_t chunk) const;
+
+private:
+    std::vector<std::size_t> m_starts;  // chunk c is items [m_starts[c], m_starts[c + 1])
+    std::size_t m_chunks, m_bytes;
+    void* m_shared;
+};
 
 // Loads the module named by the options, or by the token URI's module-path / module-name.
 std::shared_ptr<Module> load_module(const TokenOptions& o);

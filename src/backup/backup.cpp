@@ -450,7 +450,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
     {
         BundleWriter out(o.bundle_path, kMagicLine, h, secret.signature);
         std::size_t done = 0;
-        auto emit = [&](const std::string& l, bool wrapped) {
+        auto emit = [&](std::string_view l, bool wrapped) {
             out.line(l);
             ++sum.entries;
             sum.wrapped_keys += wrapped;
@@ -479,43 +479,87 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
                            meta_key, o.private_keys, emit, &recycler);
             drain(cursor);
         } else {
-            // Worker processes write their share of rings (by position) to part files, in
-            // order; the parent then copies them into the bundle in that order, through the MAC.
-            // Each worker uses this process's open store (inherited by fork) on its own session.
+            // Worker processes take chunks of rings (by position) as they go, so a worker on a
+            // slower core takes fewer, and write each chunk's entries to their own part file.
+            // Meanwhile this process copies the finished chunks into the bundle in order,
+            // through the MAC. Each worker uses this process's open store (inherited by fork)
+            // on its own session.
             TempDir parts(o.bundle_path, "parts");
             std::size_t n = std::min(o.jobs, want.rings);
-            pkcs11::run_in_processes(os.token, n, [&](std::size_t k, pkcs11::TokenContext& c) {
-                os.token = c;
-                keystore::rebind_master_keys(os);
-                TokenBackupKey backup_k(os.token, secret.encryption, mech, true);
-                pkcs11::TokenRecycler recycler(os.token, [&] {
+            pkcs11::SharedWork work(want.rings, n);
+            auto part_name = [&](std::size_t k) { return parts.path() + "/" + std::to_string(k); };
+            std::size_t copied = 0;  // chunks in the bundle
+            pkcs11::run_in_processes(
+                os.token, n,
+                [&](std::size_t k, pkcs11::TokenContext& c) {
+                    os.token = c;
                     keystore::rebind_master_keys(os);
-                    backup_k.rebind();
+                    TokenBackupKey backup_k(os.token, secret.encryption, mech, true);
+                    pkcs11::TokenRecycler recycler(os.token, [&] {
+                        keystore::rebind_master_keys(os);
+                        backup_k.rebind();
+                    });
+                    PartFile part(part_name(k));
+                    auto cursor = store.rings(false, wanted);
+                    std::size_t at = 0;
+                    while (auto chunk = work.claim()) {
+                        for (; at < chunk->first; ++at)
+                            if (!cursor.skip()) throw Error("internal: the store changed during export");
+                        std::uint64_t start = part.bytes();
+                        export_entries([&](std::size_t) { return take(cursor); }, chunk->last - chunk->first, true,
+                                       store.keys(), backup_k, meta_key, o.private_keys,
+                                       [&](const std::string& l, bool) {
+                                           part.write(l);
+                                           part.write("\n");
+                                       },
+                                       &recycler);
+                        at = chunk->last;
+                        part.flush();
+                        work.record(chunk->index, k, start, part.bytes() - start);
+                    }
+                    while (cursor.skip()) {
+                    }
+                },
+                {},
+                [&](const std::function<bool()>& running) {
+                    struct Fds {
+                        std::vector<int> fd;
+                        ~Fds() {
+                            for (int f : fd)
+                                if (f >= 0) ::close(f);
+                        }
+                    } in{std::vector<int>(n, -1)};
+                    std::string piece;
+                    for (; copied < work.chunks(); ++copied) {
+                        // Waits for the chunk; if every worker has ended without it, one failed
+                        // (run_in_processes reports it).
+                        while (!work.recorded(copied)) {
+                            if (!running() && !work.recorded(copied)) return;
+                            ::usleep(2000);
+                        }
+                        auto got = work.output(copied);
+                        int& fd = in.fd.at(got.child);
+                        if (fd < 0) fd = ::open(part_name(got.child).c_str(), O_RDONLY | O_CLOEXEC);
+                        if (fd < 0) io_fail("cannot open the export's part file", part_name(got.child));
+                        piece.resize(got.length);
+                        for (std::size_t done = 0; done < piece.size();) {
+                            ssize_t r = ::pread(fd, piece.data() + done, piece.size() - done,
+                                                static_cast<off_t>(got.offset + done));
+                            if (r < 0 && errno == EINTR) continue;
+                            if (r < 0) io_fail("cannot read the export's part file", part_name(got.child));
+                            if (r == 0) throw Error("internal: the export's part file " + part_name(got.child) + " is short");
+                            done += static_cast<std::size_t>(r);
+                        }
+                        for (std::size_t p = 0; p < piece.size();) {
+                            auto nl = piece.find('\n', p);
+                            if (nl == std::string::npos) throw Error("internal: a part of the export ends inside a line");
+                            std::string_view l(piece.data() + p, nl - p);
+                            emit(l, !l.ends_with(" -"));
+                            p = nl + 1;
+                        }
+                    }
                 });
-                ExclusiveFile part(parts.path() + "/" + std::to_string(k));
-                std::size_t first = want.rings * k / n, last = want.rings * (k + 1) / n;
-                auto cursor = store.rings(false, wanted);
-                for (std::size_t i = 0; i < first; ++i)
-                    if (!cursor.skip()) throw Error("internal: the store changed during export");
-                export_entries([&](std::size_t) { return take(cursor); }, last - first, true, store.keys(), backup_k,
-                               meta_key, o.private_keys,
-                               [&](const std::string& l, bool) {
-                                   part.write(l);
-                                   part.write("\n");
-                               },
-                               &recycler);
-                while (cursor.skip()) {
-                }
-                part.commit();
-            },
-            // Part k goes into the bundle as soon as workers 0..k are done, while later ones may
-            // still run.
-            [&](std::size_t k) {
-                std::ifstream in(parts.path() + "/" + std::to_string(k));
-                if (!in.is_open()) throw Error("cannot open the export's part file " + std::to_string(k));
-                for (std::string l; std::getline(in, l);) emit(l, !l.ends_with(" -"));
-                if (in.bad()) throw Error("cannot read the export's part file " + std::to_string(k));
-            });
+            if (copied != work.chunks()) throw Error("internal: a worker left its share of the export undone");
         }
         if (sum.entries != h.entries)
             throw Error("internal: the store changed during export");
@@ -648,36 +692,52 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
         }
     } else if (rep.problems.empty()) {
         TempDir results(bundle_path, "verify");
+        // Workers take chunks of entries as they go (a worker on a slower core takes fewer);
+        // each reads the whole bundle for the MAC and unwraps only its chunks' keys.
+        pkcs11::SharedWork work(rep.entries, jobs);
         pkcs11::run_in_processes(token, jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
             detail::BundleReader mine(bundle_path, secret);
             TokenBackupKey backup(c, secret.encryption, mech);
             pkcs11::TokenRecycler recycler(c, [&] { backup.rebind(); });
             std::ofstream out(results.path() + "/" + std::to_string(k));
-            // Entries [first, last) are this worker's; the others are only read for the MAC.
-            std::size_t first = rep.entries * k / jobs, last = rep.entries * (k + 1) / jobs, unwrapped = 0;
-            for (std::size_t n = 0; n < first; ++n) mine.skip_next();
-            for (std::size_t n = first; n < last; ++n) {
-                auto e = mine.next();
-                if (!e) break;
-                if (e->wrapped.empty()) continue;
-                if (auto problem = trial_unwrap(backup.under(), backup.backend(), *e))
-                    out << e->meta.key_id << "@" << e->meta.version << "\t" << *problem << "\n";
-                else ++unwrapped;
-                recycler.made(1);
+            std::size_t at = 0, unwrapped = 0;
+            for (bool ended = false; !ended;) {
+                auto chunk = work.claim();
+                if (!chunk) break;
+                for (; at < chunk->first; ++at) mine.skip_next();
+                for (; at < chunk->last && !ended; ++at) {
+                    auto e = mine.next();
+                    if (!e) {
+                        ended = true;  // fewer entries than the header says: the MAC pass reports it
+                        break;
+                    }
+                    if (e->wrapped.empty()) continue;
+                    if (auto problem = trial_unwrap(backup.under(), backup.backend(), *e))
+                        out << at << "\t" << e->meta.key_id << "@" << e->meta.version << "\t" << *problem << "\n";
+                    else ++unwrapped;
+                    recycler.made(1);
+                }
             }
             while (mine.skip_next()) {
             }
             out << "unwrapped\t" << unwrapped << "\n";
             if (!out.flush()) throw Error("cannot write verify results");
         });
+        // Problems in bundle order, whichever worker found them.
+        std::map<std::size_t, BundleProblem> found;
         for (std::size_t k = 0; k < jobs; ++k) {
             std::ifstream in(results.path() + "/" + std::to_string(k));
             for (std::string l; std::getline(in, l);) {
                 auto tab = l.find('\t');
-                if (l.starts_with("unwrapped\t")) rep.unwrapped += std::stoul(l.substr(tab + 1));
-                else rep.problems.push_back({l.substr(0, tab), l.substr(tab + 1)});
+                if (l.starts_with("unwrapped\t")) {
+                    rep.unwrapped += std::stoul(l.substr(tab + 1));
+                    continue;
+                }
+                auto tab2 = l.find('\t', tab + 1);
+                found[std::stoul(l.substr(0, tab))] = {l.substr(tab + 1, tab2 - tab - 1), l.substr(tab2 + 1)};
             }
         }
+        for (auto& [at, p] : found) rep.problems.push_back(std::move(p));
         if (progress) progress(rep.entries, rep.header.entries);
     }
     if (against) {

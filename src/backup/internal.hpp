@@ -328,4 +328,38 @@ private:
     std::uint64_t m_bytes = 0;
 };
 
+// A work file inside a TempDir (a --jobs worker's part of the output): created with O_EXCL and
+// mode 0600, written through a buffer; flush() makes what was written readable by another
+// process. Not synced: the result it goes into is.
+class PartFile {
+public:
+    explicit PartFile(std::string path) : m_path(std::move(path)) {
+        m_fd = ::open(m_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (m_fd < 0) io_fail("cannot create", m_path);
+    }
+    ~PartFile() { ::close(m_fd); }
+    PartFile(const PartFile&) = delete;
+    PartFile& operator=(const PartFile&) = delete;
+    void write(std::string_view s) {
+        m_buf.append(s);
+        if (m_buf.size() >= (1u << 16)) flush();
+    }
+    void flush() {
+        for (std::size_t off = 0; off < m_buf.size();) {
+            ssize_t n = ::write(m_fd, m_buf.data() + off, m_buf.size() - off);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) io_fail("cannot write", m_path);
+            off += static_cast<std::size_t>(n);
+        }
+        m_bytes += m_buf.size();
+        m_buf.clear();
+    }
+    std::uint64_t bytes() const { return m_bytes + m_buf.size(); }
+
+private:
+    std::string m_path, m_buf;
+    int m_fd = -1;
+    std::uint64_t m_bytes = 0;
+};
+
 }  // namespace keywarden::backup::detail

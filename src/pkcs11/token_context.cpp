@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 
@@ -12,7 +13,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <algorithm>
+#include <atomic>
 #include <exception>
+#include <new>
 
 #include "keywarden/log.hpp"
 #include "keywarden/pin.hpp"
@@ -181,7 +185,8 @@ void TokenRecycler::made(std::size_t temporary_keys) {
 
 void run_in_processes(const TokenContext& parent, std::size_t jobs,
                       const std::function<void(std::size_t, TokenContext&)>& work,
-                      const std::function<void(std::size_t)>& finished) {
+                      const std::function<void(std::size_t)>& finished,
+                      const std::function<void(const std::function<bool()>&)>& meanwhile) {
     struct Child {
         pid_t pid;
         int fd;
@@ -219,8 +224,24 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
         ::close(p[1]);
         children.push_back({pid, p[0]});
     }
+    std::exception_ptr in_finished;  // what meanwhile() or finished() threw; every child is still waited for
+    if (meanwhile) {
+        // Whether any child is still running, without reaping it (its status is read below).
+        auto running = [&] {
+            for (const auto& c : children) {
+                siginfo_t info{};
+                if (::waitid(P_PID, static_cast<id_t>(c.pid), &info, WEXITED | WNOHANG | WNOWAIT) != 0) continue;
+                if (info.si_pid == 0) return true;
+            }
+            return false;
+        };
+        try {
+            meanwhile(running);
+        } catch (...) {
+            in_finished = std::current_exception();
+        }
+    }
     std::optional<Error> first;
-    std::exception_ptr in_finished;  // what finished() threw; every child is still waited for
     for (std::size_t k = 0; k < children.size(); ++k) {
         auto& c = children[k];
         std::string report = read_all(c.fd);
@@ -249,6 +270,67 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
     }
     if (first) throw *first;
     if (in_finished) std::rethrow_exception(in_finished);
+}
+
+namespace {
+
+// The shared block: the next chunk to give out, then one Slot per chunk.
+struct SharedBlock {
+    std::atomic<std::size_t> next;
+};
+struct Slot {
+    std::atomic<std::uint32_t> recorded;  // set last (release), read first (acquire)
+    std::uint32_t child;
+    std::uint64_t offset, length;
+};
+static_assert(std::atomic<std::size_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free,
+              "counters shared between processes");
+
+Slot* slots_of(void* shared) { return reinterpret_cast<Slot*>(static_cast<char*>(shared) + 64); }
+
+}  // namespace
+
+SharedWork::SharedWork(std::size_t items, std::size_t jobs) {
+    const std::size_t parts = std::max<std::size_t>(1, jobs) * 8;
+    for (std::size_t at = 0; at < items;) {
+        m_starts.push_back(at);
+        at += (items - at + parts - 1) / parts;
+    }
+    m_starts.push_back(items);
+    m_chunks = m_starts.size() - 1;
+    m_bytes = 64 + m_chunks * sizeof(Slot);
+    m_shared = ::mmap(nullptr, m_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (m_shared == MAP_FAILED)
+        throw Error("cannot map memory shared with worker processes: " + std::string(std::strerror(errno)));
+    new (m_shared) SharedBlock{0};
+    for (std::size_t c = 0; c < m_chunks; ++c) new (slots_of(m_shared) + c) Slot{0, 0, 0, 0};
+}
+
+SharedWork::~SharedWork() { ::munmap(m_shared, m_bytes); }
+
+std::optional<SharedWork::Chunk> SharedWork::claim() {
+    std::size_t c = static_cast<SharedBlock*>(m_shared)->next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= m_chunks) return std::nullopt;
+    return Chunk{c, m_starts[c], m_starts[c + 1]};
+}
+
+void SharedWork::record(std::size_t chunk, std::size_t child, std::uint64_t offset, std::uint64_t length) {
+    if (chunk >= m_chunks) throw Error("internal: no work chunk " + std::to_string(chunk));
+    Slot& s = slots_of(m_shared)[chunk];
+    s.child = static_cast<std::uint32_t>(child);
+    s.offset = offset;
+    s.length = length;
+    s.recorded.store(1, std::memory_order_release);
+}
+
+bool SharedWork::recorded(std::size_t chunk) const {
+    return chunk < m_chunks && slots_of(m_shared)[chunk].recorded.load(std::memory_order_acquire) != 0;
+}
+
+SharedWork::Output SharedWork::output(std::size_t chunk) const {
+    if (!recorded(chunk)) throw Error("internal: no worker recorded its work on chunk " + std::to_string(chunk));
+    const Slot& s = slots_of(m_shared)[chunk];
+    return Output{s.child, s.offset, s.length};
 }
 
 }  // namespace keywarden::pkcs11
