@@ -490,6 +490,32 @@ TEST_CASE("backup: export --jobs N writes the entries in the order one process d
     }
 }
 
+// The export parent reads each finished chunk back in pieces of 64 KiB. With 3,000 rings the
+// first chunks of 2 workers are 3000/16 rings, about 90 KiB: lines are cut between pieces.
+TEST_CASE("backup: export --jobs copies chunks larger than its read pieces", "[cli]") {
+    BackupFixture f(false);
+    f.must({"--keystore", f.a, "--token", "kw-src", "init"});
+    std::string ids;
+    for (int i = 0; i < 3000; ++i) ids += "client" + std::to_string(100000 + i) + "\n";
+    kwtest::write_file(f.dir + "/ids.txt", ids);
+    f.must({"--keystore", f.a, "generate", "--client-ids-from", f.dir + "/ids.txt", "--symmetric"});
+    std::string bundle = f.dir + "/big.dat", secret = f.dir + "/big.json";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys", "--jobs", "2"}); return v; }());
+    CHECK(fs::file_size(bundle) > 3000 * 300);
+    // Every key is in the bundle once, with the check value of the store's key.
+    auto r = f.must({"--keystore", f.a, "verify", "--key-bundle-file", bundle, "--key-bundle-secret", secret,
+                     "--against-store", "--json"});
+    auto doc = nlohmann::json::parse(r.out);
+    CHECK(doc["ok"] == true);
+    CHECK(doc["entries"] == 3000);
+    CHECK(doc["unwrapped_in_token"] == 3000);
+    CHECK(doc["problems"].empty());
+    CHECK(doc["against_store"]["missing"].empty());
+    CHECK(doc["against_store"]["extra"].empty());
+    CHECK(doc["against_store"]["different"].empty());
+    CHECK(doc["against_store"]["store_keys_not_covered"] == 0);
+}
+
 TEST_CASE("backup: restarting the token during export, verify and import changes nothing", "[cli]") {
     BackupFixture f;
     const std::vector<std::pair<std::string, std::string>> rows{{"1", "1"}, {"3", "1"}, {"1", "2"}, {"3", "2"}};

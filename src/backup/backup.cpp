@@ -541,22 +541,30 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
                         int& fd = in.fd.at(got.child);
                         if (fd < 0) fd = ::open(part_name(got.child).c_str(), O_RDONLY | O_CLOEXEC);
                         if (fd < 0) io_fail("cannot open the export's part file", part_name(got.child));
-                        piece.resize(got.length);
-                        for (std::size_t done = 0; done < piece.size();) {
-                            ssize_t r = ::pread(fd, piece.data() + done, piece.size() - done,
-                                                static_cast<off_t>(got.offset + done));
-                            if (r < 0 && errno == EINTR) continue;
+                        // Read in pieces of at most 64 KiB (memory stays flat); a line cut at the end of a
+                        // piece is completed by the next.
+                        piece.clear();
+                        for (std::uint64_t done = 0; done < got.length;) {
+                            std::size_t keep = piece.size(), want = static_cast<std::size_t>(
+                                                                     std::min<std::uint64_t>(got.length - done, 1u << 16));
+                            piece.resize(keep + want);
+                            ssize_t r = ::pread(fd, piece.data() + keep, want, static_cast<off_t>(got.offset + done));
+                            if (r < 0 && errno == EINTR) {
+                                piece.resize(keep);
+                                continue;
+                            }
                             if (r < 0) io_fail("cannot read the export's part file", part_name(got.child));
                             if (r == 0) throw Error("internal: the export's part file " + part_name(got.child) + " is short");
-                            done += static_cast<std::size_t>(r);
+                            piece.resize(keep + static_cast<std::size_t>(r));
+                            done += static_cast<std::uint64_t>(r);
+                            std::size_t p = 0;
+                            for (std::size_t nl; (nl = piece.find('\n', p)) != std::string::npos; p = nl + 1) {
+                                std::string_view l(piece.data() + p, nl - p);
+                                emit(l, !l.ends_with(" -"));
+                            }
+                            piece.erase(0, p);
                         }
-                        for (std::size_t p = 0; p < piece.size();) {
-                            auto nl = piece.find('\n', p);
-                            if (nl == std::string::npos) throw Error("internal: a part of the export ends inside a line");
-                            std::string_view l(piece.data() + p, nl - p);
-                            emit(l, !l.ends_with(" -"));
-                            p = nl + 1;
-                        }
+                        if (!piece.empty()) throw Error("internal: a part of the export ends inside a line");
                     }
                 });
             if (copied != work.chunks()) throw Error("internal: a worker left its share of the export undone");
