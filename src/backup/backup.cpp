@@ -379,6 +379,67 @@ ImportTarget open_import_target(const pkcs11::TokenOptions& tok, const std::stri
 
 }  // namespace detail
 
+namespace {
+
+// The chunks that --jobs workers recorded (pkcs11::SharedWork), read back from their part files
+// in chunk order: in pieces of at most 64 KiB (memory stays flat), one call per line.
+class ChunkLines {
+public:
+    ChunkLines(const pkcs11::SharedWork& work, std::function<std::string(std::size_t)> file_of)
+        : m_work(work), m_file_of(std::move(file_of)) {}
+    ~ChunkLines() {
+        for (const auto& [k, fd] : m_fds) ::close(fd);
+    }
+    ChunkLines(const ChunkLines&) = delete;
+    ChunkLines& operator=(const ChunkLines&) = delete;
+
+    // Waits until chunk i is recorded (checking every 2 ms); false if every worker has ended
+    // without it: one failed, and run_in_processes reports it.
+    bool wait(std::size_t i, const std::function<bool()>& running) const {
+        while (!m_work.recorded(i)) {
+            if (!running() && !m_work.recorded(i)) return false;
+            ::usleep(2000);
+        }
+        return true;
+    }
+    void read(std::size_t i, const std::function<void(std::string_view)>& line) {
+        auto got = m_work.output(i);
+        std::string name = m_file_of(got.child);
+        auto [it, fresh] = m_fds.try_emplace(got.child, -1);
+        if (fresh) it->second = ::open(name.c_str(), O_RDONLY | O_CLOEXEC);
+        if (it->second < 0) io_fail("cannot open the work file", name);
+        // A line cut at the end of a piece is completed by the next.
+        m_piece.clear();
+        for (std::uint64_t done = 0; done < got.length;) {
+            std::size_t keep = m_piece.size();
+            std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(got.length - done, 1u << 16));
+            m_piece.resize(keep + want);
+            ssize_t r = ::pread(it->second, m_piece.data() + keep, want, static_cast<off_t>(got.offset + done));
+            if (r < 0 && errno == EINTR) {
+                m_piece.resize(keep);
+                continue;
+            }
+            if (r < 0) io_fail("cannot read the work file", name);
+            if (r == 0) throw Error("internal: the work file " + name + " is short");
+            m_piece.resize(keep + static_cast<std::size_t>(r));
+            done += static_cast<std::uint64_t>(r);
+            std::size_t p = 0;
+            for (std::size_t nl; (nl = m_piece.find('\n', p)) != std::string::npos; p = nl + 1)
+                line(std::string_view(m_piece.data() + p, nl - p));
+            m_piece.erase(0, p);
+        }
+        if (!m_piece.empty()) throw Error("internal: a chunk in " + name + " ends inside a line");
+    }
+
+private:
+    const pkcs11::SharedWork& m_work;
+    std::function<std::string(std::size_t)> m_file_of;
+    std::map<std::size_t, int> m_fds;
+    std::string m_piece;
+};
+
+}  // namespace
+
 // ---- export ---------------------------------------------------------------------------------
 
 ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
@@ -522,50 +583,9 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
                 },
                 {},
                 [&](const std::function<bool()>& running) {
-                    struct Fds {
-                        std::vector<int> fd;
-                        ~Fds() {
-                            for (int f : fd)
-                                if (f >= 0) ::close(f);
-                        }
-                    } in{std::vector<int>(n, -1)};
-                    std::string piece;
-                    for (; copied < work.chunks(); ++copied) {
-                        // Waits for the chunk; if every worker has ended without it, one failed
-                        // (run_in_processes reports it).
-                        while (!work.recorded(copied)) {
-                            if (!running() && !work.recorded(copied)) return;
-                            ::usleep(2000);
-                        }
-                        auto got = work.output(copied);
-                        int& fd = in.fd.at(got.child);
-                        if (fd < 0) fd = ::open(part_name(got.child).c_str(), O_RDONLY | O_CLOEXEC);
-                        if (fd < 0) io_fail("cannot open the export's part file", part_name(got.child));
-                        // Read in pieces of at most 64 KiB (memory stays flat); a line cut at the end of a
-                        // piece is completed by the next.
-                        piece.clear();
-                        for (std::uint64_t done = 0; done < got.length;) {
-                            std::size_t keep = piece.size(), want = static_cast<std::size_t>(
-                                                                     std::min<std::uint64_t>(got.length - done, 1u << 16));
-                            piece.resize(keep + want);
-                            ssize_t r = ::pread(fd, piece.data() + keep, want, static_cast<off_t>(got.offset + done));
-                            if (r < 0 && errno == EINTR) {
-                                piece.resize(keep);
-                                continue;
-                            }
-                            if (r < 0) io_fail("cannot read the export's part file", part_name(got.child));
-                            if (r == 0) throw Error("internal: the export's part file " + part_name(got.child) + " is short");
-                            piece.resize(keep + static_cast<std::size_t>(r));
-                            done += static_cast<std::uint64_t>(r);
-                            std::size_t p = 0;
-                            for (std::size_t nl; (nl = piece.find('\n', p)) != std::string::npos; p = nl + 1) {
-                                std::string_view l(piece.data() + p, nl - p);
-                                emit(l, !l.ends_with(" -"));
-                            }
-                            piece.erase(0, p);
-                        }
-                        if (!piece.empty()) throw Error("internal: a part of the export ends inside a line");
-                    }
+                    ChunkLines chunks(work, part_name);
+                    for (; copied < work.chunks() && chunks.wait(copied, running); ++copied)
+                        chunks.read(copied, [&](std::string_view l) { emit(l, !l.ends_with(" -")); });
                 });
             if (copied != work.chunks()) throw Error("internal: a worker left its share of the export undone");
         }
@@ -880,10 +900,14 @@ private:
 // for the same reason (the sink signs them in the token and writes them). Within a batch, a key
 // that does not unwrap is reported before an earlier key whose check value differs (import has
 // checked the bundle's MAC before: either means a bundle made with its secret, or a token fault).
-void restore_rings(detail::BundleReader& reader, const std::set<std::string>& skip, TokenBackupKey& backup,
-                   keystore::Store& dst, std::size_t count,
-                   const std::function<void(std::vector<KeyRing>&)>& sink, const std::function<void()>& tick,
-                   pkcs11::TokenRecycler* recycler) {
+namespace {
+
+// restore_rings with the entries from `next`; `put_back` (may be empty) gets the entry that
+// ended the last ring when fewer than all entries are wanted.
+void restore_from(const std::function<std::optional<Entry>()>& next, const std::function<void(Entry&&)>& put_back,
+                  bool read_ahead, const std::set<std::string>& skip, TokenBackupKey& backup, keystore::Store& dst,
+                  std::size_t count, const std::function<void(std::vector<KeyRing>&)>& sink,
+                  const std::function<void()>& tick, pkcs11::TokenRecycler* recycler) {
     constexpr std::size_t kSinkBatch = 64;
     const std::size_t batch = pkcs11::token_batch();
     // A key waiting for the token: which version of which held ring, and its blob.
@@ -941,16 +965,19 @@ void restore_rings(detail::BundleReader& reader, const std::set<std::string>& sk
         ring_blobs.clear();
         open = false;
     };
-    // The whole rest of the bundle is read ahead on a second thread; a worker's share is read
+    // The whole rest of the bundle is read ahead on a second thread; a worker's chunk is read
     // here: the rings that start within its first `count` entries (the last one may run past
-    // them; the entry that starts the next ring is read and dropped).
-    ReadAhead<Entry> ahead([&] { return reader.next(); }, count == SIZE_MAX);
+    // them; the entry that starts the next ring is read and put back).
+    ReadAhead<Entry> ahead(next, read_ahead);
     for (std::size_t n = 0;; ++n) {
         auto e = ahead.next();
         if (!e) break;
         const auto& m = e->meta;
         if (!open || ring.id.str() != m.key_id) {
-            if (n >= count) break;
+            if (n >= count) {
+                if (put_back) put_back(std::move(*e));
+                break;
+            }
             flush();
             ring = KeyRing{};
             ring.id = KeyId::parse(m.key_id);
@@ -969,6 +996,55 @@ void restore_rings(detail::BundleReader& reader, const std::set<std::string>& sk
     flush();
     rewrap();
     if (!finished.empty()) sink(finished);
+}
+
+}  // namespace
+
+void restore_rings(detail::BundleReader& reader, const std::set<std::string>& skip, TokenBackupKey& backup,
+                   keystore::Store& dst, std::size_t count,
+                   const std::function<void(std::vector<KeyRing>&)>& sink, const std::function<void()>& tick,
+                   pkcs11::TokenRecycler* recycler) {
+    restore_from([&] { return reader.next(); }, {}, count == SIZE_MAX, skip, backup, dst, count, sink, tick,
+                 recycler);
+}
+
+std::optional<Entry> EntryCursor::next() {
+    std::optional<Entry> e = std::move(m_back);
+    m_back.reset();
+    if (!e) e = m_reader.next();
+    if (e) ++m_at;
+    return e;
+}
+
+void EntryCursor::put_back(Entry e) {
+    if (m_back || m_at == 0) throw Error("internal: only the entry just read can be put back");
+    m_back = std::move(e);
+    --m_at;
+}
+
+void EntryCursor::skip_to(std::size_t i) {
+    if (i < m_at) throw Error("internal: a bundle cursor only moves forward");
+    if (i == m_at) return;
+    if (m_back) {
+        m_back.reset();
+        ++m_at;
+    }
+    for (; m_at < i; ++m_at)
+        if (!m_reader.skip_next()) throw IntegrityError("the bundle has fewer entries than its header says");
+}
+
+void EntryCursor::skip_rest() {
+    m_back.reset();
+    while (m_reader.skip_next()) {
+    }
+}
+
+void restore_rings(EntryCursor& cursor, const std::set<std::string>& skip, TokenBackupKey& backup,
+                   keystore::Store& dst, std::size_t last,
+                   const std::function<void(std::vector<KeyRing>&)>& sink, pkcs11::TokenRecycler* recycler) {
+    if (last <= cursor.position()) return;
+    restore_from([&] { return cursor.next(); }, [&](Entry&& e) { cursor.put_back(std::move(e)); }, false, skip,
+                 backup, dst, last - cursor.position(), sink, [] {}, recycler);
 }
 
 }  // namespace detail
@@ -1093,78 +1169,94 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             for (const auto& p : pending) dst.adopt_pending(p);
         } else {
             TempDir results(o.bundle_path, "import");
-            // Worker k takes the rings that start within entries [E*k/jobs, E*(k+1)/jobs): it
-            // reads the entry before its share to know the ring it must leave to worker k-1.
-            // Into a store that --init created, workers write ring files under their final
-            // names and this process writes the manifest from their lines (BulkWriter).
+            // Workers take chunks of entries as they go (a worker on a slower core takes fewer):
+            // a chunk is the rings that start within its entries, so a worker reads the entry
+            // before a chunk to know the ring it must leave to the chunk before. Into a store
+            // that --init created, workers write ring files under their final names and this
+            // process writes the manifest from their lines (BulkWriter), chunk by chunk while
+            // they run.
             std::string staging_root = staging;
             const std::size_t entries = sum.entries;
             std::unique_ptr<keystore::KeyStore::BulkWriter> bulk;
             if (o.init) bulk = dst.bulk_writer(staging_dir.parent());
             std::size_t wrapped = 0;
-            auto take_in = [&](std::size_t k) {
-                std::ifstream in(results.path() + "/" + std::to_string(k));
-                for (std::string l; std::getline(in, l);) {
-                    if (l.starts_with("wrapped ")) {
-                        wrapped += std::stoull(l.substr(8));
-                        continue;
+            pkcs11::SharedWork work(entries, o.jobs);
+            auto part_name = [&](std::size_t k) { return results.path() + "/" + std::to_string(k); };
+            ChunkLines chunks(work, part_name);
+            std::size_t taken = 0;  // chunks taken in
+            auto take_in = [&](std::size_t i) {
+                chunks.read(i, [&](std::string_view text) {
+                    if (text.starts_with("wrapped ")) {
+                        wrapped += std::stoull(std::string(text.substr(8)));
+                        return;
                     }
+                    std::string l(text);
                     auto p = keystore::KeyStore::pending_from_text(l);
                     ++sum.rings_written;
                     sum.entries_written += p.summary.versions.size();
                     if (bulk) bulk->add_written(p, std::move(l));
                     else dst.adopt_pending(p);
-                }
-            };
-            pkcs11::run_in_processes(ctx, o.jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
-                // Not strict: the other workers' ring files are not in its manifest yet.
-                auto mine = keystore::open_store_on(c, keystore::open_file_storage(staging_root), false, false,
-                                                    std::make_unique<HeldElsewhere>());
-                TokenBackupKey backup(mine.token, secret.encryption, mech);
-                pkcs11::TokenRecycler recycler(mine.token, [&] {
-                    keystore::rebind_master_keys(mine);
-                    backup.rebind();
                 });
-                detail::BundleReader own(o.bundle_path, secret);
-                std::size_t first = entries * k / o.jobs, last = entries * (k + 1) / o.jobs;
-                std::set<std::string> not_mine = skip;
-                for (std::size_t n = 0; n + 1 < first; ++n) own.skip_next();
-                if (first > 0) {
-                    auto before = own.next();
-                    if (!before) throw IntegrityError("the bundle has fewer entries than its header says");
-                    not_mine.insert(before->meta.key_id);  // a ring that started before the share
-                }
-                std::ofstream out(results.path() + "/" + std::to_string(k));
-                std::size_t wrapped = 0;
-                std::vector<Bytes> files;
-                restore_rings(own, not_mine, backup, *mine.store, last - first,
-                              [&](std::vector<KeyRing>& rings) {
-                                  // All signed, then all written: a run of one kind of work is
-                                  // faster on a busy host than alternating (see restore_rings).
-                                  files.clear();
-                                  for (const auto& r : rings) files.push_back(mine.store->seal_ring(r));
-                                  for (std::size_t i = 0; i < rings.size(); ++i) {
-                                      const KeyRing& r = rings[i];
-                                      auto p = o.init ? mine.store->store_final(r, files[i])
-                                                      : mine.store->store_sealed(r, files[i]);
-                                      for (const auto& v : r.versions) wrapped += !v.wrapped.empty();
-                                      out << keystore::KeyStore::pending_text(p) << "\n";
-                                  }
-                              },
-                              [] {}, &recycler);
-                while (own.skip_next()) {
-                }
-                out << "wrapped " << wrapped << "\n";
-                if (!out.flush()) throw Error("cannot write import results");
-            },
-            // Into a new store, worker k's rings go into the manifest as soon as workers 0..k
-            // are done, while later ones still run (they end at about the same time, not
-            // exactly). A merge adopts them only when every worker is done.
-            [&](std::size_t k) {
-                if (bulk) take_in(k);
-            });
-            if (!bulk)
-                for (std::size_t k = 0; k < o.jobs; ++k) take_in(k);
+            };
+            pkcs11::run_in_processes(
+                ctx, o.jobs,
+                [&](std::size_t k, pkcs11::TokenContext& c) {
+                    // Not strict: the other workers' ring files are not in its manifest yet.
+                    auto mine = keystore::open_store_on(c, keystore::open_file_storage(staging_root), false, false,
+                                                        std::make_unique<HeldElsewhere>());
+                    TokenBackupKey backup(mine.token, secret.encryption, mech);
+                    pkcs11::TokenRecycler recycler(mine.token, [&] {
+                        keystore::rebind_master_keys(mine);
+                        backup.rebind();
+                    });
+                    detail::BundleReader own(o.bundle_path, secret);
+                    EntryCursor cursor(own);
+                    PartFile out(part_name(k));
+                    std::vector<Bytes> files;
+                    while (auto chunk = work.claim()) {
+                        std::set<std::string> not_mine = skip;
+                        if (cursor.position() < chunk->first) {
+                            // The entry before the chunk names a ring that started before it.
+                            cursor.skip_to(chunk->first - 1);
+                            auto before = cursor.next();
+                            if (!before) throw IntegrityError("the bundle has fewer entries than its header says");
+                            not_mine.insert(before->meta.key_id);
+                        }
+                        // Otherwise the entry at the cursor was put back as the start of a ring
+                        // (at the chunk's first entry, or past it if this worker's last ring ran
+                        // into the chunk).
+                        std::uint64_t start = out.bytes();
+                        std::size_t wrapped_here = 0;
+                        restore_rings(cursor, not_mine, backup, *mine.store, chunk->last,
+                                      [&](std::vector<KeyRing>& rings) {
+                                          // All signed, then all written: a run of one kind of
+                                          // work is faster on a busy host than alternating.
+                                          files.clear();
+                                          for (const auto& r : rings) files.push_back(mine.store->seal_ring(r));
+                                          for (std::size_t i = 0; i < rings.size(); ++i) {
+                                              const KeyRing& r = rings[i];
+                                              auto p = o.init ? mine.store->store_final(r, files[i])
+                                                              : mine.store->store_sealed(r, files[i]);
+                                              for (const auto& v : r.versions) wrapped_here += !v.wrapped.empty();
+                                              out.write(keystore::KeyStore::pending_text(p));
+                                              out.write("\n");
+                                          }
+                                      },
+                                      &recycler);
+                        out.write("wrapped " + std::to_string(wrapped_here) + "\n");
+                        out.flush();
+                        work.record(chunk->index, k, start, out.bytes() - start);
+                    }
+                    cursor.skip_rest();
+                },
+                {},
+                // Into a new store, the chunks go into the manifest as they are done. A merge
+                // adopts them only when every worker is done.
+                [&](const std::function<bool()>& running) {
+                    if (bulk)
+                        for (; taken < work.chunks() && chunks.wait(taken, running); ++taken) take_in(taken);
+                });
+            for (; taken < work.chunks(); ++taken) take_in(taken);
             if (mac_only) sum.wrapped_keys = wrapped;
             if (mac_only && (sum.entries_written != sum.entries || sum.rings_written != sum.rings))
                 throw IntegrityError("the bundle holds other counts than its header says");

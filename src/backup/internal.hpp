@@ -264,6 +264,32 @@ void restore_rings(BundleReader& reader, const std::set<std::string>& skip, Toke
                    const std::function<void(std::vector<keystore::KeyRing>&)>& sink,
                    const std::function<void()>& tick, pkcs11::TokenRecycler* recycler = nullptr);
 
+// A bundle's entries by position, with one entry of look-back: an import --jobs worker reads
+// its chunks through it. next() gives the entry at position() and moves on; put_back() returns
+// the entry just read (next() gives it again); skip_to(i) passes over entries (MAC and count
+// only) up to position i. restore_rings puts back only an entry that starts a ring.
+class EntryCursor {
+public:
+    explicit EntryCursor(BundleReader& r) : m_reader(r) {}
+    std::size_t position() const { return m_at; }
+    std::optional<Entry> next();
+    void put_back(Entry e);
+    void skip_to(std::size_t i);
+    // Passes over the rest, up to and including the MAC check.
+    void skip_rest();
+
+private:
+    BundleReader& m_reader;
+    std::size_t m_at = 0;
+    std::optional<Entry> m_back;  // put back: the entry at m_at
+};
+// The rings that start within entries [position(), last) of `cursor`, rebuilt as restore_rings
+// does; the last one may run past `last`. The entry after it, which starts a ring, is put back.
+void restore_rings(EntryCursor& cursor, const std::set<std::string>& skip, TokenBackupKey& backup,
+                   keystore::Store& dst, std::size_t last,
+                   const std::function<void(std::vector<keystore::KeyRing>&)>& sink,
+                   pkcs11::TokenRecycler* recycler = nullptr);
+
 // A file written in full or not at all: created beside its target with O_EXCL, linked into
 // place at the end (link() refuses to replace an existing file), removed on any failure.
 class ExclusiveFile {
