@@ -311,57 +311,41 @@ TEST_CASE("after a token restart old sessions are dead and never touch new objec
     for (const auto& k : fresh) CHECK(ctx.session->get_ulong(k.handle(), CKA_KEY_TYPE) == CKK_AES);
 }
 
-TEST_CASE("worker processes: finished() runs in order as workers end, and errors win", "[token]") {
+TEST_CASE("worker processes: every worker is waited for, and a worker's error wins", "[token]") {
     kwtest::SoftHsm hsm;
     TokenContext ctx = logged_in(hsm);
     const std::string dir = hsm.dir();
     auto marker = [&](std::size_t k) { return dir + "/done-" + std::to_string(k); };
 
-    // Each worker leaves a file; finished(k) must see worker k's file, and come in order.
-    std::vector<std::size_t> order;
-    run_in_processes(
-        ctx, 3,
-        [&](std::size_t k, TokenContext& c) {
-            CHECK(c.session->live());  // (a failed CHECK here would not reach the parent)
-            if (k == 0) ::usleep(200000);  // the first worker ends last
-            kwtest::write_file(marker(k), "x");
-        },
-        [&](std::size_t k) {
-            CHECK(kwtest::read_text(marker(k)) == "x");
-            order.push_back(k);
-        });
-    CHECK(order == std::vector<std::size_t>{0, 1, 2});
-    CHECK(ctx.session->live());  // the parent's session is untouched
+    // Each worker has its own live session; the parent's is untouched.
+    run_in_processes(ctx, 3, [&](std::size_t k, TokenContext& c) {
+        if (!c.session->live() || c.session == ctx.session) throw Error("no session of its own");
+        if (k == 0) ::usleep(200000);  // the first worker ends last
+        kwtest::write_file(marker(k), "x");
+    });
+    for (std::size_t k = 0; k < 3; ++k) CHECK(kwtest::read_text(marker(k)) == "x");
+    CHECK(ctx.session->live());
 
-    // finished() throws: no further call, every worker still ends, then its error.
-    order.clear();
-    CHECK_THROWS_WITH(run_in_processes(
-                          ctx, 3,
-                          [&](std::size_t k, TokenContext&) {
-                              if (k == 2) ::usleep(200000);
-                              kwtest::write_file(marker(10 + k), "x");
-                          },
-                          [&](std::size_t k) {
-                              order.push_back(k);
-                              throw Error("taking in failed");
-                          }),
-                      Catch::Contains("taking in failed"));
-    CHECK(order == std::vector<std::size_t>{0});
+    // A worker fails: its error (message and exit code) is thrown, after every worker has ended,
+    // and it wins over what meanwhile() throws.
+    try {
+        run_in_processes(
+            ctx, 3,
+            [&](std::size_t k, TokenContext&) {
+                if (k == 1) throw ConflictError("worker one failed");
+                if (k == 2) ::usleep(200000);
+                kwtest::write_file(marker(10 + k), "x");
+            },
+            [&](const std::function<bool()>& running) {
+                while (running()) ::usleep(1000);
+                throw Error("must not win");
+            });
+        FAIL("no error");
+    } catch (const Error& e) {
+        CHECK_THAT(e.what(), Catch::Contains("worker one failed"));
+        CHECK(e.exit_code() == ConflictError("x").exit_code());
+    }
     CHECK(kwtest::read_text(marker(12)) == "x");  // the slow worker was waited for
-
-    // A worker fails: no finished() for it or after it, and its error is the one thrown.
-    order.clear();
-    CHECK_THROWS_WITH(run_in_processes(
-                          ctx, 3,
-                          [&](std::size_t k, TokenContext&) {
-                              if (k == 1) throw ConflictError("worker one failed");
-                          },
-                          [&](std::size_t k) {
-                              order.push_back(k);
-                              if (k == 0) throw Error("must not win");
-                          }),
-                      Catch::Contains("worker one failed"));
-    CHECK(order == std::vector<std::size_t>{0});
 }
 
 TEST_CASE("worker processes: shared chunks are each done once, in order, and meanwhile sees them", "[token]") {
@@ -410,7 +394,6 @@ TEST_CASE("worker processes: shared chunks are each done once, in order, and mea
             }
             kwtest::write_file(dir + "/chunks-" + std::to_string(k), log);
         },
-        {},
         [&](const std::function<bool()>& running) {
             for (std::size_t i = 0; i < w.chunks(); ++i) {
                 while (!w.recorded(i)) {
@@ -448,7 +431,6 @@ TEST_CASE("worker processes: shared chunks are each done once, in order, and mea
                                   broken.record(c->index, k, 0, 0);
                               }
                           },
-                          {},
                           [&](const std::function<bool()>& running) {
                               for (std::size_t i = 0; i < broken.chunks(); ++i)
                                   while (!broken.recorded(i)) {
@@ -475,7 +457,7 @@ TEST_CASE("worker processes: shared chunks are each done once, in order, and mea
                               ::usleep(100000);
                               kwtest::write_file(dir + "/late-" + std::to_string(k), "x");
                           },
-                          {}, [&](const std::function<bool()>&) { throw Error("copying failed"); }),
+                          [&](const std::function<bool()>&) { throw Error("copying failed"); }),
                       Catch::Contains("copying failed"));
     CHECK(kwtest::read_text(dir + "/late-0") == "x");
     CHECK(kwtest::read_text(dir + "/late-1") == "x");

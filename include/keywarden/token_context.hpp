@@ -62,16 +62,12 @@ std::size_t token_batch();
 // processes (see shared/PKCS11-NOTES.md). Each child starts the module afresh
 // (Module::restart), finds the token again by serial and logs in with the
 // parent's PIN. Waits for all; throws the first child's error with its exit code and hint.
-// `finished(k)`, if given, runs in the parent as soon as children 0..k have all succeeded (in
-// order, while later children may still run), so the parent can take in child k's results
-// meanwhile. If it throws, no further call is made, every child is still waited for, and then
-// its error is thrown (a child's failure takes precedence).
-// `meanwhile(running)`, if given, runs in the parent once every child is started: running()
-// is false once every child has exited. Its error is thrown after every child is waited for (a
-// child's failure takes precedence).
+// `meanwhile(running)`, if given, runs in the parent once every child is started, so the
+// parent can take in the children's results as they come (see SharedWork): running() is false
+// once every child has exited. If it throws, every child is still waited for, and then its
+// error is thrown (a child's failure takes precedence).
 void run_in_processes(const TokenContext& parent, std::size_t jobs,
                       const std::function<void(std::size_t index, TokenContext& child)>& work,
-                      const std::function<void(std::size_t index)>& finished = {},
                       const std::function<void(const std::function<bool()>& running)>& meanwhile = {});
 
 // Work for run_in_processes' children, handed out in chunks as each child asks for the next, so

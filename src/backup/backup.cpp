@@ -581,7 +581,6 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
                     while (cursor.skip()) {
                     }
                 },
-                {},
                 [&](const std::function<bool()>& running) {
                     ChunkLines chunks(work, part_name);
                     for (; copied < work.chunks() && chunks.wait(copied, running); ++copied)
@@ -1249,7 +1248,6 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                     }
                     cursor.skip_rest();
                 },
-                {},
                 // Into a new store, the chunks go into the manifest as they are done. A merge
                 // adopts them only when every worker is done.
                 [&](const std::function<bool()>& running) {

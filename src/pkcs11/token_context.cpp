@@ -185,7 +185,6 @@ void TokenRecycler::made(std::size_t temporary_keys) {
 
 void run_in_processes(const TokenContext& parent, std::size_t jobs,
                       const std::function<void(std::size_t, TokenContext&)>& work,
-                      const std::function<void(std::size_t)>& finished,
                       const std::function<void(const std::function<bool()>&)>& meanwhile) {
     struct Child {
         pid_t pid;
@@ -224,7 +223,7 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
         ::close(p[1]);
         children.push_back({pid, p[0]});
     }
-    std::exception_ptr in_finished;  // what meanwhile() or finished() threw; every child is still waited for
+    std::exception_ptr in_meanwhile;  // what meanwhile() threw; every child is still waited for
     if (meanwhile) {
         // Whether any child is still running, without reaping it (its status is read below).
         auto running = [&] {
@@ -238,7 +237,7 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
         try {
             meanwhile(running);
         } catch (...) {
-            in_finished = std::current_exception();
+            in_meanwhile = std::current_exception();
         }
     }
     std::optional<Error> first;
@@ -249,13 +248,6 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
         int status = 0;
         ::waitpid(c.pid, &status, 0);
         bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-        if (ok && !first && !in_finished && finished) {
-            try {
-                finished(k);
-            } catch (...) {
-                in_finished = std::current_exception();
-            }
-        }
         if (ok || first) continue;
         if (report.empty()) {
             first.emplace("a worker process died (status " + std::to_string(status) + ")");
@@ -269,7 +261,7 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
                       static_cast<ExitCode>(code));
     }
     if (first) throw *first;
-    if (in_finished) std::rethrow_exception(in_finished);
+    if (in_meanwhile) std::rethrow_exception(in_meanwhile);
 }
 
 namespace {
