@@ -332,7 +332,7 @@ TEST_CASE("worker processes: every worker is waited for, and a worker's error wi
         run_in_processes(
             ctx, 3,
             [&](std::size_t k, TokenContext&) {
-                if (k == 1) throw ConflictError("worker one failed");
+                if (k == 1) throw IntegrityError("worker one failed", "its hint");
                 if (k == 2) ::usleep(200000);
                 kwtest::write_file(marker(10 + k), "x");
             },
@@ -343,7 +343,8 @@ TEST_CASE("worker processes: every worker is waited for, and a worker's error wi
         FAIL("no error");
     } catch (const Error& e) {
         CHECK_THAT(e.what(), Catch::Contains("worker one failed"));
-        CHECK(e.exit_code() == ConflictError("x").exit_code());
+        CHECK(e.hint() == "its hint");
+        CHECK(e.exit_code() == ExitCode::integrity);
     }
     CHECK(kwtest::read_text(marker(12)) == "x");  // the slow worker was waited for
 }
@@ -388,7 +389,7 @@ TEST_CASE("worker processes: shared chunks are each done once, in order, and mea
                 if (any && c->index <= prev) throw Error("claims out of order");
                 prev = c->index;
                 any = true;
-                ::usleep(k == 0 ? 20000 : 1000);
+                ::usleep(k == 0 ? 50000 : 1000);
                 log += std::to_string(c->first) + "-" + std::to_string(c->last) + "\n";
                 w.record(c->index, k, c->first, c->last - c->first);
             }
@@ -414,8 +415,9 @@ TEST_CASE("worker processes: shared chunks are each done once, in order, and mea
         by_worker.at(o.child) += o.length;
     }
     CHECK(covered == items);
-    CHECK(by_worker[0] < by_worker[1]);  // the slow worker did less
-    CHECK(by_worker[0] < by_worker[2]);
+    // The slow worker did less than the other two did on average (they may start at different
+    // times, so not each of them).
+    CHECK(2 * by_worker[0] < by_worker[1] + by_worker[2]);
 
     // A worker that fails leaves chunks unrecorded: meanwhile() sees the workers end and
     // returns; the worker's error is thrown, and output() of a missing chunk throws.
