@@ -1196,6 +1196,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                     if (bulk) bulk->add_written(p, std::move(l));
                     else dst.adopt_pending(p);
                 });
+                if (o.progress) o.progress(std::min(sum.entries_written, sum.entries), sum.entries);
             };
             pkcs11::run_in_processes(
                 ctx, o.jobs,
