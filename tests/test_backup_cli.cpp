@@ -424,8 +424,8 @@ TEST_CASE("backup: --jobs 2 gives the same result as one process", "[cli]") {
               f.must({"--keystore", f.b, "read", id, "--private", "--version", version}).out);
     }
     f.must({"--keystore", f.b, "keystore", "verify"});
-    // Workers share the entries by position and leave a ring that started before their share to
-    // the worker before: with 3 to 7 workers on 12 entries, shares start inside rings too.
+    // Workers take chunks of entries and leave a ring that started before a chunk to the chunk
+    // before: with 3 to 7 workers on 12 entries (one-entry chunks), chunks start inside rings too.
     for (const char* jobs : {"3", "4", "5", "7"}) {
         INFO(jobs << " jobs");
         std::string store = f.dir + "/J" + jobs;
@@ -450,9 +450,6 @@ TEST_CASE("backup: --jobs 2 gives the same result as one process", "[cli]") {
     CHECK(f.run({"--keystore", f.a, "verify", "--key-bundle-file", f.dir + "/bad.dat", "--key-bundle-secret", secret, "-j", "2"}).code == 4);
 }
 
-// SoftHSM keeps destroyed session objects until C_Finalize, so the bulk loops restart the module
-// every KEYWARDEN_TOKEN_RESTART_EVERY keys and find or make their keys again. Forcing a restart
-// after every key or every third key, in one process and in workers, must change nothing.
 // With --jobs, workers take chunks of rings as they go and this process copies the chunks in
 // order: the bundle lists the same entries in the same (key id) order as one process writes.
 TEST_CASE("backup: export --jobs N writes the entries in the order one process does", "[cli]") {
@@ -490,25 +487,26 @@ TEST_CASE("backup: export --jobs N writes the entries in the order one process d
     }
 }
 
-// The export parent reads each finished chunk back in pieces of 64 KiB. With 3,000 rings the
-// first chunks of 2 workers are 3000/16 rings, about 90 KiB: lines are cut between pieces.
+// The export parent reads each finished chunk back in pieces of 64 KiB. With 4,000 rings the
+// first chunks of 2 workers are 4000/16 = 250 rings of about 400 bytes, about 100 KiB: lines are
+// cut between pieces.
 TEST_CASE("backup: export --jobs copies chunks larger than its read pieces", "[cli]") {
     BackupFixture f(false);
     f.must({"--keystore", f.a, "--token", "kw-src", "init"});
     std::string ids;
-    for (int i = 0; i < 3000; ++i) ids += "client" + std::to_string(100000 + i) + "\n";
+    for (int i = 0; i < 4000; ++i) ids += "client" + std::to_string(100000 + i) + "\n";
     kwtest::write_file(f.dir + "/ids.txt", ids);
     f.must({"--keystore", f.a, "generate", "--client-ids-from", f.dir + "/ids.txt", "--symmetric"});
     std::string bundle = f.dir + "/big.dat", secret = f.dir + "/big.json";
     f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys", "--jobs", "2"}); return v; }());
-    CHECK(fs::file_size(bundle) > 3000 * 300);
+    REQUIRE(fs::file_size(bundle) / 4000 * 250 > 65536 + 4096);  // the first chunk is over a piece
     // Every key is in the bundle once, with the check value of the store's key.
     auto r = f.must({"--keystore", f.a, "verify", "--key-bundle-file", bundle, "--key-bundle-secret", secret,
                      "--against-store", "--json"});
     auto doc = nlohmann::json::parse(r.out);
     CHECK(doc["ok"] == true);
-    CHECK(doc["entries"] == 3000);
-    CHECK(doc["unwrapped_in_token"] == 3000);
+    CHECK(doc["entries"] == 4000);
+    CHECK(doc["unwrapped_in_token"] == 4000);
     CHECK(doc["problems"].empty());
     CHECK(doc["against_store"]["missing"].empty());
     CHECK(doc["against_store"]["extra"].empty());
@@ -516,6 +514,9 @@ TEST_CASE("backup: export --jobs copies chunks larger than its read pieces", "[c
     CHECK(doc["against_store"]["store_keys_not_covered"] == 0);
 }
 
+// SoftHSM keeps destroyed session objects until C_Finalize, so the bulk loops restart the module
+// every KEYWARDEN_TOKEN_RESTART_EVERY keys and find or make their keys again. Forcing a restart
+// after every key or every third key, in one process and in workers, must change nothing.
 TEST_CASE("backup: restarting the token during export, verify and import changes nothing", "[cli]") {
     BackupFixture f;
     const std::vector<std::pair<std::string, std::string>> rows{{"1", "1"}, {"3", "1"}, {"1", "2"}, {"3", "2"}};

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include <unistd.h>
 
+#include <filesystem>
+
 #include <catch2/catch.hpp>
 
 #include "keywarden/token_check.hpp"
@@ -403,7 +405,6 @@ TEST_CASE("worker processes: shared chunks are each done once, in order, and mea
                 }
                 seen.push_back(i);
             }
-            CHECK(running() == running());  // callable after the work is done
         });
     REQUIRE(seen.size() == w.chunks());
     std::vector<std::size_t> by_worker(3, 0);
@@ -426,10 +427,21 @@ TEST_CASE("worker processes: shared chunks are each done once, in order, and mea
     CHECK_THROWS_WITH(run_in_processes(
                           ctx, 2,
                           [&](std::size_t k, TokenContext&) {
-                              // Worker 0 is slow, so worker 1 claims a chunk before the end.
+                              // Worker 0 records its first chunk only once worker 1 has
+                              // claimed one (and failed), so a chunk is surely left unrecorded.
+                              // Worker 1 fails under StopOnError, so worker 0 claims nothing
+                              // after its first chunk (it waits 0.5 s more for the stop).
+                              SharedWork::StopOnError stop_on_error(broken);
+                              bool first = true;
                               while (auto c = broken.claim()) {
-                                  if (k == 1) throw ConflictError("worker one failed");
-                                  ::usleep(5000);
+                                  if (k == 1) {
+                                      kwtest::write_file(dir + "/claimed-1", "x");
+                                      throw ConflictError("worker one failed");
+                                  }
+                                  for (int i = 0; first && i < 2000 && !std::filesystem::exists(dir + "/claimed-1"); ++i)
+                                      ::usleep(5000);
+                                  if (first) ::usleep(500000);
+                                  first = false;
                                   broken.record(c->index, k, 0, 0);
                               }
                           },
@@ -447,12 +459,13 @@ TEST_CASE("worker processes: shared chunks are each done once, in order, and mea
     CHECK(gave_up);
     std::size_t missing = 0;
     for (std::size_t i = 0; i < broken.chunks(); ++i) missing += !broken.recorded(i);
-    CHECK(missing >= 1);
+    CHECK(broken.chunks() > 2);
+    CHECK(missing == broken.chunks() - 1);  // only worker 0's first chunk was done
+    CHECK_FALSE(broken.claim());            // stopped
     for (std::size_t i = 0; i < broken.chunks(); ++i)
         if (!broken.recorded(i)) CHECK_THROWS_WITH(broken.output(i), Catch::Contains("no worker recorded"));
 
     // meanwhile() throws: every worker is still waited for, then its error.
-    SharedWork slow(4, 2);
     CHECK_THROWS_WITH(run_in_processes(
                           ctx, 2,
                           [&](std::size_t k, TokenContext&) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -77,7 +78,8 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
 // children are forked (the counter is in shared memory). claim() gives out chunks in increasing
 // order, so a child that reads its input in order only ever skips forward. A child records where
 // it put a chunk's output (offset and length in its own file); the parent reads them back in
-// chunk order once every child is done.
+// chunk order, while the children run (run_in_processes' meanwhile) or after. After stop()
+// (a child or the parent failed; see StopOnError) claim() gives out nothing more.
 class SharedWork {
 public:
     SharedWork(std::size_t items, std::size_t jobs);
@@ -90,6 +92,20 @@ public:
     };
     std::optional<Chunk> claim();
     std::size_t chunks() const noexcept { return m_chunks; }
+    void stop() noexcept;
+    // Calls stop() if its scope is left by an exception: the other children then end after
+    // their current chunk instead of doing all the rest before the error is reported.
+    class StopOnError {
+    public:
+        explicit StopOnError(SharedWork& w) : m_work(w), m_uncaught(std::uncaught_exceptions()) {}
+        ~StopOnError();
+        StopOnError(const StopOnError&) = delete;
+        StopOnError& operator=(const StopOnError&) = delete;
+
+    private:
+        SharedWork& m_work;
+        int m_uncaught;
+    };
 
     struct Output {
         std::size_t child = 0;

@@ -405,9 +405,12 @@ public:
     void read(std::size_t i, const std::function<void(std::string_view)>& line) {
         auto got = m_work.output(i);
         std::string name = m_file_of(got.child);
-        auto [it, fresh] = m_fds.try_emplace(got.child, -1);
-        if (fresh) it->second = ::open(name.c_str(), O_RDONLY | O_CLOEXEC);
-        if (it->second < 0) io_fail("cannot open the work file", name);
+        auto it = m_fds.find(got.child);
+        if (it == m_fds.end()) {
+            int fd = ::open(name.c_str(), O_RDONLY | O_CLOEXEC);
+            if (fd < 0) io_fail("cannot open the work file", name);
+            it = m_fds.emplace(got.child, fd).first;
+        }
         // A line cut at the end of a piece is completed by the next.
         m_piece.clear();
         for (std::uint64_t done = 0; done < got.length;) {
@@ -553,6 +556,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
             pkcs11::run_in_processes(
                 os.token, n,
                 [&](std::size_t k, pkcs11::TokenContext& c) {
+                    pkcs11::SharedWork::StopOnError stop_on_error(work);
                     os.token = c;
                     keystore::rebind_master_keys(os);
                     TokenBackupKey backup_k(os.token, secret.encryption, mech, true);
@@ -582,6 +586,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
                     }
                 },
                 [&](const std::function<bool()>& running) {
+                    pkcs11::SharedWork::StopOnError stop_on_error(work);
                     ChunkLines chunks(work, part_name);
                     for (; copied < work.chunks() && chunks.wait(copied, running); ++copied)
                         chunks.read(copied, [&](std::string_view l) { emit(l, !l.ends_with(" -")); });
@@ -690,7 +695,7 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
         rep.problems.push_back({"bundle", e.what()});
     }
     // Pass 2: a trial unwrap of every key in the token, here or, with jobs, in worker processes
-    // that each take every jobs-th entry.
+    // that take chunks of entries as they go.
     if (rep.problems.empty() && (jobs <= 1 || rep.header.entries < 2)) {
         // The store (against) is done with: the token may restart in this pass. A token
         // failure is the token's, not the bundle's: it is thrown, not reported as a problem.
@@ -723,6 +728,7 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
         // each reads the whole bundle for the MAC and unwraps only its chunks' keys.
         pkcs11::SharedWork work(rep.entries, jobs);
         pkcs11::run_in_processes(token, jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
+            pkcs11::SharedWork::StopOnError stop_on_error(work);
             detail::BundleReader mine(bundle_path, secret);
             TokenBackupKey backup(c, secret.encryption, mech);
             pkcs11::TokenRecycler recycler(c, [&] { backup.rebind(); });
@@ -888,8 +894,9 @@ private:
     std::thread m_thread;
 };
 
-// Reads every entry (so that the MAC at the end is checked) and rebuilds the rings that `take`
-// selects by their index, each key unwrapped under the backup key and wrapped again under the
+// Rebuilds rings from a bundle's entries (restore_rings, declared in internal.hpp: all the rest
+// of a BundleReader, so that the MAC at the end is checked, or an import worker's chunk through
+// an EntryCursor), each key unwrapped under the backup key and wrapped again under the
 // destination's master key inside the token; `sink` receives the finished rings in order.
 //
 // Keys go through the token in batches of up to token_batch(): all unwrapped, then all checked,
@@ -964,9 +971,9 @@ void restore_from(const std::function<std::optional<Entry>()>& next, const std::
         ring_blobs.clear();
         open = false;
     };
-    // The whole rest of the bundle is read ahead on a second thread; a worker's chunk is read
-    // here: the rings that start within its first `count` entries (the last one may run past
-    // them; the entry that starts the next ring is read and put back).
+    // With read_ahead, the entries are read on a second thread (the whole rest of the bundle).
+    // A worker's chunk is read here: the rings that start within its first `count` entries
+    // (the last one may run past them; the entry that starts the next ring is read and put back).
     ReadAhead<Entry> ahead(next, read_ahead);
     for (std::size_t n = 0;; ++n) {
         auto e = ahead.next();
@@ -1123,8 +1130,8 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         keystore::KeyStore& dst = *stage->store;
 
         // Pass 2: the backup key goes into the destination token; every key is unwrapped there
-        // and wrapped again under the destination master key. With jobs, worker processes each
-        // take every jobs-th ring and write it as a pending file; this process adopts them.
+        // and wrapped again under the destination master key. With jobs, worker processes take
+        // chunks of entries as they go and write the rings as files; this process adopts them.
         const CK_MECHANISM_TYPE mech = mechanism_of(reader.header().wrap_method);
         if (o.jobs <= 1 || sum.rings < 2) {
             TokenBackupKey backup(ctx, secret.encryption, mech);
@@ -1201,6 +1208,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             pkcs11::run_in_processes(
                 ctx, o.jobs,
                 [&](std::size_t k, pkcs11::TokenContext& c) {
+                    pkcs11::SharedWork::StopOnError stop_on_error(work);
                     // Not strict: the other workers' ring files are not in its manifest yet.
                     auto mine = keystore::open_store_on(c, keystore::open_file_storage(staging_root), false, false,
                                                         std::make_unique<HeldElsewhere>());
@@ -1252,6 +1260,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                 // Into a new store, the chunks go into the manifest as they are done. A merge
                 // adopts them only when every worker is done.
                 [&](const std::function<bool()>& running) {
+                    pkcs11::SharedWork::StopOnError stop_on_error(work);
                     if (bulk)
                         for (; taken < work.chunks() && chunks.wait(taken, running); ++taken) take_in(taken);
                 });

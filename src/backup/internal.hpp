@@ -320,6 +320,7 @@ public:
         while (off < m_buf.size()) {
             ssize_t n = ::write(m_fd, m_buf.data() + off, m_buf.size() - off);
             if (n < 0 && errno == EINTR) continue;
+            if (n == 0) errno = EIO;
             if (n <= 0) io_fail("cannot write", m_target);
             off += static_cast<std::size_t>(n);
         }
@@ -374,6 +375,7 @@ public:
         for (std::size_t off = 0; off < m_buf.size();) {
             ssize_t n = ::write(m_fd, m_buf.data() + off, m_buf.size() - off);
             if (n < 0 && errno == EINTR) continue;
+            if (n == 0) errno = EIO;
             if (n <= 0) io_fail("cannot write", m_path);
             off += static_cast<std::size_t>(n);
         }

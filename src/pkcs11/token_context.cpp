@@ -216,7 +216,8 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
                 code = 1;
                 report = "1\n" + std::string(e.what()) + "\n";
             }
-            if (code != 0) write_all(p[1], report);
+            // Capped well below a pipe's buffer: the parent may read it only after meanwhile().
+            if (code != 0) write_all(p[1], report.substr(0, 4096));
             // _exit: no destructors, no atexit handlers, no C_Finalize of the parent's state.
             ::_exit(code == 0 ? 0 : 1);
         }
@@ -266,9 +267,10 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
 
 namespace {
 
-// The shared block: the next chunk to give out, then one Slot per chunk.
+// The shared block: the next chunk to give out and the stop flag, then one Slot per chunk.
 struct SharedBlock {
     std::atomic<std::size_t> next;
+    std::atomic<std::uint32_t> stopped;
 };
 struct Slot {
     std::atomic<std::uint32_t> recorded;  // set last (release), read first (acquire)
@@ -294,13 +296,20 @@ SharedWork::SharedWork(std::size_t items, std::size_t jobs) {
     m_shared = ::mmap(nullptr, m_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (m_shared == MAP_FAILED)
         throw Error("cannot map memory shared with worker processes: " + std::string(std::strerror(errno)));
-    new (m_shared) SharedBlock{0};
+    new (m_shared) SharedBlock{0, 0};
     for (std::size_t c = 0; c < m_chunks; ++c) new (slots_of(m_shared) + c) Slot{0, 0, 0, 0};
 }
 
 SharedWork::~SharedWork() { ::munmap(m_shared, m_bytes); }
 
+void SharedWork::stop() noexcept { static_cast<SharedBlock*>(m_shared)->stopped.store(1, std::memory_order_relaxed); }
+
+SharedWork::StopOnError::~StopOnError() {
+    if (std::uncaught_exceptions() > m_uncaught) m_work.stop();
+}
+
 std::optional<SharedWork::Chunk> SharedWork::claim() {
+    if (static_cast<SharedBlock*>(m_shared)->stopped.load(std::memory_order_relaxed)) return std::nullopt;
     std::size_t c = static_cast<SharedBlock*>(m_shared)->next.fetch_add(1, std::memory_order_relaxed);
     if (c >= m_chunks) return std::nullopt;
     return Chunk{c, m_starts[c], m_starts[c + 1]};
