@@ -6,11 +6,16 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
 #include "keywarden/bundle.hpp"
 #include "keywarden/error.hpp"
+#include "src/backup/internal.hpp"
 
 namespace bk = keywarden::backup;
 using keywarden::KeyKind;
@@ -171,4 +176,109 @@ TEST_CASE("bundle metadata: MetaCipher is AES-256-CTR, and sealed entries open o
     CHECK(same(bk::open_metadata(c, sealed), sample_metas()[0]));
     sealed.back() ^= 0x01;  // the closing brace
     CHECK_THROWS_AS(bk::open_metadata(c, sealed), keywarden::IntegrityError);
+}
+
+// An import --jobs worker reads its chunks through an EntryCursor: positions, one entry put back
+// (the one that starts the next ring), skipping forward past it, and the MAC at the end.
+TEST_CASE("EntryCursor: positions, put back, skipping forward, and the MAC at the end", "[unit]") {
+    namespace fs = std::filesystem;
+    using keywarden::Error;
+    using keywarden::IntegrityError;
+    char tmpl[] = "/tmp/kw-cursor-XXXXXX";
+    REQUIRE(::mkdtemp(tmpl) != nullptr);
+    const std::string dir = tmpl, path = dir + "/b.dat";
+    bk::SecretFile sec;
+    sec.encryption = SecureBytes(32, 0x11);
+    sec.signature = SecureBytes(32, 0x22);
+    sec.bundle_id = "0123456789abcdef0123456789abcdef";
+    sec.wrap_method = "aes-key-wrap-pad";
+    bk::BundleHeader h;
+    h.bundle_id = sec.bundle_id;
+    h.wrap_method = sec.wrap_method;
+    h.wrap_mechanism = "CKM_AES_KEY_WRAP_PAD";
+    h.kcv_encryption = bk::encryption_kcv(sec.encryption);
+    h.kcv_signature = bk::signature_kcv(sec.signature);
+    // Rings of 1, 3, 1 and 2 versions: entries 0 | 1 2 3 | 4 | 5 6.
+    const std::vector<std::pair<std::string, std::uint32_t>> entries{
+        {"client/aaaaa/symmetric", 1}, {"client/bbbbb/symmetric", 1}, {"client/bbbbb/symmetric", 2},
+        {"client/bbbbb/symmetric", 3}, {"client/ccccc/symmetric", 1}, {"client/ddddd/symmetric", 1},
+        {"client/ddddd/symmetric", 2}};
+    h.entries = entries.size();
+    h.rings = 4;
+    {
+        bk::detail::BundleWriter w(path, bk::kMagicLine, h, sec.signature);
+        bk::MetaCipher mc(bk::metadata_key(sec.signature));
+        for (const auto& [id, version] : entries) {
+            bk::EntryMeta m;
+            m.key_id = id;
+            m.version = version;
+            m.kcv = {1, 2, 3};
+            bk::EntryLine el;
+            el.sealed_meta = bk::seal_metadata(mc, m);
+            w.line(bk::encode_entry(el));
+        }
+        w.finish();
+    }
+    auto at = [&](const std::optional<bk::detail::Entry>& e, std::size_t i) {
+        REQUIRE(e);
+        CHECK(e->meta.key_id == entries[i].first);
+        CHECK(e->meta.version == entries[i].second);
+    };
+    {
+        bk::detail::BundleReader r(path, sec);
+        bk::detail::EntryCursor c(r);
+        CHECK(c.position() == 0);
+        auto e = c.next();
+        at(e, 0);
+        CHECK(c.position() == 1);
+        c.put_back(std::move(*e));  // gives it again
+        CHECK(c.position() == 0);
+        CHECK_THROWS_AS(c.put_back(bk::detail::Entry{}), Error);  // only one entry can go back
+        auto again = c.next();
+        at(again, 0);
+        c.skip_to(3);  // passes over 1 and 2
+        CHECK(c.position() == 3);
+        at(c.next(), 3);
+        auto four = c.next();
+        at(four, 4);
+        c.put_back(std::move(*four));
+        CHECK(c.position() == 4);
+        c.skip_to(4);  // already there: the put-back entry is still next
+        at(c.next(), 4);
+        c.put_back(bk::detail::Entry{*c.next()});  // entry 5 read and put back
+        CHECK(c.position() == 5);
+        c.skip_to(6);  // drops the put-back entry 5
+        CHECK(c.position() == 6);
+        at(c.next(), 6);
+        CHECK_THROWS_AS(c.skip_to(2), Error);  // only forward
+        CHECK_FALSE(c.next());  // the MAC line: checked, no more entries
+        c.skip_rest();
+    }
+    {
+        bk::detail::BundleReader r(path, sec);
+        bk::detail::EntryCursor c(r);
+        CHECK_THROWS_AS(c.put_back(bk::detail::Entry{}), Error);  // nothing read yet
+        c.skip_to(2);
+        c.skip_rest();  // the whole-file MAC verifies
+        CHECK_THROWS_AS(c.skip_to(99), IntegrityError);
+    }
+    // A changed entry line: skipping to the end still checks the MAC.
+    std::string text;
+    {
+        std::ifstream in(path);
+        text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    auto third = text.find('\n', text.find('\n', text.find('\n') + 1) + 1);  // after the first entry
+    text[third + 5] = static_cast<char>(text[third + 5] == 'A' ? 'B' : 'A');
+    {
+        std::ofstream out(path, std::ios::trunc);
+        out << text;
+    }
+    {
+        bk::detail::BundleReader r(path, sec);
+        bk::detail::EntryCursor c(r);
+        at(c.next(), 0);
+        CHECK_THROWS_AS(c.skip_rest(), IntegrityError);
+    }
+    fs::remove_all(dir);
 }
