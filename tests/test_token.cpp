@@ -430,7 +430,8 @@ TEST_CASE("worker processes: shared chunks are each done once, in order, and mea
                               // Worker 0 records its first chunk only once worker 1 has
                               // claimed one (and failed), so a chunk is surely left unrecorded.
                               // Worker 1 fails under StopOnError, so worker 0 claims nothing
-                              // after its first chunk (it waits 0.5 s more for the stop).
+                              // after its first chunk, if it got one (it waits 0.5 s more for
+                              // the stop).
                               SharedWork::StopOnError stop_on_error(broken);
                               bool first = true;
                               while (auto c = broken.claim()) {
@@ -460,7 +461,8 @@ TEST_CASE("worker processes: shared chunks are each done once, in order, and mea
     std::size_t missing = 0;
     for (std::size_t i = 0; i < broken.chunks(); ++i) missing += !broken.recorded(i);
     CHECK(broken.chunks() > 2);
-    CHECK(missing == broken.chunks() - 1);  // only worker 0's first chunk was done
+    // At most worker 0's first chunk was done (none if worker 1 claimed first and stopped it).
+    CHECK(broken.chunks() - missing <= 1);
     CHECK_FALSE(broken.claim());            // stopped
     for (std::size_t i = 0; i < broken.chunks(); ++i)
         if (!broken.recorded(i)) CHECK_THROWS_WITH(broken.output(i), Catch::Contains("no worker recorded"));
