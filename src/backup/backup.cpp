@@ -62,6 +62,17 @@ void io_fail(const std::string& what, const std::string& path) {
     throw Error(what + " " + path + ": " + std::strerror(e), hint);
 }
 
+void write_all(int fd, const void* data, std::size_t size, const std::string& path) {
+    const auto* p = static_cast<const char*>(data);
+    for (std::size_t off = 0; off < size;) {
+        ssize_t n = ::write(fd, p + off, size - off);
+        if (n < 0 && errno == EINTR) continue;
+        if (n == 0) errno = EIO;
+        if (n <= 0) io_fail("cannot write", path);
+        off += static_cast<std::size_t>(n);
+    }
+}
+
 void fsync_dir_of(const std::string& path) {
     std::string dir = fs::absolute(path).parent_path().string();
     int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -404,7 +415,7 @@ public:
     }
     void read(std::size_t i, const std::function<void(std::string_view)>& line) {
         auto got = m_work.output(i);
-        std::string name = m_file_of(got.child);
+        const std::string name = m_file_of(got.child);  // for errors
         auto it = m_fds.find(got.child);
         if (it == m_fds.end()) {
             int fd = ::open(name.c_str(), O_RDONLY | O_CLOEXEC);

@@ -36,6 +36,8 @@ double seconds_since(std::chrono::steady_clock::time_point t0);
 bool same(const Bytes& a, const Bytes& b);
 // Throws Error naming errno, with a hint for a full disk or a file size limit.
 [[noreturn]] void io_fail(const std::string& what, const std::string& path);
+// write() until all of it is written (EINTR retried); io_fail names `path` otherwise.
+void write_all(int fd, const void* data, std::size_t size, const std::string& path);
 void fsync_dir_of(const std::string& path);
 
 // What a killed export, verify or import leaves beside `path`: ".<name>.tmp-XXXXXX" files
@@ -316,14 +318,7 @@ public:
     }
     void write(std::string_view s) { write(s.data(), s.size()); }
     void flush() {
-        std::size_t off = 0;
-        while (off < m_buf.size()) {
-            ssize_t n = ::write(m_fd, m_buf.data() + off, m_buf.size() - off);
-            if (n < 0 && errno == EINTR) continue;
-            if (n == 0) errno = EIO;
-            if (n <= 0) io_fail("cannot write", m_target);
-            off += static_cast<std::size_t>(n);
-        }
+        write_all(m_fd, m_buf.data(), m_buf.size(), m_target);
         m_bytes += m_buf.size();
         wipe(m_buf.data(), m_buf.size());
         m_buf.clear();
@@ -372,13 +367,7 @@ public:
         if (m_buf.size() >= (1u << 16)) flush();
     }
     void flush() {
-        for (std::size_t off = 0; off < m_buf.size();) {
-            ssize_t n = ::write(m_fd, m_buf.data() + off, m_buf.size() - off);
-            if (n < 0 && errno == EINTR) continue;
-            if (n == 0) errno = EIO;
-            if (n <= 0) io_fail("cannot write", m_path);
-            off += static_cast<std::size_t>(n);
-        }
+        write_all(m_fd, m_buf.data(), m_buf.size(), m_path);
         m_bytes += m_buf.size();
         m_buf.clear();
     }
