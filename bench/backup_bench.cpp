@@ -929,7 +929,7 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
         std::optional<ChildResult> r;
     };
     std::vector<CliRun> cli;
-    std::map<std::string, std::vector<double>> jobs_walls;  // --jobs: each CLI pair's wall times, per round
+    std::map<std::string, std::vector<ChildResult>> jobs_runs;  // --jobs: each CLI pair's runs, per round
     bool have_cli = ::access(o.cli.c_str(), X_OK) == 0;
     if (have_cli) {
         const std::string cb = dir + "/cli.kwbundle", cs = dir + "/cli.kwsecret";
@@ -981,11 +981,11 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
                 dir + "/restored-cli-j");
             // Further rounds of the same pairs (--repeat), alternating 1 and J jobs; their times go
             // only into the speed-up table.
-            for (const auto& c : cli) jobs_walls[c.name].push_back(c.r->wall);
+            for (const auto& c : cli) jobs_runs[c.name].push_back(*c.r);
             for (std::size_t round = 1; round < o.repeat; ++round) {
                 std::string tag = std::to_string(round);
                 auto again = [&](const std::string& name, std::vector<std::string> args, const std::string& keystore) {
-                    jobs_walls[name].push_back(spawn(name, args, keystore, "r").wall);
+                    jobs_runs[name].push_back(spawn(name, args, keystore, "r"));
                 };
                 for (const std::string& jj : {std::string("1"), j}) {
                     std::string name = jj == "1" ? "" : " --jobs " + j;
@@ -1088,10 +1088,30 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
                         rounds.empty() ? "" : ("   rounds:" + rounds).c_str());
         };
         for (const auto& f : floor_speedups) line(f.what, f.one, f.many);
+        // The CPU time of the CLI runs (user + sys, the process and its workers): with C cores, J
+        // processes cannot take less wall time than their CPU time / min(J, C). So a 1-process run
+        // that already keeps more than one core busy (keywarden's reading and writing threads)
+        // leaves less to gain; 'bound' is the speed-up the J-process runs' CPU time allows.
+        const long cores = std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN));
+        const double usable = static_cast<double>(std::min<long>(static_cast<long>(o.jobs), cores));
+        std::vector<std::string> cpu_lines;
         for (const char* cmd : {"export", "verify", "import"}) {
-            auto one = jobs_walls.find(cmd), many = jobs_walls.find(std::string(cmd) + " --jobs " + std::to_string(o.jobs));
-            if (one != jobs_walls.end() && many != jobs_walls.end())
-                line(std::string("keywarden ") + cmd, one->second, many->second);
+            auto one = jobs_runs.find(cmd), many = jobs_runs.find(std::string(cmd) + " --jobs " + std::to_string(o.jobs));
+            if (one == jobs_runs.end() || many == jobs_runs.end()) continue;
+            auto walls = [](const std::vector<ChildResult>& v) {
+                std::vector<double> w;
+                for (const auto& r : v) w.push_back(r.wall);
+                return w;
+            };
+            auto cpus = [](const std::vector<ChildResult>& v) {
+                std::vector<double> c;
+                for (const auto& r : v) c.push_back(r.user + r.sys);
+                return c;
+            };
+            line(std::string("keywarden ") + cmd, walls(one->second), walls(many->second));
+            double w1 = median(walls(one->second)), c1 = median(cpus(one->second)), cj = median(cpus(many->second));
+            cpu_lines.push_back(fmt("%-28s %10.3f %10.3f %10.2f %10.2fx", (std::string("keywarden ") + cmd).c_str(),
+                                    c1, cj, w1 > 0 ? c1 / w1 : 0.0, cj > 0 ? w1 * usable / cj : 0.0));
         }
         std::printf("floors in processes: each forked process restarts the module, makes its keys, then all start\n"
                     "  together on their share of the keys; the time is the slowest process's (restarts not timed).\n"
@@ -1099,6 +1119,18 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
                     "  With --repeat R: the median of R rounds (1 and J processes alternating); 'rounds' lists\n"
                     "  each round's speed-up.\n"
                     "target: at least 1.7x with 2 jobs on a 2-core machine\n");
+        if (!cpu_lines.empty()) {
+            std::printf("\nCPU time of those runs (user + sys, medians), %ld cores online:\n", cores);
+            std::printf("%-28s %10s %10s %10s %11s\n", "operation", "1 proc s", fmt("%zu procs s", o.jobs).c_str(),
+                        "1p cores", "bound");
+            std::printf("%s\n", std::string(28 + 10 + 10 + 10 + 11 + 4, '-').c_str());
+            for (const auto& l : cpu_lines) std::printf("%s\n", l.c_str());
+            std::printf("1p cores: CPU time / wall time of the 1-process run (above 1: its second thread reads or\n"
+                        "  writes files while the first waits on the token). bound: the speed-up at which the %zu-process\n"
+                        "  runs would keep min(%zu, cores) cores busy all the time = 1-proc wall x min(%zu, cores) /\n"
+                        "  %zu-proc CPU time. No run can beat it on this machine.\n",
+                        o.jobs, o.jobs, o.jobs, o.jobs);
+        }
     }
 
     std::printf("\nrun timeline (s):");
