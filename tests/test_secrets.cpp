@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
 #include "keywarden/key_protector.hpp"
 #include "keywarden/secure_buffer.hpp"
@@ -92,4 +93,43 @@ TEST_CASE("aes_wrap_pad matches the RFC 5649 section 6 vectors", "[unit]") {
         auto back = aes_unwrap_pad(kek, unhex(r.wrapped));
         CHECK(std::vector<std::uint8_t>(back.begin(), back.end()) == unhex(r.key));
     }
+}
+
+TEST_CASE("from_base64 decodes what OpenSSL encodes and refuses everything else", "[unit]") {
+    // Every length from 0 to 100 bytes, random content: OpenSSL's encoder, our decoder (both the
+    // plain and the secret variant).
+    std::vector<std::uint8_t> data(100);
+    for (std::size_t i = 0; i < data.size(); ++i) data[i] = static_cast<std::uint8_t>(i * 37 + 11);
+    for (std::size_t len = 0; len <= data.size(); ++len) {
+        std::string enc(4 * ((len + 2) / 3) + 1, '\0');
+        int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(enc.data()), data.data(), static_cast<int>(len));
+        enc.resize(static_cast<std::size_t>(n));
+        CAPTURE(len, enc);
+        CHECK(to_base64(std::span(data).first(len)) == enc);
+        auto back = from_base64(enc);
+        REQUIRE(back);
+        CHECK(*back == std::vector<std::uint8_t>(data.begin(), data.begin() + static_cast<std::ptrdiff_t>(len)));
+        auto secret = secret_from_base64(enc);
+        REQUIRE(secret);
+        CHECK(std::equal(secret->begin(), secret->end(), data.begin(), data.begin() + static_cast<std::ptrdiff_t>(len)));
+    }
+    CHECK(*from_base64("/+9Q") == std::vector<std::uint8_t>{0xff, 0xef, 0x50});
+    // Pad bits left over are ignored, as OpenSSL's decoder does ("QR==" and "QQ==" are both "A").
+    CHECK(*from_base64("QR==") == std::vector<std::uint8_t>{'A'});
+    const std::vector<std::string> bad = {"A", "AB", "ABC", "ABCDE", "AB=C", "A===", "====", "=AAA", "AA=A",
+                                          "AAA=AAAA", "AB CD", "AB\nC", "AB-_", "ABC\x80", "ABC.", "AB==AB==",
+                                          std::string("ABCD\0EFG", 8)};
+    for (const auto& s : bad) {
+        CAPTURE(s);
+        CHECK_FALSE(from_base64(s));
+        CHECK_FALSE(secret_from_base64(s));
+    }
+    CHECK(from_base64("")->empty());
+}
+
+TEST_CASE("sha256 gives the FIPS 180-2 digests", "[unit]") {
+    std::string abc = "abc";
+    CHECK(to_hex(sha256(std::span(reinterpret_cast<const std::uint8_t*>(abc.data()), abc.size()))) ==
+          "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    CHECK(to_hex(sha256({})) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
 }
