@@ -388,6 +388,74 @@ TEST_CASE("backup: a full disk or a kill during import leaves the target as it w
     CHECK(leftovers == 0);
 }
 
+// What a killed `import --init` into R leaves is its staging directory `.R.import-init-XXXXXX`:
+// a new store whose generated master keys are on the token. The next `import --init` into R
+// destroys those keys (they protect nothing), and only those.
+TEST_CASE("backup: import --init destroys the master keys a killed import --init had made", "[cli]") {
+    BackupFixture f;
+    std::string bundle = f.dir + "/b.dat", secret = f.dir + "/s.json";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    auto label_of = [&](const std::string& store, const char* role) {
+        return nlohmann::json::parse(kwtest::read_text(store + "/store.json"))["master_keys"][role]["label"]
+            .get<std::string>();
+    };
+    // A live store C on kw-dst, whose keys a leftover names with --master-*-key.
+    const std::string c = f.dir + "/C";
+    f.must({"--keystore", c, "--token", "kw-dst", "init"});
+    struct Leftover {
+        std::string name, token;
+        bool named, keys_go;
+        std::string version = "2";
+    };
+    const std::vector<Leftover> leftovers = {
+        {".R.import-init-Killed", "kw-dst", false, true},       // generated keys on this token: they go
+        {".R.import-init-KillV1", "kw-dst", false, true, "1"},  // a v1 import --init's one key too
+        {".R.import-init-OtherT", "kw-src", false, false},      // on another token: named in a warning
+        {".R.import-init-NamedK", "kw-dst", true, false},       // C's keys, named: never touched
+        {".R.import-Merged", "kw-dst", false, false},           // not an --init: a merge names live keys
+    };
+    for (const auto& l : leftovers) {
+        std::vector<std::string> init = {"--keystore", f.dir + "/" + l.name, "--token", l.token, "init",
+                                         "--store-version", l.version};
+        if (l.named)
+            for (std::string role : {"encryption", "signature"})
+                init.insert(init.end(), {"--master-" + role + "-key", "pkcs11:object=" + label_of(c, role.c_str())});
+        f.must(init);
+        // A copy elsewhere tells afterwards whether its master keys are still on the token.
+        REQUIRE(kwtest::sh("cp -a '" + f.dir + "/" + l.name + "' '" + f.dir + "/copy" + l.name + "'") == 0);
+    }
+    const std::string killed_enc = label_of(f.dir + "/copy.R.import-init-Killed", "encryption");
+    const std::string other_enc = label_of(f.dir + "/copy.R.import-init-OtherT", "encryption");
+
+    const std::string r = f.dir + "/R";
+    auto done = f.must([&] { auto v = f.imp(r, bundle, secret); v.push_back("--init"); return v; }());
+    CHECK(f.versions(r) == f.versions(f.a));
+    CHECK_THAT(done.err, Catch::Contains("removed the master key '" + killed_enc + "'"));
+    CHECK_THAT(done.err, Catch::Contains("removed the master key '" + label_of(f.dir + "/copy.R.import-init-Killed", "signature") + "'"));
+    CHECK_THAT(done.err, Catch::Contains(other_enc) && Catch::Contains("on token 'kw-src'"));
+    for (const auto& e : fs::directory_iterator(f.dir)) CHECK_FALSE(e.path().filename().string().starts_with(".R.import-"));
+    for (const auto& l : leftovers) {
+        INFO(l.name);
+        auto opened = f.run({"--keystore", f.dir + "/copy" + l.name, "--token", l.token, "keystore", "verify"});
+        if (l.keys_go) {
+            CHECK(opened.code == 3);
+            CHECK_THAT(opened.err, Catch::Contains("is not on token"));
+        } else {
+            CHECK(opened.code == 0);
+        }
+    }
+    f.must({"--keystore", c, "--token", "kw-dst", "keystore", "verify"});
+    // A merge import never destroys keys, even of an --init leftover (it does not hold the lock
+    // that such an import held): the directory goes, the keys stay.
+    f.must({"--keystore", f.dir + "/.R.import-init-Again", "--token", "kw-dst", "init"});
+    REQUIRE(kwtest::sh("cp -a '" + f.dir + "/.R.import-init-Again' '" + f.dir + "/copy-again'") == 0);
+    auto merged = f.run([&] { auto v = f.imp(r, bundle, secret); v.insert(v.end(), {"--merge", "--on-conflict", "skip"}); return v; }());
+    INFO(merged.err);
+    CHECK(merged.code == 0);
+    CHECK_FALSE(fs::exists(f.dir + "/.R.import-init-Again"));
+    f.must({"--keystore", f.dir + "/copy-again", "--token", "kw-dst", "keystore", "verify"});
+}
+
 TEST_CASE("golden: the bundle written by keywarden 0.1.0 still imports", "[cli]") {
     BackupFixture f(false);
     std::string data = kwtest::source_root() + "/tests/data/";

@@ -315,7 +315,49 @@ void BundleWriter::finish() {
 
 std::uint64_t BundleWriter::bytes() const { return m->out.bytes(); }
 
-StagingDir::StagingDir(const std::string& store_path, bool init)
+namespace {
+
+// The master keys that a killed `import --init` generated for the store it was building (named in
+// the store.json of its staging directory) protect nothing: that store never came to be. They are
+// destroyed when they are on this token, as a failed import destroys its own. Only keys whose
+// label has that store's generated form ("keywarden-<first 8 of its store id>-enc", "-sig", "-v1")
+// are touched: keys named with --master-*-key belong to someone else and are never destroyed.
+void forget_killed_init(const fs::path& dir, pkcs11::TokenContext& ctx) {
+    keystore::StoreMeta meta;
+    try {
+        meta = keystore::read_store_meta(*keystore::open_file_storage(dir.string()));
+    } catch (const std::exception&) {
+        return;  // killed before it wrote store.json: its keys, if any, are not known
+    }
+    const std::string generated = "keywarden-" + meta.store_id.substr(0, 8) + "-";
+    std::vector<const keystore::MasterKeyRecord*> keys{&meta.encryption};
+    if (meta.store_version != 1) keys.push_back(&meta.signature);
+    for (const auto* k : keys) {
+        const std::string suffix = k->label.starts_with(generated) ? k->label.substr(generated.size()) : "";
+        if (suffix != "enc" && suffix != "sig" && suffix != "v1") continue;
+        const std::string what = "master key '" + k->label + "' (id " + to_hex(k->id) + ")";
+        if (meta.token_serial != ctx.token.serial) {
+            log::warn("an import --init that was killed made the " + what + " on token '" + meta.token_label +
+                      "' (serial " + meta.token_serial + "); it protects nothing: delete it with the token's tool");
+            continue;
+        }
+        try {
+            auto found = pkcs11::find_master_key(*ctx.session, k->label, k->id);
+            if (!found) continue;
+            pkcs11::destroy_object(*ctx.session, found->handle);
+            if (pkcs11::find_master_key(*ctx.session, k->label, k->id))
+                throw Error("the token did not destroy it");
+            log::warn("removed the " + what + " that an import --init which was killed had made; it protected nothing");
+        } catch (const std::exception& e) {
+            log::warn("could not remove the " + what + " that an import --init which was killed had made (" +
+                      e.what() + "); it protects nothing: delete it with the token's tool");
+        }
+    }
+}
+
+}  // namespace
+
+StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenContext* token)
     : m_path(fs::absolute(store_path)), m_parent(m_path.parent_path()), m_init(init) {
     std::error_code ec;
     fs::create_directories(m_parent, ec);
@@ -325,10 +367,16 @@ StagingDir::StagingDir(const std::string& store_path, bool init)
         m_init_lock = keystore::open_file_storage(m_parent.string())->lock_file("." + name + ".import.lock");
         keystore::refuse_existing_store(store_path);  // again, now that we hold the lock
     }
-    // Leftovers of an import that was killed are removed: no other import is running.
-    for (const auto& e : fs::directory_iterator(m_parent, ec))
-        if (e.path().filename().string().starts_with("." + name + ".import-")) fs::remove_all(e.path(), ec);
-    m_staging = (m_parent / ("." + name + ".import-XXXXXX")).string();
+    // Leftovers of an import that was killed are removed: no other import is running. Those of an
+    // --init ("-init-") were new stores; their generated master keys go too, but only by an --init
+    // import, which holds the lock that such an import held.
+    for (const auto& e : fs::directory_iterator(m_parent, ec)) {
+        const std::string n = e.path().filename().string();
+        if (!n.starts_with("." + name + ".import-")) continue;
+        if (init && token && n.starts_with("." + name + ".import-init-")) forget_killed_init(e.path(), *token);
+        fs::remove_all(e.path(), ec);
+    }
+    m_staging = (m_parent / ("." + name + (init ? ".import-init-XXXXXX" : ".import-XXXXXX"))).string();
     if (!::mkdtemp(m_staging.data())) io_fail("cannot create a staging directory in", m_parent.string());
 }
 
@@ -1124,7 +1172,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     }
 
     // Staging: a sibling directory holding the complete result, switched in at the end.
-    StagingDir staging_dir(o.keystore_path, o.init);
+    StagingDir staging_dir(o.keystore_path, o.init, &ctx);
     const std::string& staging = staging_dir.path();
     std::optional<keystore::StoreMeta> created_meta;  // master keys made by --init
     try {

@@ -245,7 +245,7 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
     }
 
     // Staging: a sibling directory holding the complete result, switched in at the end.
-    StagingDir staging_dir(o.keystore_path, o.init);
+    StagingDir staging_dir(o.keystore_path, o.init, &ctx);
     const std::string& staging = staging_dir.path();
     std::optional<keystore::StoreMeta> created;
     try {

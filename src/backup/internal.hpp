@@ -135,11 +135,12 @@ private:
 
 // The staging directory of an import: a sibling of the store, holding the complete result, switched
 // in with one rename at the end. Imports into one path take turns (the store's own lock, or for
-// --init a lock file beside where the store will be); leftovers of a killed import are removed.
-// Destroyed without switch_in(): the staging directory goes, the target is as it was.
+// --init a lock file beside where the store will be); leftovers of a killed import are removed,
+// and with `token`, an --init import also destroys the master keys a killed --init generated on
+// it. Destroyed without switch_in(): the staging directory goes, the target is as it was.
 class StagingDir {
 public:
-    StagingDir(const std::string& store_path, bool init);
+    StagingDir(const std::string& store_path, bool init, pkcs11::TokenContext* token = nullptr);
     ~StagingDir();
     StagingDir(const StagingDir&) = delete;
     StagingDir& operator=(const StagingDir&) = delete;
