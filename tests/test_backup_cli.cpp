@@ -4,6 +4,8 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 
+#include <thread>
+
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <algorithm>
@@ -100,10 +102,16 @@ TEST_CASE("backup: --all --private-keys round trip across tokens", "[cli]") {
     auto no_store = f.run(f.imp(f.b, bundle, secret));
     CHECK(no_store.code == 1);
     CHECK_THAT(no_store.err, Catch::Contains("pass --init"));
+    // A second later, so that an import which stamped its own dates would show.
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
     f.must([&] { auto v = f.imp(f.b + "x", bundle, secret); v.push_back("--init"); return v; }());
     auto va = f.versions(f.a), vb = f.versions(f.b + "x");
     REQUIRE(va.size() == 11);
     CHECK(va == vb);  // every version and state
+    // Dates, validity and which version is current too (alice01's rings are rotated: v1 has a
+    // valid_until and is not current).
+    CHECK(f.metadata(f.a) == f.metadata(f.b + "x"));
+    CHECK_THAT(f.metadata(f.a)[0], Catch::Contains("\"created\"") && Catch::Contains("\"current\""));
     for (const auto& [id, version, state] : va) {
         INFO(id << " v" << version);
         std::vector<std::string> base = {"read", id, "--version", version};
@@ -136,6 +144,12 @@ TEST_CASE("backup: public-only and selected key ids", "[cli]") {
     auto vb = f.versions(f.b);
     for (const auto& [id, version, state] : vb) CHECK(keypair(id));
     CHECK(vb.size() == 4);  // alice storage v1 v2, bob storage, poison keypair
+    {
+        std::vector<std::string> keypairs;
+        for (const auto& m : f.metadata(f.a))
+            if (keypair(m.substr(0, m.find('\t')))) keypairs.push_back(m);
+        CHECK(f.metadata(f.b) == keypairs);  // with their dates and current flags
+    }
     auto pub_a = f.must({"--keystore", f.a, "read", "client/alice01/storage", "--public"});
     auto pub_b = f.must({"--keystore", f.b, "read", "client/alice01/storage", "--public"});
     CHECK(pub_a.out == pub_b.out);
@@ -149,6 +163,12 @@ TEST_CASE("backup: public-only and selected key ids", "[cli]") {
     f.must([&] { auto v = f.imp(f.dir + "/C", sb, ss); v.push_back("--init"); return v; }());
     auto vc = f.versions(f.dir + "/C");
     CHECK(vc.size() == 3);
+    {
+        std::vector<std::string> selected;
+        for (const auto& m : f.metadata(f.a))
+            if (m.starts_with("client/alice01/symmetric\t") || m.starts_with("audit/log\t")) selected.push_back(m);
+        CHECK(f.metadata(f.dir + "/C") == selected);
+    }
     CHECK(f.must({"--keystore", f.dir + "/C", "read", "audit/log", "--private"}).out ==
           f.must({"--keystore", f.a, "read", "audit/log", "--private"}).out);
     // --against-store on a selective bundle: the rings it holds match; the others are counted.
@@ -852,6 +872,30 @@ TEST_CASE("backup: export --all of a damaged store is refused and leaves no file
         ::chmod(ring.c_str(), 0600);
     }
     f.must([&] { auto v = f.exp(f.dir + "/ok.dat", f.dir + "/ok.json"); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+}
+
+// A header whose ring count is not the bundle's, in a bundle MACed with its own secret (only an
+// exporter holding the secret could make one): verify finds it with any number of jobs, and so
+// does import.
+TEST_CASE("backup: a header with the wrong ring count is refused with any --jobs", "[cli]") {
+    BackupFixture f(false);
+    std::string bundle = f.dir + "/o.dat", secret = f.dir + "/o.json", wrong = f.dir + "/wrong.dat";
+    std::vector<std::string> lines = three_ring_bundle(f, bundle, secret);
+    REQUIRE(lines.size() == 6);
+    lines.pop_back();  // the old mac
+    const std::string rings = "\"rings\":3,";
+    REQUIRE(lines[1].find(rings) != std::string::npos);
+    lines[1].replace(lines[1].find(rings), rings.size(), "\"rings\":2,");
+    write_with_new_mac(wrong, lines, secret);
+    for (const char* jobs : {"1", "2", "3"}) {
+        INFO(jobs << " jobs");
+        auto r = f.run({"--keystore", f.a, "verify", "--jobs", jobs, "--key-bundle-file", wrong, "--key-bundle-secret", secret});
+        CHECK(r.code == 4);
+        CHECK_THAT(r.out + r.err, Catch::Contains("3 entries in 3 rings but its header says 3 in 2"));
+        auto i = f.run([&] { auto v = f.imp(f.dir + "/I" + jobs, wrong, secret); v.insert(v.end(), {"--init", "--jobs", jobs}); return v; }());
+        CHECK(i.code == 4);
+        CHECK_FALSE(fs::exists(f.dir + "/I" + jobs));
+    }
 }
 
 // Bundles from keywarden 0.2.0 and older list the rings of a key id export in the order given.

@@ -45,6 +45,15 @@ struct TwoTokens {
                 out.emplace_back(r["key_id"], std::to_string(v["version"].get<int>()), v["state"]);
         return out;
     }
+    // Every ring's versions with all their metadata (state, created, valid_from, valid_until,
+    // current), one line per version: the key id, a tab, and the version as `list --rotated --json` prints it.
+    std::vector<std::string> metadata(const std::string& store) const {
+        auto doc = nlohmann::json::parse(must({"--keystore", store, "list", "--rotated", "--json"}).out);
+        std::vector<std::string> out;
+        for (const auto& r : doc)
+            for (const auto& v : r["versions"]) out.push_back(r["key_id"].get<std::string>() + "\t" + v.dump());
+        return out;
+    }
 };
 
 }  // namespace kwtest

@@ -791,32 +791,47 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
             detail::BundleReader mine(bundle_path, secret);
             TokenBackupKey backup(c, secret.encryption, mech);
             pkcs11::TokenRecycler recycler(c, [&] { backup.rebind(); });
-            std::ofstream out(results.path() + "/" + std::to_string(k));
-            std::size_t at = 0, unwrapped = 0;
+            detail::PartFile out(results.path() + "/" + std::to_string(k));  // 0600, O_EXCL
+            // Rings are counted by where they start (an entry with another key id than the entry
+            // before it), so each worker reads the entry before each of its chunks too; the sum is
+            // checked against the header, as one reader that decrypts every entry checks it.
+            std::size_t at = 0, unwrapped = 0, rings = 0;
+            std::optional<std::string> previous;  // the key id of the entry before `at`, once read
             for (bool ended = false; !ended;) {
                 auto chunk = work.claim();
                 if (!chunk) break;
-                for (; at < chunk->first; ++at) mine.skip_next();
+                if (at < chunk->first) {
+                    for (; at + 1 < chunk->first; ++at) mine.skip_next();
+                    auto before = mine.next();
+                    ++at;
+                    if (!before) break;  // fewer entries than the header says: the MAC pass reports it
+                    previous = before->meta.key_id;
+                }
                 for (; at < chunk->last && !ended; ++at) {
                     auto e = mine.next();
                     if (!e) {
                         ended = true;  // fewer entries than the header says: the MAC pass reports it
                         break;
                     }
+                    if (!previous || *previous != e->meta.key_id) ++rings;
+                    previous = e->meta.key_id;
                     if (e->wrapped.empty()) continue;
                     if (auto problem = trial_unwrap(backup.under(), backup.backend(), *e))
-                        out << at << "\t" << e->meta.key_id << "@" << e->meta.version << "\t" << *problem << "\n";
+                        out.write(std::to_string(at) + "\t" + e->meta.key_id + "@" + std::to_string(e->meta.version) +
+                                  "\t" + *problem + "\n");
                     else ++unwrapped;
                     recycler.made(1);
                 }
             }
             while (mine.skip_next()) {
             }
-            out << "unwrapped\t" << unwrapped << "\n";
-            if (!out.flush()) throw Error("cannot write verify results");
+            out.write("unwrapped\t" + std::to_string(unwrapped) + "\n");
+            out.write("rings\t" + std::to_string(rings) + "\n");
+            out.flush();
         });
         // Problems in bundle order, whichever worker found them.
         std::map<std::size_t, BundleProblem> found;
+        std::size_t rings = 0;
         for (std::size_t k = 0; k < jobs; ++k) {
             std::ifstream in(results.path() + "/" + std::to_string(k));
             for (std::string l; std::getline(in, l);) {
@@ -825,11 +840,21 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
                     rep.unwrapped += std::stoul(l.substr(tab + 1));
                     continue;
                 }
+                if (l.starts_with("rings\t")) {
+                    rings += std::stoul(l.substr(tab + 1));
+                    continue;
+                }
                 auto tab2 = l.find('\t', tab + 1);
                 found[std::stoul(l.substr(0, tab))] = {l.substr(tab + 1, tab2 - tab - 1), l.substr(tab2 + 1)};
             }
         }
         for (auto& [at, p] : found) rep.problems.push_back(std::move(p));
+        if (rings != rep.header.rings)
+            rep.problems.push_back({"bundle", "bundle " + bundle_path + " has " + std::to_string(rep.entries) +
+                                                  " entries in " + std::to_string(rings) +
+                                                  " rings but its header says " +
+                                                  std::to_string(rep.header.entries) + " in " +
+                                                  std::to_string(rep.header.rings)});
         if (progress) progress(rep.entries, rep.header.entries);
     }
     if (against) {
