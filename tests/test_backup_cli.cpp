@@ -187,6 +187,51 @@ TEST_CASE("backup: public-only and selected key ids", "[cli]") {
     CHECK_THAT(later.out, Catch::Contains("DIFFERS"));
 }
 
+// Acra's spellings of the options, and --against-store against a store that holds other keys
+// under some of the same ids.
+TEST_CASE("backup: Acra's option spellings, and verify --against-store lists extra and different keys", "[cli]") {
+    BackupFixture f;
+    std::string bundle = f.dir + "/acra.dat", secret = f.dir + "/acra.json";
+    auto e = f.must({"--keystore", f.a, "export", "--all", "--private_keys", "--key_bundle_file", bundle,
+                     "--key_bundle_secret", secret, "--json"});
+    CHECK(nlohmann::json::parse(e.out)["wrapped_keys"] == 10);  // --private_keys took effect
+    f.must({"--keystore", f.a, "verify", "--key_bundle_file", bundle, "--key_bundle_secret", secret});
+    f.must({"--keystore", f.b, "--token", "kw-dst", "import", "--init", "--key_bundle_file", bundle,
+            "--key_bundle_secret", secret});
+    CHECK(f.metadata(f.b) == f.metadata(f.a));
+
+    // D holds alice01's three rings too, with other keys (one version each), and nothing else.
+    const std::string d = f.dir + "/D";
+    f.must({"--keystore", d, "--token", "kw-src", "init"});
+    f.must({"--keystore", d, "generate", "--client-id", "alice01"});
+    auto r = f.run({"--keystore", d, "verify", "--key-bundle-file", bundle, "--key-bundle-secret", secret,
+                    "--against-store", "--json"});
+    CHECK(r.code == 4);  // a key that differs is an integrity problem
+    auto doc = nlohmann::json::parse(r.out);
+    CHECK(doc["ok"] == false);
+    auto list = [&](const char* field) {
+        std::set<std::string> out;
+        for (const auto& k : doc["against_store"][field]) out.insert(k.get<std::string>());
+        return out;
+    };
+    CHECK(list("different") ==
+          std::set<std::string>{"client/alice01/hmac@1", "client/alice01/storage@1", "client/alice01/symmetric@1"});
+    // In the bundle, not in D: alice01's second versions and every other ring's live versions
+    // (bob's destroyed hmac version is not compared).
+    auto extra = list("extra");
+    CHECK(extra.count("client/alice01/storage@2") == 1);
+    CHECK(extra.count("client/alice01/symmetric@2") == 1);
+    CHECK(extra.count("client/bob the client/symmetric@1") == 1);
+    CHECK(extra.count("audit/log@1") == 1);
+    CHECK(extra.count("client/bob the client/hmac@1") == 0);
+    CHECK(list("missing").empty());
+    auto text = f.run({"--keystore", d, "verify", "--key-bundle-file", bundle, "--key-bundle-secret", secret,
+                       "--against-store"});
+    CHECK(text.code == 4);
+    CHECK_THAT(text.out, Catch::Contains("DIFFERENT") && Catch::Contains("client/alice01/hmac@1") &&
+                             Catch::Contains("FAILED"));
+}
+
 TEST_CASE("backup: the openssl command line alone decrypts a bundle", "[cli]") {
     BackupFixture f;
     std::string bundle = f.dir + "/b.dat", secret = f.dir + "/s.json", out = f.dir + "/plain";
@@ -374,6 +419,10 @@ TEST_CASE("backup: bad input is refused with a clear error and changes nothing",
         CHECK(exists2.code == 1);
         auto neither = f.run(f.exp(f.dir + "/n.dat", f.dir + "/n.json"));
         CHECK(neither.code == 2);
+        // A named ring without a public half, without --private-keys: refused, not left out.
+        auto no_public = f.run([&] { auto v = f.exp(f.dir + "/p.dat", f.dir + "/p.json"); v.insert(v.end(), {"client/alice01/storage", "audit/log"}); return v; }());
+        CHECK(no_public.code == 2);
+        CHECK_THAT(no_public.err, Catch::Contains("audit/log has no public half") && Catch::Contains("--private-keys"));
         // A full disk (a 1 KiB file size limit) during export.
         auto full = kwtest::run_program({"/bin/sh", "-c", "ulimit -f 1; exec \"$0\" \"$@\"", kwtest::binary_path(),
                                          "--keystore", f.a, "export", "--all", "--private-keys",

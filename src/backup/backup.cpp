@@ -529,9 +529,14 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
             if (!store.contains(id)) throw NotFoundError("no key ring " + id.str() + " in the store");
             if (!selected.insert(id.str()).second) throw UsageError(id.str() + " is named twice");
         }
-        std::erase_if(selected, [&](const std::string& id) {
-            return !o.private_keys && !keystore::has_public(KeyId::parse(id).kind);
-        });
+        // Without --private-keys a bundle holds public halves only: a named ring without one would
+        // silently be left out, so it is refused.
+        if (!o.private_keys)
+            for (const auto& id : selected)
+                if (!keystore::has_public(KeyId::parse(id).kind))
+                    throw UsageError(id + " has no public half, and without --private-keys a bundle holds public "
+                                          "halves only",
+                                     "pass --private-keys to export its keys, or leave it out");
         for (const auto& id : selected) {
             ++want.rings;
             want.versions += store.load(KeyId::parse(id), false).versions.size();
