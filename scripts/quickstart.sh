@@ -58,10 +58,29 @@ step --keystore "$b" --token "label:$restore" import --init --key-bundle-file "$
 step --keystore "$b" keystore verify
 
 # Compares every key version of two stores byte for byte, without showing any key.
+# Each key version of a store: key id, version (* = current), state, valid from, valid until.
+versions_of() {
+  "$kw" --keystore "$1" list --rotated | awk 'NR > 1 && NF >= 6 { printf "%s\t%s\t%s\t%s\t%s\n", $1, $3, $4, $5, $6 }'
+}
+
+# Both stores hold the same versions (with their states, dates and current flags), and every key
+# half in them is identical.
 compare() {
-  local x=$1 y=$2 same=0
+  local x=$1 y=$2 same=0 vx vy
   printf '\ncomparing every key in %s with %s\n' "$x" "$y"
-  while IFS=$'\t' read -r id version state; do
+  vx=$(versions_of "$x") || { echo "cannot list $x" >&2; exit 1; }
+  vy=$(versions_of "$y") || { echo "cannot list $y" >&2; exit 1; }
+  if [ -z "$vx" ]; then
+    echo "no keys in $x to compare" >&2
+    exit 1
+  fi
+  if [ "$vx" != "$vy" ]; then
+    echo "DIFFERENT: the stores hold other versions, states or dates:" >&2
+    diff <(printf '%s\n' "$vx") <(printf '%s\n' "$vy") >&2 || true
+    exit 1
+  fi
+  while IFS=$'\t' read -r id version state _; do
+    version=${version%\*}
     for half in --private --public; do
       case "$half$id" in --public*/storage|--publicpoison/keypair|--private*) ;; *) continue;; esac
       [ "$state" = destroyed ] && [ "$half" = --private ] && continue
@@ -73,9 +92,9 @@ compare() {
         exit 1
       fi
     done
-  done < <("$kw" --keystore "$x" list --rotated 2>/dev/null |
-           awk 'NR > 1 { v = $3; sub(/\*$/, "", v); printf "%s\t%s\t%s\n", $1, v, $4 }')
-  printf 'all %d key halves are identical in both stores\n' "$same"
+  done <<< "$vx"
+  printf 'all %d versions listed alike, and all %d key halves identical, in both stores\n' \
+    "$(printf '%s\n' "$vx" | wc -l)" "$same"
 }
 
 compare "$a" "$b"
