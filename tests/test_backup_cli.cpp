@@ -232,6 +232,27 @@ TEST_CASE("backup: Acra's option spellings, and verify --against-store lists ext
                              Catch::Contains("FAILED"));
 }
 
+// Missing parent directories of a store are made 0700, whatever the umask, by init and by
+// import --init; existing ones keep their mode.
+TEST_CASE("backup: init and import --init make missing parent directories 0700", "[cli]") {
+    BackupFixture f;
+    std::string bundle = f.dir + "/b.dat", secret = f.dir + "/s.json";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    REQUIRE(::chmod(f.dir.c_str(), 0755) == 0);
+    auto mode = [](const std::string& p) {
+        struct stat st {};
+        REQUIRE(::stat(p.c_str(), &st) == 0);
+        return st.st_mode & 07777;
+    };
+    f.must({"--keystore", f.dir + "/p1/p2/S", "--token", "kw-dst", "init"});
+    f.must([&] { auto v = f.imp(f.dir + "/q1/q2/R", bundle, secret); v.push_back("--init"); return v; }());
+    for (const char* d : {"/p1", "/p1/p2", "/p1/p2/S", "/q1", "/q1/q2", "/q1/q2/R"}) {
+        INFO(d);
+        CHECK(mode(f.dir + d) == 0700);
+    }
+    CHECK(mode(f.dir) == 0755);
+}
+
 TEST_CASE("backup: the openssl command line alone decrypts a bundle", "[cli]") {
     BackupFixture f;
     std::string bundle = f.dir + "/b.dat", secret = f.dir + "/s.json", out = f.dir + "/plain";

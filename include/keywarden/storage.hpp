@@ -71,4 +71,8 @@ public:
 // Files under a root directory: directories 0700, files 0600.
 std::unique_ptr<Storage> open_file_storage(const std::string& root);
 
+// Creates the directories of `path` that are missing, each 0700 (existing ones are left as they
+// are). Errors are left to the caller's next step, which names the path.
+void create_private_directories(const std::string& path);
+
 }  // namespace keywarden::keystore

@@ -360,7 +360,7 @@ void forget_killed_init(const fs::path& dir, pkcs11::TokenContext& ctx) {
 StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenContext* token)
     : m_path(fs::absolute(store_path)), m_parent(m_path.parent_path()), m_init(init) {
     std::error_code ec;
-    fs::create_directories(m_parent, ec);
+    keystore::create_private_directories(m_parent.string());
     std::string name = m_path.filename().string();
     if (init) {
         m_lock_file = (m_parent / ("." + name + ".import.lock")).string();

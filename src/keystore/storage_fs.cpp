@@ -327,9 +327,8 @@ public:
         if (::mkdir(m_root.c_str(), 0700) != 0) {
             if (errno != EEXIST) {
                 if (errno == ENOENT) {
-                    std::error_code ec;
-                    fs::create_directories(fs::path(m_root).parent_path(), ec);
-                    if (!ec && ::mkdir(m_root.c_str(), 0700) == 0) return;
+                    create_private_directories(fs::path(m_root).parent_path().string());
+                    if (::mkdir(m_root.c_str(), 0700) == 0) return;
                 }
                 io_fail("cannot create key store directory", m_root);
             }
@@ -387,6 +386,16 @@ std::unique_ptr<Storage::Reader> Storage::open_reader(const std::string& name) c
     auto r = std::make_unique<Whole>();
     r->data = std::move(*all);
     return r;
+}
+
+void create_private_directories(const std::string& path) {
+    fs::path at;
+    for (const auto& part : fs::absolute(path).lexically_normal()) {
+        if (part.empty()) continue;  // the end of a path with a trailing slash
+        at /= part;
+        if (at == at.root_path()) continue;
+        if (::mkdir(at.c_str(), 0700) != 0 && errno != EEXIST) return;
+    }
 }
 
 std::unique_ptr<Storage> open_file_storage(const std::string& root) {
