@@ -666,7 +666,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
     try {
         SecureBytes text = encode_secret_file(secret);
         ExclusiveFile sf(o.secret_path);
-        sf.write(text.data(), text.size());
+        sf.write_unbuffered(text.data(), text.size());
         sf.commit();
     } catch (...) {
         ::unlink(o.bundle_path.c_str());

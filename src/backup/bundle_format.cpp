@@ -185,10 +185,11 @@ SecretFile parse_secret_file(const SecureBytes& text) {
     s.signature = std::move(*sig);
     if (s.encryption.size() != 32 || s.signature.size() != 32)
         throw FormatError("secret file: the backup keys must be 32 bytes each");
-    // The rest goes through the JSON parser with the key values blanked out.
-    std::string blanked(reinterpret_cast<const char*>(text.data()), text.size());
-    std::fill(blanked.begin() + static_cast<std::ptrdiff_t>(eo), blanked.begin() + static_cast<std::ptrdiff_t>(eo + en), 'A');
-    std::fill(blanked.begin() + static_cast<std::ptrdiff_t>(so), blanked.begin() + static_cast<std::ptrdiff_t>(so + sn), 'A');
+    // The rest goes through the JSON parser with the key values blanked out: copied around them,
+    // so that no key character is ever in this plain string.
+    std::string blanked(text.size(), 'A');
+    for (std::size_t i = 0; i < text.size(); ++i)
+        if ((i < eo || i >= eo + en) && (i < so || i >= so + sn)) blanked[i] = static_cast<char>(text[i]);
     try {
         json j = json::parse(blanked);
         s.format = j.at("format").get<int>();

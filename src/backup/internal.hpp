@@ -318,6 +318,13 @@ public:
         if (m_buf.size() >= (1u << 16)) flush();
     }
     void write(std::string_view s) { write(s.data(), s.size()); }
+    // Straight from the caller's memory, never through the buffer (which is not locked, and whose
+    // reallocations would leave copies behind): for secrets.
+    void write_unbuffered(const void* p, std::size_t n) {
+        flush();
+        write_all(m_fd, p, n, m_target);
+        m_bytes += n;
+    }
     void flush() {
         write_all(m_fd, m_buf.data(), m_buf.size(), m_target);
         m_bytes += m_buf.size();
