@@ -583,6 +583,43 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
     f.must({"--keystore", f.dir + "/copy-again", "--token", "kw-dst", "keystore", "verify"});
 }
 
+// export writes both files under temp names and puts them in place only after its self-check:
+// a kill during the check leaves neither. Observed from outside: the bundle appears only at the
+// very end of the run, not before the check (which is about a third of an export).
+TEST_CASE("backup: export puts the bundle in place only after its self-check", "[cli]") {
+    BackupFixture f(false);
+    f.must({"--keystore", f.a, "--token", "kw-src", "init"});
+    std::string ids;
+    for (int i = 0; i < 150; ++i) ids += "bulk-client-" + std::to_string(i) + "\n";
+    kwtest::write_file(f.dir + "/ids.txt", ids);
+    f.must({"--keystore", f.a, "generate", "--client-ids-from", f.dir + "/ids.txt"});
+    for (const char* jobs : {"1", "2"}) {
+        INFO(jobs << " jobs");
+        const std::string bundle = f.dir + "/late-" + jobs + ".dat", secret = f.dir + "/late-" + jobs + ".json";
+        // A shell starts the export, spins until the bundle exists, and prints when it started,
+        // when the bundle appeared and when the export ended (nanoseconds).
+        const std::string script =
+            "start=$(date +%s%N); \"$0\" \"$@\" >/dev/null 2>&1 & pid=$!; "
+            "while [ ! -e \"$KW_BUNDLE\" ] && kill -0 $pid 2>/dev/null; do :; done; seen=$(date +%s%N); "
+            "wait $pid; code=$?; end=$(date +%s%N); echo \"$code $start $seen $end\"";
+        auto env = f.env;
+        env["KW_BUNDLE"] = bundle;
+        auto r = kwtest::run_program({"/bin/sh", "-c", script, kwtest::binary_path(), "--keystore", f.a, "export",
+                                      "--all", "--private-keys", "--jobs", jobs, "--key-bundle-file", bundle,
+                                      "--key-bundle-secret", secret},
+                                     env);
+        INFO(r.out << r.err);
+        std::istringstream in(r.out);
+        long long code = -1, start = 0, seen = 0, end = 0;
+        in >> code >> start >> seen >> end;
+        REQUIRE(code == 0);
+        const double whole = static_cast<double>(end - start), after = static_cast<double>(end - seen);
+        INFO("export " << whole / 1e6 << " ms, of which " << after / 1e6 << " ms after the bundle appeared");
+        CHECK(after < 0.1 * whole);
+        f.must({"--keystore", f.a, "verify", "--key-bundle-file", bundle, "--key-bundle-secret", secret});
+    }
+}
+
 TEST_CASE("golden: the bundle written by keywarden 0.1.0 still imports", "[cli]") {
     BackupFixture f(false);
     std::string data = kwtest::source_root() + "/tests/data/";

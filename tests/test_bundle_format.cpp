@@ -218,6 +218,8 @@ TEST_CASE("EntryCursor: positions, put back, skipping forward, and the MAC at th
             w.line(bk::encode_entry(el));
         }
         w.finish();
+        CHECK_FALSE(fs::exists(path));  // complete under its temp name only
+        w.publish();
     }
     auto at = [&](const std::optional<bk::detail::Entry>& e, std::size_t i) {
         REQUIRE(e);

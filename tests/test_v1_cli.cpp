@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // Key store v1, its one-file backup, and migration to v2, end to end through the CLI.
+#include <fcntl.h>
 #include <sys/stat.h>
+
+#include <ctime>
 
 #include <catch2/catch.hpp>
 #include <filesystem>
@@ -473,4 +476,21 @@ TEST_CASE("migrate: a v1 store with rotated keys into v2, all or nothing, idempo
     CHECK_THAT(none.err, Catch::Contains("keywarden init"));
     auto v2src = f.run({"migrate", "--src-keystore", f.b, "--dst-keystore", d});
     CHECK(v2src.code == 2);
+}
+
+// A killed backup can leave its temp file beside the backup file; the next backup to that path
+// removes it once it is a minute old (and not held by a running keywarden), with a warning.
+TEST_CASE("v1: backup removes the temp file a killed backup left", "[cli]") {
+    V1Fixture f;
+    const std::string file = f.dir + "/v1.dat", stale = f.dir + "/.v1.dat.tmp-AbC123", young = f.dir + "/.v1.dat.tmp-XyZ789";
+    kwtest::write_file(stale, "half a backup");
+    kwtest::write_file(young, "a running backup's file");
+    struct timespec ts[2] = {{std::time(nullptr) - 120, 0}, {std::time(nullptr) - 120, 0}};
+    REQUIRE(::utimensat(AT_FDCWD, stale.c_str(), ts, AT_SYMLINK_NOFOLLOW) == 0);
+    auto r = f.must({"--keystore", f.a, "backup", "--action=export", "--file", file, "--backup-key-out",
+                     f.dir + "/v1.key"});
+    CHECK_FALSE(fs::exists(stale));
+    CHECK_THAT(r.err, Catch::Contains("removed " + stale + ", left behind by an earlier run that was killed"));
+    CHECK(fs::exists(young));  // too young to be a leftover
+    CHECK(fs::exists(file));
 }

@@ -310,8 +310,12 @@ void BundleWriter::line(std::string_view s) {
 
 void BundleWriter::finish() {
     m->out.write("mac " + to_hex(m->mac.final()) + "\n");
-    m->out.commit();
+    m->out.seal();
 }
+
+const std::string& BundleWriter::temp_path() const { return m->out.temp_path(); }
+
+void BundleWriter::publish() { m->out.publish(); }
 
 std::uint64_t BundleWriter::bytes() const { return m->out.bytes(); }
 
@@ -576,6 +580,9 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
     ExportSummary sum;
     sum.bundle_id = h.bundle_id;
     {
+        // Both files are written and checked under temp names beside their targets, and put in
+        // place only then: a failure or a kill before that leaves neither (a kill leaves temp
+        // files, which the next run removes).
         BundleWriter out(o.bundle_path, kMagicLine, h, secret.signature);
         std::size_t done = 0;
         auto emit = [&](std::string_view l, bool wrapped) {
@@ -661,27 +668,29 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
             throw Error("internal: the store changed during export");
         out.finish();
         sum.bytes = out.bytes();
-    }
-    // The secret file: 0600, O_EXCL. If it cannot be written, the bundle goes too.
-    try {
+        // The secret file: 0600, O_EXCL.
         SecureBytes text = encode_secret_file(secret);
         ExclusiveFile sf(o.secret_path);
         sf.write_unbuffered(text.data(), text.size());
-        sf.commit();
-    } catch (...) {
-        ::unlink(o.bundle_path.c_str());
-        throw;
-    }
-    // Self-check: read the bundle back and verify it completely before reporting success.
-    try {
-        auto rep = verify_bundle(o.bundle_path, o.secret_path, os.token, nullptr, {}, o.jobs);
+        sf.seal();
+        // Self-check: the bundle read back with the secret file read back, verified completely
+        // (every key unwrapped in the token) before either file is in place.
+        auto rep = detail::verify_bundle_beside(out.temp_path(), o.bundle_path,
+                                                parse_secret_file(detail::read_secret_file(sf.temp_path())),
+                                                os.token, nullptr, {}, o.jobs);
         if (!rep.ok() || rep.entries != sum.entries || rep.unwrapped != sum.wrapped_keys)
             throw IntegrityError("the bundle just written does not verify" +
                                  (rep.problems.empty() ? std::string() : ": " + rep.problems.front().problem));
-    } catch (...) {
-        ::unlink(o.bundle_path.c_str());
-        ::unlink(o.secret_path.c_str());
-        throw;
+        // The secret first: a kill between the two links leaves a secret file without a bundle,
+        // which holds nothing (its backup keys exist nowhere else), rather than a bundle that
+        // cannot be opened.
+        sf.publish();
+        try {
+            out.publish();
+        } catch (...) {
+            ::unlink(o.secret_path.c_str());
+            throw;
+        }
     }
     sum.seconds = seconds_since(t0);
     return sum;
@@ -718,8 +727,15 @@ VerifyReport verify_bundle(const std::string& bundle_path, const std::string& se
 VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& secret,
                            pkcs11::TokenContext& token, const keystore::Store* against,
                            const Progress& progress, std::size_t jobs) {
-    VerifyReport rep;
     remove_stale_leftovers(bundle_path);
+    return detail::verify_bundle_beside(bundle_path, bundle_path, secret, token, against, progress, jobs);
+}
+
+VerifyReport detail::verify_bundle_beside(const std::string& bundle_path, const std::string& work_near,
+                                          const SecretFile& secret, pkcs11::TokenContext& token,
+                                          const keystore::Store* against, const Progress& progress,
+                                          std::size_t jobs) {
+    VerifyReport rep;
     detail::BundleReader reader(bundle_path, secret);
     rep.header = reader.header();
     const CK_MECHANISM_TYPE mech = mechanism_of(rep.header.wrap_method);
@@ -787,7 +803,7 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
             rep.problems.push_back({"bundle", e.what()});
         }
     } else if (rep.problems.empty()) {
-        TempDir results(bundle_path, "verify");
+        TempDir results(work_near, "verify");
         // Workers take chunks of entries as they go (a worker on a slower core takes fewer);
         // each reads the whole bundle for the MAC and unwraps only its chunks' keys.
         pkcs11::SharedWork work(rep.entries, jobs);

@@ -99,6 +99,7 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
                          "back it up with 'keywarden export --all --private-keys --key-bundle-file F "
                          "--key-bundle-secret S'");
     if (o.file.empty()) throw UsageError("say where the backup goes: --file F");
+    remove_stale_leftovers(o.file);  // the temp file of a backup that was killed
     {
         std::error_code ec;
         if (fs::exists(fs::symlink_status(o.file, ec)))
@@ -141,7 +142,9 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
 
     V1ExportSummary sum;
     sum.bundle_id = h.bundle_id;
+    sum.rings = ids.size();
     {
+        // Written and checked under a temp name, put in place only then (see export_bundle).
         BundleWriter out(o.file, kV1MagicLine, h, secret.signature);
         export_entries([&](std::size_t i) { return std::move(rings[i]); }, rings.size(), true,
                        store.keys(), backup, meta_key, true, [&](const std::string& l, bool wrapped) {
@@ -153,14 +156,14 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
         if (sum.entries != h.entries) throw Error("internal: the store changed during the backup");
         out.finish();
         sum.bytes = out.bytes();
-    }
-    sum.rings = ids.size();
-    // Read back and verified completely; only then is the key shown.
-    try {
-        auto rep = verify_bundle(o.file, secret, os.token, nullptr);
+        // Read back and verified completely; only then is it put in place and the key shown.
+        auto rep = detail::verify_bundle_beside(out.temp_path(), o.file, secret, os.token, nullptr, {}, 1);
         if (!rep.ok() || rep.entries != sum.entries || rep.unwrapped != sum.wrapped_keys)
             throw IntegrityError("the backup just written does not verify" +
                                  (rep.problems.empty() ? std::string() : ": " + rep.problems.front().problem));
+        out.publish();
+    }
+    try {
         SecureBytes text;
         append(text, "Backup master key: ");
         SecureBytes b64 = base64_secret(backup_key);

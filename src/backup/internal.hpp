@@ -114,9 +114,17 @@ BundleHeader new_header(pkcs11::Session& s);
 // undoes: the protector's key check value must be the one computed on the host.
 void check_rfc5649(pkcs11::AesWrapProtector& under_backup, const Bytes& host_kcv, const std::string& mech_name);
 
+// verify_bundle() of the bundle at `bundle_path` (a temp file, for export's self-check), with any
+// work directory of --jobs beside `work_near` (the bundle's target), where a later run finds it
+// if this one is killed. Does not look for leftovers.
+VerifyReport verify_bundle_beside(const std::string& bundle_path, const std::string& work_near,
+                                  const SecretFile& secret, pkcs11::TokenContext& token,
+                                  const keystore::Store* against, const Progress& progress, std::size_t jobs);
+
 // Writes a bundle file: the magic line, the header, the entry lines, then the MAC line over every
-// byte before it (HMAC-SHA256 under the signature key). Through an ExclusiveFile: the file
-// appears complete at finish(), or not at all.
+// byte before it (HMAC-SHA256 under the signature key). Through an ExclusiveFile: finish() leaves
+// it complete under its temp name (temp_path(), to check it there), publish() puts it in place;
+// destroyed before that, it is removed. So the file appears complete and checked, or not at all.
 class BundleWriter {
 public:
     BundleWriter(const std::string& path, std::string_view magic, const BundleHeader& h,
@@ -126,6 +134,8 @@ public:
     BundleWriter& operator=(const BundleWriter&) = delete;
     void line(std::string_view s);
     void finish();
+    const std::string& temp_path() const;
+    void publish();
     std::uint64_t bytes() const;
 
 private:
@@ -331,8 +341,14 @@ public:
         wipe(m_buf.data(), m_buf.size());
         m_buf.clear();
     }
-    // fsync, then link into place; EEXIST means someone created the target meanwhile.
+    // seal(), then publish().
     void commit() {
+        seal();
+        publish();
+    }
+    // Complete under its temp name (temp_path()): flushed, fsynced, closed. Not yet in place; the
+    // destructor still removes it.
+    void seal() {
         flush();
         if (::fsync(m_fd) != 0) io_fail("cannot sync", m_target);
         if (::close(m_fd) != 0) {
@@ -340,6 +356,10 @@ public:
             io_fail("cannot close", m_target);
         }
         m_fd = -1;
+    }
+    const std::string& temp_path() const { return m_temp; }
+    // Links the sealed file into place; EEXIST means someone created the target meanwhile.
+    void publish() {
         if (::link(m_temp.c_str(), m_target.c_str()) != 0) {
             if (errno == EEXIST)
                 throw ConflictError(m_target + " already exists", "choose another path; nothing was overwritten");
