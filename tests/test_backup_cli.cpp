@@ -620,6 +620,32 @@ TEST_CASE("backup: export puts the bundle in place only after its self-check", "
     }
 }
 
+// export, verify and import show a progress bar when stderr is a terminal (here a pty from
+// script(1)), and none otherwise.
+TEST_CASE("backup: a progress bar on a terminal, none without one", "[cli]") {
+    BackupFixture f;
+    const std::string bundle = f.dir + "/pb.dat", secret = f.dir + "/pb.json", run = f.dir + "/run.sh";
+    auto on_tty = [&](const std::string& command) {
+        kwtest::write_file(run, "exec \"$KEYWARDEN_BIN\" " + command + "\n", 0700);
+        auto env = f.env;
+        env["KEYWARDEN_BIN"] = kwtest::binary_path();
+        return kwtest::run_program({"script", "-qec", "sh " + run, "/dev/null"}, env);
+    };
+    const std::string files = " --key-bundle-file " + bundle + " --key-bundle-secret " + secret;
+    auto e = on_tty("--keystore " + f.a + " export --all --private-keys --jobs 2" + files);
+    INFO(e.out << e.err);
+    REQUIRE(e.code == 0);
+    CHECK_THAT(e.out, Catch::Contains("exporting [##############################] 11/11"));
+    auto v = on_tty("--keystore " + f.a + " verify" + files);
+    CHECK_THAT(v.out, Catch::Contains("verifying [##############################] 11/11"));
+    auto i = on_tty("--keystore " + f.b + " --token kw-dst import --init" + files);
+    CHECK_THAT(i.out, Catch::Contains("importing [##############################] 11/11"));
+    // Without a terminal (run_cli has none): no bar.
+    auto quiet = f.must({"--keystore", f.a, "verify", "--key-bundle-file", bundle, "--key-bundle-secret", secret});
+    CHECK(quiet.err.find("verifying [") == std::string::npos);
+    CHECK(quiet.out.find("verifying [") == std::string::npos);
+}
+
 TEST_CASE("golden: the bundle written by keywarden 0.1.0 still imports", "[cli]") {
     BackupFixture f(false);
     std::string data = kwtest::source_root() + "/tests/data/";
