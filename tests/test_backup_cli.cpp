@@ -390,7 +390,17 @@ TEST_CASE("backup: bad input is refused with a clear error and changes nothing",
             auto r = f.run(f.imp(f.b, tb, ts));
             INFO("offset " << i << ": " << r.err);
             CHECK(r.code == 4);
-            refused += r.code == 4;
+            // verify refuses it too; and import --init (every 8th offset: a new store each time)
+            // creates nothing.
+            auto v = f.run({"--keystore", f.a, "verify", "--key-bundle-file", tb, "--key-bundle-secret", ts});
+            INFO("verify: " << v.out << v.err);
+            CHECK(v.code == 4);
+            if (i % 8 == 0) {
+                auto n = f.run([&] { auto a = f.imp(f.dir + "/flipped", tb, ts); a.push_back("--init"); return a; }());
+                CHECK(n.code == 4);
+                CHECK_FALSE(fs::exists(f.dir + "/flipped"));
+            }
+            refused += r.code == 4 && v.code == 4;
         }
         CHECK(refused == static_cast<int>(small.size()));
         CHECK(kwtest::tree_digest(f.b) == before_b);
