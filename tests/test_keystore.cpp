@@ -131,6 +131,10 @@ TEST_CASE("store life cycle on the software protector", "[unit]") {
         CHECK(r.versions[0].valid_until.has_value());
         CHECK(ks->read_secret(kAliceSym, 1) == v1);
         CHECK(ks->read_secret(kAliceSym) != v1);
+        // The manifest's count, which a key id export uses instead of reading the ring.
+        CHECK(ks->version_count(kAliceSym) == 2);
+        CHECK(ks->version_count(kAliceStorage) == 1);
+        CHECK_THROWS_AS(ks->version_count(kBobSym), NotFoundError);
     }
     SECTION("destroy wipes one version and keeps the others") {
         ks->generate({kAliceSym});

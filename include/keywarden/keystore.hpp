@@ -244,6 +244,8 @@ public:
     std::vector<RingSummary> list() const override;
     std::vector<KeyId> key_ids() const override;
     bool contains(const KeyId& id) const override;
+    // The number of versions of a ring the store holds, from the manifest (no ring file read).
+    std::size_t version_count(const KeyId& id) const;
 
     // Reads a ring file, checking its digest against the manifest and its MAC before parsing.
     // check_mac=false skips the token MAC for bulk reads (export): the digest alone already ties

@@ -543,7 +543,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
                                      "pass --private-keys to export its keys, or leave it out");
         for (const auto& id : selected) {
             ++want.rings;
-            want.versions += store.load(KeyId::parse(id), false).versions.size();
+            want.versions += store.version_count(KeyId::parse(id));  // from the manifest: no ring read twice
         }
     }
     if (!o.private_keys && want.rings == 0)

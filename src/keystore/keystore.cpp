@@ -318,6 +318,12 @@ bool KeyStore::contains(const KeyId& id) const {
     return manifest().data.rings.count(id.str()) != 0;
 }
 
+std::size_t KeyStore::version_count(const KeyId& id) const {
+    auto it = manifest().data.rings.find(id.str());
+    if (it == manifest().data.rings.end()) throw NotFoundError("no key ring " + id.str() + " in the store");
+    return it->second.summary.versions.size();
+}
+
 std::string KeyStore::pending_text(const PendingRing& p) {
     return manifest_member(p.key_id, ManifestEntry{p.file, p.sha256, p.summary});
 }
