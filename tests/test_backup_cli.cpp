@@ -51,6 +51,16 @@ bool keypair(const std::string& id) {
     return id.ends_with("/storage") || id == "poison/keypair";
 }
 
+// Store A on kw-src with 150 clients of three keys each (450 keys): enough that an export or an
+// import takes a while.
+void bulk_store(BackupFixture& f) {
+    f.must({"--keystore", f.a, "--token", "kw-src", "init"});
+    std::string ids;
+    for (int i = 0; i < 150; ++i) ids += "bulk-client-" + std::to_string(i) + "\n";
+    kwtest::write_file(f.dir + "/ids.txt", ids);
+    f.must({"--keystore", f.a, "generate", "--client-ids-from", f.dir + "/ids.txt"});
+}
+
 // A fresh store of three symmetric rings (aaa-client, mmm-client, zzz-client, one version each),
 // exported with its private keys: the bundle has magic, header, three entry lines and the mac.
 std::vector<std::string> three_ring_bundle(BackupFixture& f, const std::string& bundle, const std::string& secret) {
@@ -469,12 +479,7 @@ TEST_CASE("backup: bad input is refused with a clear error and changes nothing",
 
 TEST_CASE("backup: a full disk or a kill during import leaves the target as it was", "[cli]") {
     BackupFixture f(false);
-    f.must({"--keystore", f.a, "--token", "kw-src", "init"});
-    // Enough keys that an import takes a while: 150 clients, 450 keys.
-    std::string ids;
-    for (int i = 0; i < 150; ++i) ids += "bulk-client-" + std::to_string(i) + "\n";
-    kwtest::write_file(f.dir + "/ids.txt", ids);
-    f.must({"--keystore", f.a, "generate", "--client-ids-from", f.dir + "/ids.txt"});
+    bulk_store(f);  // enough keys that an import takes a while
     std::string bundle = f.dir + "/b.dat", secret = f.dir + "/s.json";
     f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
     f.must({"--keystore", f.b, "--token", "kw-dst", "init"});
@@ -599,11 +604,7 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
 // self-check's work directory (.<bundle>.verify-XXXXXX, beside the bundle) has come and gone.
 TEST_CASE("backup: export puts the bundle in place only after its self-check", "[cli]") {
     BackupFixture f(false);
-    f.must({"--keystore", f.a, "--token", "kw-src", "init"});
-    std::string ids;
-    for (int i = 0; i < 150; ++i) ids += "bulk-client-" + std::to_string(i) + "\n";
-    kwtest::write_file(f.dir + "/ids.txt", ids);
-    f.must({"--keystore", f.a, "generate", "--client-ids-from", f.dir + "/ids.txt"});
+    bulk_store(f);  // a self-check that takes a while
     for (const char* jobs : {"1", "2"}) {
         INFO(jobs << " jobs");
         const std::string name = std::string("late-") + jobs + ".dat";

@@ -264,6 +264,17 @@ TEST_CASE("EntryCursor: positions, put back, skipping forward, and the MAC at th
         c.skip_rest();  // the whole-file MAC verifies
         CHECK_THROWS_AS(c.skip_to(99), IntegrityError);
     }
+    {
+        // entry_before: the entry before a chunk, read when the cursor is before it.
+        bk::detail::BundleReader r(path, sec);
+        bk::detail::EntryCursor c(r);
+        CHECK_FALSE(c.entry_before(0));  // at the chunk already
+        at(c.entry_before(3), 2);        // skips 0 and 1, reads 2
+        CHECK(c.position() == 3);
+        CHECK_FALSE(c.entry_before(3));
+        at(c.next(), 3);
+        CHECK_THROWS_AS(c.entry_before(99), IntegrityError);  // the bundle ends first
+    }
     // A changed entry line: skipping to the end still checks the MAC.
     std::string text;
     {

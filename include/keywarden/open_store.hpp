@@ -13,6 +13,7 @@
 
 #include "keywarden/keystore.hpp"
 #include "keywarden/token_context.hpp"
+#include "keywarden/token_protector.hpp"
 
 namespace keywarden::keystore {
 
@@ -40,6 +41,10 @@ struct InitParams {
 
 // Throws ConflictError when path exists and is not an empty directory.
 void refuse_existing_store(const std::string& path);
+
+// The label init gives a master key it generates for the store `store_id`:
+// "keywarden-<first 8 of store_id>-enc", "-sig", or "-v1" (a v1 store's single key).
+std::string generated_master_label(const std::string& store_id, pkcs11::MasterRole role);
 
 // Creates an empty v2 store at path with master keys generated in the token (or named by URI).
 // Generated master keys are deleted again if anything fails; named ones are never touched.

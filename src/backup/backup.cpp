@@ -333,12 +333,12 @@ void forget_killed_init(const fs::path& dir, pkcs11::TokenContext& ctx) {
     } catch (const std::exception&) {
         return;  // killed before it wrote store.json: its keys, if any, are not known
     }
-    const std::string generated = "keywarden-" + meta.store_id.substr(0, 8) + "-";
-    std::vector<const keystore::MasterKeyRecord*> keys{&meta.encryption};
-    if (meta.store_version != 1) keys.push_back(&meta.signature);
-    for (const auto* k : keys) {
-        const std::string suffix = k->label.starts_with(generated) ? k->label.substr(generated.size()) : "";
-        if (suffix != "enc" && suffix != "sig" && suffix != "v1") continue;
+    using pkcs11::MasterRole;
+    std::vector<std::pair<const keystore::MasterKeyRecord*, MasterRole>> keys;
+    if (meta.store_version == 1) keys = {{&meta.encryption, MasterRole::single}};
+    else keys = {{&meta.encryption, MasterRole::encryption}, {&meta.signature, MasterRole::signature}};
+    for (const auto& [k, role] : keys) {
+        if (k->label != keystore::generated_master_label(meta.store_id, role)) continue;  // named, not generated
         const std::string what = "master key '" + k->label + "' (id " + to_hex(k->id) + ")";
         if (meta.token_serial != ctx.token.serial) {
             log::warn("an import --init that was killed made the " + what + " on token '" + meta.token_label +
@@ -816,20 +816,16 @@ VerifyReport detail::verify_bundle_beside(const std::string& bundle_path, const 
             // Rings are counted by where they start (an entry with another key id than the entry
             // before it), so each worker reads the entry before each of its chunks too; the sum is
             // checked against the header, as one reader that decrypts every entry checks it.
-            std::size_t at = 0, unwrapped = 0, rings = 0;
-            std::optional<std::string> previous;  // the key id of the entry before `at`, once read
+            EntryCursor cursor(mine);
+            std::size_t unwrapped = 0, rings = 0;
+            std::optional<std::string> previous;  // the key id of the entry before the cursor, once read
             for (bool ended = false; !ended;) {
                 auto chunk = work.claim();
                 if (!chunk) break;
-                if (at < chunk->first) {
-                    for (; at + 1 < chunk->first; ++at) mine.skip_next();
-                    auto before = mine.next();
-                    ++at;
-                    if (!before) break;  // fewer entries than the header says: the MAC pass reports it
-                    previous = before->meta.key_id;
-                }
-                for (; at < chunk->last && !ended; ++at) {
-                    auto e = mine.next();
+                if (auto before = cursor.entry_before(chunk->first)) previous = before->meta.key_id;
+                while (cursor.position() < chunk->last) {
+                    const std::size_t at = cursor.position();
+                    auto e = cursor.next();
                     if (!e) {
                         ended = true;  // fewer entries than the header says: the MAC pass reports it
                         break;
@@ -844,8 +840,7 @@ VerifyReport detail::verify_bundle_beside(const std::string& bundle_path, const 
                     recycler.made(1);
                 }
             }
-            while (mine.skip_next()) {
-            }
+            cursor.skip_rest();
             out.write("unwrapped\t" + std::to_string(unwrapped) + "\n");
             out.write("rings\t" + std::to_string(rings) + "\n");
             out.flush();
@@ -871,11 +866,7 @@ VerifyReport detail::verify_bundle_beside(const std::string& bundle_path, const 
         }
         for (auto& [at, p] : found) rep.problems.push_back(std::move(p));
         if (rings != rep.header.rings)
-            rep.problems.push_back({"bundle", "bundle " + bundle_path + " has " + std::to_string(rep.entries) +
-                                                  " entries in " + std::to_string(rings) +
-                                                  " rings but its header says " +
-                                                  std::to_string(rep.header.entries) + " in " +
-                                                  std::to_string(rep.header.rings)});
+            rep.problems.push_back({"bundle", detail::counts_differ(bundle_path, rep.entries, rings, rep.header)});
         if (progress) progress(rep.entries, rep.header.entries);
     }
     if (against) {
@@ -1144,6 +1135,14 @@ void EntryCursor::skip_to(std::size_t i) {
         if (!m_reader.skip_next()) throw IntegrityError("the bundle has fewer entries than its header says");
 }
 
+std::optional<Entry> EntryCursor::entry_before(std::size_t first) {
+    if (m_at >= first) return std::nullopt;
+    skip_to(first - 1);
+    auto e = next();
+    if (!e) throw IntegrityError("the bundle has fewer entries than its header says");
+    return e;
+}
+
 void EntryCursor::skip_rest() {
     m_back.reset();
     while (m_reader.skip_next()) {
@@ -1328,13 +1327,8 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                     std::vector<Bytes> files;
                     while (auto chunk = work.claim()) {
                         std::set<std::string> not_mine = skip;
-                        if (cursor.position() < chunk->first) {
-                            // The entry before the chunk names a ring that started before it.
-                            cursor.skip_to(chunk->first - 1);
-                            auto before = cursor.next();
-                            if (!before) throw IntegrityError("the bundle has fewer entries than its header says");
-                            not_mine.insert(before->meta.key_id);
-                        }
+                        // The entry before the chunk names a ring that started before it.
+                        if (auto before = cursor.entry_before(chunk->first)) not_mine.insert(before->meta.key_id);
                         // Otherwise the entry at the cursor was put back as the start of a ring
                         // (at the chunk's first entry, or past it if this worker's last ring ran
                         // into the chunk).

@@ -133,9 +133,12 @@ void BundleReader::finish(const std::string& line) {
     if (std::getline(m_in, rest) || !rest.empty())
         throw IntegrityError("bundle " + m_path + " has data after its MAC");
     if (m_entries != m_header.entries || (!m_skipped && m_rings != m_header.rings))
-        throw IntegrityError("bundle " + m_path + " has " + std::to_string(m_entries) + " entries in " +
-                             std::to_string(m_rings) + " rings but its header says " +
-                             std::to_string(m_header.entries) + " in " + std::to_string(m_header.rings));
+        throw IntegrityError(counts_differ(m_path, m_entries, m_rings, m_header));
+}
+
+std::string counts_differ(const std::string& path, std::uint64_t entries, std::uint64_t rings, const BundleHeader& h) {
+    return "bundle " + path + " has " + std::to_string(entries) + " entries in " + std::to_string(rings) +
+           " rings but its header says " + std::to_string(h.entries) + " in " + std::to_string(h.rings);
 }
 
 // The next entry line, already fed to the MAC and counted; false at the MAC line, which is

@@ -12,6 +12,9 @@ namespace keywarden::backup::detail {
 // Reads a whole small file (the secret file) into a wiping buffer.
 SecureBytes read_secret_file(const std::string& path);
 
+// "bundle P has E entries in R rings but its header says ...": counts that differ from the header.
+std::string counts_differ(const std::string& path, std::uint64_t entries, std::uint64_t rings, const BundleHeader& h);
+
 struct Entry {
     EntryMeta meta;
     Bytes wrapped;

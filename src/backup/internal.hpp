@@ -288,6 +288,10 @@ public:
     std::optional<Entry> next();
     void put_back(Entry e);
     void skip_to(std::size_t i);
+    // When the cursor is before entry `first` (a chunk's start): skips to entry first - 1 and
+    // returns it, the entry whose ring a chunk at `first` may continue. nullopt when the cursor
+    // is at `first` already. IntegrityError if the bundle ends before it.
+    std::optional<Entry> entry_before(std::size_t first);
     // Passes over the rest, up to and including the MAC check.
     void skip_rest();
 

@@ -238,6 +238,13 @@ CK_MECHANISM_TYPE wrap_mechanism_of(pkcs11::TokenContext& ctx) {
 
 }  // namespace
 
+std::string generated_master_label(const std::string& store_id, pkcs11::MasterRole role) {
+    const char* suffix = role == pkcs11::MasterRole::encryption  ? "-enc"
+                         : role == pkcs11::MasterRole::signature ? "-sig"
+                                                                 : "-v1";
+    return "keywarden-" + store_id.substr(0, 8) + suffix;
+}
+
 StoreMeta init_store(pkcs11::TokenContext& ctx, const std::string& path, const InitParams& p) {
     refuse_existing_store(path);
     auto storage = open_file_storage(path);
@@ -245,9 +252,10 @@ StoreMeta init_store(pkcs11::TokenContext& ctx, const std::string& path, const I
     StoreMeta meta = new_meta(ctx);
     std::vector<CK_OBJECT_HANDLE> created;
     try {
-        std::string base = "keywarden-" + meta.store_id.substr(0, 8);
-        auto enc = obtain_master(ctx, p.master_encryption_key, pkcs11::MasterRole::encryption, base + "-enc", p, created);
-        auto sig = obtain_master(ctx, p.master_signature_key, pkcs11::MasterRole::signature, base + "-sig", p, created);
+        auto enc = obtain_master(ctx, p.master_encryption_key, pkcs11::MasterRole::encryption,
+                                 generated_master_label(meta.store_id, pkcs11::MasterRole::encryption), p, created);
+        auto sig = obtain_master(ctx, p.master_signature_key, pkcs11::MasterRole::signature,
+                                 generated_master_label(meta.store_id, pkcs11::MasterRole::signature), p, created);
         meta.encryption = {enc.label, enc.id, {}};
         meta.signature = {sig.label, sig.id, {}};
         auto keys = token_master_keys(ctx, enc.handle, sig.handle, mech);
@@ -275,7 +283,7 @@ StoreMeta init_store_v1(pkcs11::TokenContext& ctx, const std::string& path, cons
     std::vector<CK_OBJECT_HANDLE> created;
     try {
         auto key = obtain_master(ctx, p.master_encryption_key, pkcs11::MasterRole::single,
-                                 "keywarden-" + meta.store_id.substr(0, 8) + "-v1", p, created);
+                                 generated_master_label(meta.store_id, pkcs11::MasterRole::single), p, created);
         meta.encryption = {key.label, key.id, {}};
         auto keys = token_master_keys_v1(ctx, key.handle, mech);
         KeyStoreV1::init(*storage, keys, meta);
