@@ -598,6 +598,124 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
     f.must({"--keystore", f.dir + "/copy-again", "--token", "kw-dst", "keystore", "verify"});
 }
 
+// An import --init killed after generating master keys but before its store.json named them
+// leaves only ".R.import.keys", the record of the keys it was about to generate (written and synced
+// before the first one). The next import --init into R destroys the keys a record names, on its
+// own token, when label and id are the generated ones, and removes the record; a record it cannot
+// read names no key. Each row's keys are those of a store S made by init; S opened afterwards
+// tells whether they are still on the token.
+TEST_CASE("backup: import --init destroys the keys a killed import --init recorded before generating them", "[cli]") {
+    BackupFixture f;
+    std::string bundle = f.dir + "/b.dat", secret = f.dir + "/s.json";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    struct Row {
+        const char* what;
+        std::string token, version;
+        std::function<void(nlohmann::json&)> change;  // of the record
+        bool keys_go;
+        std::string says;  // in the import's stderr; "LABEL-enc" stands for S's encryption key
+    };
+    auto keep = [](nlohmann::json&) {};
+    const std::vector<Row> rows = {
+        {"generated keys on this token", "kw-dst", "2", keep, true, "removed the master key 'LABEL-enc'"},
+        {"a v1 store's one key", "kw-dst", "1", keep, true, "removed the master key 'LABEL-v1'"},
+        {"keys on another token", "kw-src", "2", keep, false, "on token 'kw-src'"},
+        {"another id under the label", "kw-dst", "2",
+         [](nlohmann::json& j) { j["keys"][0]["id"] = std::string(32, '0'); j["keys"].erase(1); }, false, ""},
+        {"labels not of the record's store id", "kw-dst", "2",
+         [](nlohmann::json& j) { j["store_id"] = std::string(32, 'f'); }, false, ""},
+        {"a future record version", "kw-dst", "2", [](nlohmann::json& j) { j["version"] = 2; }, false,
+         "which this version cannot read"},
+        {"a torn record", "kw-dst", "2", [](nlohmann::json& j) { j = "{\"format\": \"keywarden-imp"; }, false,
+         "which this version cannot read"},
+    };
+    int n = 0;
+    for (const auto& row : rows) {
+        INFO(row.what);
+        const std::string s = f.dir + "/S" + std::to_string(n), r = f.dir + "/R" + std::to_string(n);
+        const std::string record = f.dir + "/.R" + std::to_string(n) + ".import.keys";
+        ++n;
+        f.must({"--keystore", s, "--token", row.token, "init", "--store-version", row.version});
+        auto meta = nlohmann::json::parse(kwtest::read_text(s + "/store.json"));
+        nlohmann::json keys = nlohmann::json::array();
+        for (const char* role : {"encryption", "signature"}) {
+            if (row.version == "1" && std::string(role) == "signature") break;
+            const auto& k = meta["master_keys"][role];
+            keys.push_back({{"role", row.version == "1" ? "single" : role}, {"label", k["label"]}, {"id", k["id"]}});
+        }
+        nlohmann::json rec = {{"format", "keywarden-import-init-keys"}, {"version", 1},
+                              {"store_id", meta["store_id"]},         {"store_version", std::stoi(row.version)},
+                              {"token_serial", meta["token"]["serial"]}, {"token_label", meta["token"]["label"]},
+                              {"keys", keys}};
+        row.change(rec);
+        kwtest::write_file(record, rec.is_string() ? rec.get<std::string>() : rec.dump(2));
+        auto done = f.must([&] { auto v = f.imp(r, bundle, secret); v.push_back("--init"); return v; }());
+        INFO(done.err);
+        CHECK(f.versions(r) == f.versions(f.a));
+        CHECK_FALSE(fs::exists(record));
+        std::string says = row.says;
+        if (auto at = says.find("LABEL"); at != std::string::npos)
+            says.replace(at, 5, "keywarden-" + meta["store_id"].get<std::string>().substr(0, 8));
+        if (!says.empty()) CHECK_THAT(done.err, Catch::Contains(says));
+        if (!row.keys_go) CHECK_THAT(done.err, !Catch::Contains("removed the master key"));
+        auto opened = f.run({"--keystore", s, "--token", row.token, "keystore", "verify"});
+        if (row.keys_go) {
+            CHECK(opened.code == 3);
+            CHECK_THAT(opened.err, Catch::Contains("is not on token"));
+        } else {
+            CHECK(opened.code == 0);
+        }
+    }
+}
+
+// The record an import --init writes before generating its master keys names exactly the keys
+// its store.json names afterwards, and is gone when it ends. A shell spins until the record
+// appears and copies it (an attempt that misses the window is repeated).
+TEST_CASE("backup: import --init records the master keys it generates before it makes them", "[cli]") {
+    BackupFixture f;
+    std::string bundle = f.dir + "/b.dat", secret = f.dir + "/s.json";
+    f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    bool caught = false;
+    for (int attempt = 0; attempt < 20 && !caught; ++attempt) {
+        const std::string name = "R" + std::to_string(attempt);
+        const std::string record = f.dir + "/." + name + ".import.keys", copy = f.dir + "/" + name + ".copy";
+        const std::string script =
+            "\"$0\" \"$@\" >/dev/null 2>&1 & pid=$!; "
+            "while [ ! -e \"$KW_RECORD\" ] && kill -0 $pid 2>/dev/null; do :; done; "
+            "cp \"$KW_RECORD\" \"$KW_COPY\" 2>/dev/null; wait $pid; echo $?";
+        auto env = f.env;
+        env["KW_RECORD"] = record;
+        env["KW_COPY"] = copy;
+        std::vector<std::string> cmd = {"/bin/sh", "-c", script, kwtest::binary_path()};
+        auto v = f.imp(f.dir + "/" + name, bundle, secret);
+        v.push_back("--init");
+        cmd.insert(cmd.end(), v.begin(), v.end());
+        auto r = kwtest::run_program(cmd, env);
+        INFO(r.out << r.err);
+        REQUIRE(r.out == "0\n");
+        CHECK_FALSE(fs::exists(record));
+        if (!fs::exists(copy) || kwtest::read_text(copy).empty()) continue;  // missed the window
+        caught = true;
+        INFO(kwtest::read_text(copy));
+        auto rec = nlohmann::json::parse(kwtest::read_text(copy));
+        auto meta = nlohmann::json::parse(kwtest::read_text(f.dir + "/" + name + "/store.json"));
+        CHECK(rec["format"] == "keywarden-import-init-keys");
+        CHECK(rec["version"] == 1);
+        CHECK(rec["store_id"] == meta["store_id"]);
+        CHECK(rec["store_version"] == 2);
+        CHECK(rec["token_serial"] == meta["token"]["serial"]);
+        REQUIRE(rec["keys"].size() == 2);
+        for (const auto& k : rec["keys"]) {
+            const auto& m = meta["master_keys"][k["role"].get<std::string>()];
+            CHECK(k["label"] == m["label"]);
+            CHECK(k["id"] == m["id"]);
+        }
+        // cp gives the copy the record's mode less the umask.
+        CHECK((fs::status(copy).permissions() & (fs::perms::group_all | fs::perms::others_all)) == fs::perms::none);
+    }
+    CHECK(caught);
+}
+
 // export writes both files under temp names and puts them in place only after its self-check,
 // the secret file first: a kill during the check leaves neither. Observed from outside by a shell
 // that spins until the bundle appears: the secret file is there by then, and with --jobs 2 the

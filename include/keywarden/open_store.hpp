@@ -8,6 +8,7 @@
 //       keywarden::keystore::KeyId::parse("client/alice01/symmetric"));
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -37,6 +38,11 @@ void rebind_master_keys(OpenStore& s);
 struct InitParams {
     std::string master_encryption_key, master_signature_key;  // pkcs11: URIs; empty: generate
     bool allow_extractable_master = false;
+    // Called once before any master key is generated, with the new store's id, version and token
+    // and, for each key to be generated, the label and CKA_ID it will get (the records of keys
+    // named by URI are empty). Nothing is generated if it throws. import --init records them, so
+    // that the keys of a run killed before store.json exists can still be found and removed.
+    std::function<void(const StoreMeta&)> before_generating;
 };
 
 // Throws ConflictError when path exists and is not an empty directory.

@@ -112,11 +112,12 @@ struct MasterKeyInfo {
     bool sensitive = true;
 };
 
-// C_GenerateKey with CKA_TOKEN=true, CKA_PRIVATE, CKA_SENSITIVE, CKA_EXTRACTABLE=false and a
-// random 16-byte CKA_ID. Encryption: AES-256 with CKA_WRAP/CKA_UNWRAP only (no encrypt or
+// C_GenerateKey with CKA_TOKEN=true, CKA_PRIVATE, CKA_SENSITIVE, CKA_EXTRACTABLE=false and
+// CKA_ID `id` (a random 16 bytes when empty). Encryption: AES-256 with CKA_WRAP/CKA_UNWRAP only (no encrypt or
 // decrypt, so a wrapped key can never be decrypted out). Signature: a 32-byte generic secret
 // with CKA_SIGN/CKA_VERIFY only.
-MasterKeyInfo generate_master_key(Session& s, MasterRole role, const std::string& label);
+MasterKeyInfo generate_master_key(Session& s, MasterRole role, const std::string& label,
+                                  std::span<const std::uint8_t> id = {});
 
 // Finds exactly one secret key by CKA_LABEL and CKA_ID. nullopt if there is none; a
 // TokenError if there are several.

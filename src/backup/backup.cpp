@@ -322,23 +322,20 @@ std::uint64_t BundleWriter::bytes() const { return m->out.bytes(); }
 namespace {
 
 // The master keys that a killed `import --init` generated for the store it was building (named in
-// the store.json of its staging directory) protect nothing: that store never came to be. They are
+// the store.json of its staging directory, or, if it was killed before writing that, in the
+// record of planned keys beside it) protect nothing: that store never came to be. They are
 // destroyed when they are on this token, as a failed import destroys its own. Only keys whose
 // label has that store's generated form ("keywarden-<first 8 of its store id>-enc", "-sig", "-v1")
-// are touched: keys named with --master-*-key belong to someone else and are never destroyed.
-void forget_killed_init(const fs::path& dir, pkcs11::TokenContext& ctx) {
-    keystore::StoreMeta meta;
-    try {
-        meta = keystore::read_store_meta(*keystore::open_file_storage(dir.string()));
-    } catch (const std::exception&) {
-        return;  // killed before it wrote store.json: its keys, if any, are not known
-    }
+// and whose CKA_ID is the one recorded are touched: keys named with --master-*-key belong to
+// someone else and are never destroyed.
+void forget_killed_init(const keystore::StoreMeta& meta, pkcs11::TokenContext& ctx) {
     using pkcs11::MasterRole;
     std::vector<std::pair<const keystore::MasterKeyRecord*, MasterRole>> keys;
     if (meta.store_version == 1) keys = {{&meta.encryption, MasterRole::single}};
     else keys = {{&meta.encryption, MasterRole::encryption}, {&meta.signature, MasterRole::signature}};
     for (const auto& [k, role] : keys) {
-        if (k->label != keystore::generated_master_label(meta.store_id, role)) continue;  // named, not generated
+        if (k->id.empty() || k->label != keystore::generated_master_label(meta.store_id, role))
+            continue;  // named, not generated
         const std::string what = "master key '" + k->label + "' (id " + to_hex(k->id) + ")";
         if (meta.token_serial != ctx.token.serial) {
             log::warn("an import --init that was killed made the " + what + " on token '" + meta.token_label +
@@ -359,6 +356,66 @@ void forget_killed_init(const fs::path& dir, pkcs11::TokenContext& ctx) {
     }
 }
 
+void forget_killed_init(const fs::path& staging, pkcs11::TokenContext& ctx) {
+    keystore::StoreMeta meta;
+    try {
+        meta = keystore::read_store_meta(*keystore::open_file_storage(staging.string()));
+    } catch (const std::exception&) {
+        return;  // killed before it wrote store.json: the record of planned keys names its keys
+    }
+    forget_killed_init(meta, ctx);
+}
+
+// The record of the master keys an import --init is about to generate (docs/operations.md 7.2):
+// written and synced before the first is generated, removed once store.json names them.
+constexpr const char* kPlannedKeysFormat = "keywarden-import-init-keys";
+constexpr int kPlannedKeysVersion = 1;
+
+std::string planned_keys_text(const keystore::StoreMeta& m) {
+    nlohmann::json keys = nlohmann::json::array();
+    auto add = [&](const char* role, const keystore::MasterKeyRecord& r) {
+        if (!r.id.empty()) keys.push_back({{"role", role}, {"label", r.label}, {"id", to_hex(r.id)}});
+    };
+    if (m.store_version == 1) {
+        add("single", m.encryption);
+    } else {
+        add("encryption", m.encryption);
+        add("signature", m.signature);
+    }
+    nlohmann::json j = {{"format", kPlannedKeysFormat},   {"version", kPlannedKeysVersion},
+                        {"store_id", m.store_id},         {"store_version", m.store_version},
+                        {"token_serial", m.token_serial}, {"token_label", m.token_label},
+                        {"keys", keys}};
+    return j.dump(2) + "\n";
+}
+
+// nullopt when the record is not one this version reads.
+std::optional<keystore::StoreMeta> parse_planned_keys(const std::string& text) {
+    try {
+        auto j = nlohmann::json::parse(text);
+        if (j.at("format") != kPlannedKeysFormat || j.at("version") != kPlannedKeysVersion) return std::nullopt;
+        keystore::StoreMeta m;
+        m.store_id = j.at("store_id").get<std::string>();
+        m.store_version = j.at("store_version").get<int>();
+        m.token_serial = j.at("token_serial").get<std::string>();
+        m.token_label = j.at("token_label").get<std::string>();
+        if (m.store_id.size() != 32 || (m.store_version != 1 && m.store_version != 2)) return std::nullopt;
+        for (const auto& k : j.at("keys")) {
+            auto id = from_hex(k.at("id").get<std::string>());
+            if (!id || id->empty()) return std::nullopt;
+            const std::string role = k.at("role").get<std::string>();
+            if (m.store_version == 1 ? role != "single" : role != "encryption" && role != "signature")
+                return std::nullopt;
+            keystore::MasterKeyRecord& r = role == "signature" ? m.signature : m.encryption;
+            r.label = k.at("label").get<std::string>();
+            r.id.assign(id->begin(), id->end());
+        }
+        return m;
+    } catch (const std::exception&) {
+        return std::nullopt;
+    }
+}
+
 }  // namespace
 
 StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenContext* token)
@@ -370,6 +427,8 @@ StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenCo
         m_lock_file = (m_parent / ("." + name + ".import.lock")).string();
         m_init_lock = keystore::open_file_storage(m_parent.string())->lock_file("." + name + ".import.lock");
         keystore::refuse_existing_store(store_path);  // again, now that we hold the lock
+        m_keys_record = (m_parent / ("." + name + ".import.keys")).string();
+        if (token) forget_planned_keys(*token);
     }
     // Leftovers of an import that was killed are removed: no other import is running. Those of an
     // --init ("-init-") were new stores; their generated master keys go too, but only by an --init
@@ -385,6 +444,8 @@ StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenCo
 }
 
 StagingDir::~StagingDir() {
+    // init failed before its store.json named the keys; it destroyed the ones it had made.
+    if (m_keys_recorded) ::unlink(m_keys_record.c_str());
     std::error_code ec;
     // Not switched: the staging directory is the unfinished result. Switched by an exchange: it
     // holds the previous store.
@@ -392,6 +453,45 @@ StagingDir::~StagingDir() {
 }
 
 void StagingDir::make_room_for_init() { ::rmdir(m_staging.c_str()); }
+
+// A record left by an --init that was killed between writing it and its store.json naming the
+// keys: its keys are destroyed as those a staging directory names are (forget_killed_init).
+void StagingDir::forget_planned_keys(pkcs11::TokenContext& token) {
+    std::ifstream in(m_keys_record, std::ios::binary);
+    if (!in) return;
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (auto planned = parse_planned_keys(text)) forget_killed_init(*planned, token);
+    else
+        // Synced before the first key is generated: a torn or unknown record names no key.
+        log::warn("removed " + m_keys_record + ", which this version cannot read; if a newer keywarden wrote it, "
+                  "check the token for master keys named keywarden-<8 hex>-enc/-sig/-v1 that no store uses");
+    if (::unlink(m_keys_record.c_str()) != 0 && errno != ENOENT) io_fail("cannot remove", m_keys_record);
+    fsync_dir_of(m_keys_record);
+}
+
+void StagingDir::record_planned_keys(const keystore::StoreMeta& planned) {
+    const std::string text = planned_keys_text(planned);
+    int fd = ::open(m_keys_record.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) io_fail("cannot create", m_keys_record);
+    m_keys_recorded = true;
+    try {
+        write_all(fd, text.data(), text.size(), m_keys_record);
+        if (::fsync(fd) != 0) io_fail("cannot sync", m_keys_record);
+    } catch (...) {
+        ::close(fd);
+        throw;
+    }
+    if (::close(fd) != 0) io_fail("cannot close", m_keys_record);
+    fsync_dir_of(m_keys_record);
+}
+
+void StagingDir::planned_keys_stored() {
+    // store.json in the staging directory names the keys now.
+    if (!m_keys_recorded) return;
+    if (::unlink(m_keys_record.c_str()) != 0) io_fail("cannot remove", m_keys_record);
+    m_keys_recorded = false;
+    fsync_dir_of(m_keys_record);
+}
 
 void StagingDir::clone_live_store() {
     ::chmod(m_staging.c_str(), 0700);
@@ -1224,7 +1324,10 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         std::optional<keystore::OpenStore> stage;
         if (o.init) {
             staging_dir.make_room_for_init();
-            created_meta = keystore::init_store(ctx, staging, o.init_params);
+            keystore::InitParams params = o.init_params;
+            params.before_generating = [&](const keystore::StoreMeta& p) { staging_dir.record_planned_keys(p); };
+            created_meta = keystore::init_store(ctx, staging, params);
+            staging_dir.planned_keys_stored();
             stage.emplace(keystore::open_store_on(ctx, keystore::open_file_storage(staging), true));
         } else {
             staging_dir.clone_live_store();

@@ -255,7 +255,10 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
         keystore::StoreMeta meta;
         if (o.init) {
             staging_dir.make_room_for_init();
-            created = meta = keystore::init_store_v1(ctx, staging, o.init_params);
+            keystore::InitParams params = o.init_params;
+            params.before_generating = [&](const keystore::StoreMeta& p) { staging_dir.record_planned_keys(p); };
+            created = meta = keystore::init_store_v1(ctx, staging, params);
+            staging_dir.planned_keys_stored();
         } else {
             staging_dir.clone_live_store();
             meta = target->meta;

@@ -179,11 +179,11 @@ namespace {
 // A master key: generated in the token (its handle is added to `created`), or the key a
 // pkcs11: URI names, checked for the role.
 pkcs11::MasterKeyInfo obtain_master(pkcs11::TokenContext& ctx, const std::string& uri,
-                                    pkcs11::MasterRole role, const std::string& label,
+                                    pkcs11::MasterRole role, const MasterKeyRecord& planned,
                                     const InitParams& p, std::vector<CK_OBJECT_HANDLE>& created) {
     pkcs11::MasterKeyInfo info;
     if (uri.empty()) {
-        info = pkcs11::generate_master_key(*ctx.session, role, label);
+        info = pkcs11::generate_master_key(*ctx.session, role, planned.label, planned.id);
         created.push_back(info.handle);
         log::info("generated master key '" + info.label + "' in the token");
         return info;
@@ -227,6 +227,17 @@ StoreMeta new_meta(pkcs11::TokenContext& ctx) {
     return meta;
 }
 
+// The label and CKA_ID a master key init generates will get; empty for a key named by URI.
+MasterKeyRecord planned_key(pkcs11::TokenContext& ctx, const StoreMeta& meta, const std::string& uri,
+                            pkcs11::MasterRole role) {
+    MasterKeyRecord r;
+    if (!uri.empty()) return r;
+    r.label = generated_master_label(meta.store_id, role);
+    r.id.resize(16);
+    ctx.session->random(r.id);
+    return r;
+}
+
 CK_MECHANISM_TYPE wrap_mechanism_of(pkcs11::TokenContext& ctx) {
     auto mech = pkcs11::AesWrapProtector::choose_mechanism(*ctx.session);
     if (!mech)
@@ -250,12 +261,15 @@ StoreMeta init_store(pkcs11::TokenContext& ctx, const std::string& path, const I
     auto storage = open_file_storage(path);
     CK_MECHANISM_TYPE mech = wrap_mechanism_of(ctx);
     StoreMeta meta = new_meta(ctx);
+    meta.encryption = planned_key(ctx, meta, p.master_encryption_key, pkcs11::MasterRole::encryption);
+    meta.signature = planned_key(ctx, meta, p.master_signature_key, pkcs11::MasterRole::signature);
+    if (p.before_generating) p.before_generating(meta);
     std::vector<CK_OBJECT_HANDLE> created;
     try {
-        auto enc = obtain_master(ctx, p.master_encryption_key, pkcs11::MasterRole::encryption,
-                                 generated_master_label(meta.store_id, pkcs11::MasterRole::encryption), p, created);
-        auto sig = obtain_master(ctx, p.master_signature_key, pkcs11::MasterRole::signature,
-                                 generated_master_label(meta.store_id, pkcs11::MasterRole::signature), p, created);
+        auto enc = obtain_master(ctx, p.master_encryption_key, pkcs11::MasterRole::encryption, meta.encryption, p,
+                                 created);
+        auto sig = obtain_master(ctx, p.master_signature_key, pkcs11::MasterRole::signature, meta.signature, p,
+                                 created);
         meta.encryption = {enc.label, enc.id, {}};
         meta.signature = {sig.label, sig.id, {}};
         auto keys = token_master_keys(ctx, enc.handle, sig.handle, mech);
@@ -280,10 +294,13 @@ StoreMeta init_store_v1(pkcs11::TokenContext& ctx, const std::string& path, cons
     auto storage = open_file_storage(path);
     CK_MECHANISM_TYPE mech = wrap_mechanism_of(ctx);
     StoreMeta meta = new_meta(ctx);
+    meta.store_version = 1;
+    meta.encryption = planned_key(ctx, meta, p.master_encryption_key, pkcs11::MasterRole::single);
+    if (p.before_generating) p.before_generating(meta);
     std::vector<CK_OBJECT_HANDLE> created;
     try {
-        auto key = obtain_master(ctx, p.master_encryption_key, pkcs11::MasterRole::single,
-                                 generated_master_label(meta.store_id, pkcs11::MasterRole::single), p, created);
+        auto key = obtain_master(ctx, p.master_encryption_key, pkcs11::MasterRole::single, meta.encryption, p,
+                                 created);
         meta.encryption = {key.label, key.id, {}};
         auto keys = token_master_keys_v1(ctx, key.handle, mech);
         KeyStoreV1::init(*storage, keys, meta);

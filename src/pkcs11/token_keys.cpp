@@ -171,11 +171,15 @@ std::vector<std::uint8_t> TokenKeyBackend::check_value(const TransientKey& key,
 
 // ---- master keys ----------------------------------------------------------------------------
 
-MasterKeyInfo generate_master_key(Session& s, MasterRole role, const std::string& label) {
+MasterKeyInfo generate_master_key(Session& s, MasterRole role, const std::string& label,
+                                  std::span<const std::uint8_t> id) {
     MasterKeyInfo info;
     info.label = label;
-    info.id.resize(16);
-    s.random(info.id);
+    info.id.assign(id.begin(), id.end());
+    if (info.id.empty()) {
+        info.id.resize(16);
+        s.random(info.id);
+    }
     Template t;
     t.add_ulong(CKA_CLASS, CKO_SECRET_KEY);
     t.add_bool(CKA_TOKEN, true).add_bool(CKA_PRIVATE, true).add_bool(CKA_SENSITIVE, true);
