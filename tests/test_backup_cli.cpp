@@ -599,41 +599,61 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
 }
 
 // An import --init killed after generating master keys but before its store.json named them
-// leaves only ".R.import.keys", the record of the keys it was about to generate (written and synced
-// before the first one). The next import --init into R destroys the keys a record names, on its
-// own token, when label and id are the generated ones, and removes the record; a record it cannot
-// read names no key. Each row's keys are those of a store S made by init; S opened afterwards
-// tells whether they are still on the token.
+// leaves only ".R.import-keys-XXXXXX", the record of the keys it was about to generate (written
+// and synced before the first one). The next import --init into R destroys the keys a record
+// names, on its own token, when label and id are the generated ones, and removes the record; a
+// record it cannot read names no key. A record whose keys may remain (on another token) is kept.
+// A record that is not a 0600 regular file of this user stops the import and stays. Each row's
+// keys are those of a store S made by init; S opened afterwards tells whether they are still on
+// the token.
 TEST_CASE("backup: import --init destroys the keys a killed import --init recorded before generating them", "[cli]") {
     BackupFixture f;
     std::string bundle = f.dir + "/b.dat", secret = f.dir + "/s.json";
     f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    enum Record { removed, kept, refused };
     struct Row {
         const char* what;
         std::string token, version;
         std::function<void(nlohmann::json&)> change;  // of the record
         bool keys_go;
+        Record record;
         std::string says;  // in the import's stderr; "LABEL-enc" stands for S's encryption key
+        std::function<void(const std::string&)> place = {};  // how the record file is put there
     };
     auto keep = [](nlohmann::json&) {};
     const std::vector<Row> rows = {
-        {"generated keys on this token", "kw-dst", "2", keep, true, "removed the master key 'LABEL-enc'"},
-        {"a v1 store's one key", "kw-dst", "1", keep, true, "removed the master key 'LABEL-v1'"},
-        {"keys on another token", "kw-src", "2", keep, false, "on token 'kw-src'"},
+        {"generated keys on this token", "kw-dst", "2", keep, true, removed, "removed the master key 'LABEL-enc'"},
+        {"a v1 store's one key", "kw-dst", "1", keep, true, removed, "removed the master key 'LABEL-v1'"},
+        {"keys on another token", "kw-src", "2", keep, false, kept, "on token 'kw-src'"},
         {"another id under the label", "kw-dst", "2",
-         [](nlohmann::json& j) { j["keys"][0]["id"] = std::string(32, '0'); j["keys"].erase(1); }, false, ""},
+         [](nlohmann::json& j) { j["keys"][0]["id"] = std::string(32, '0'); j["keys"].erase(1); }, false, removed,
+         ""},
         {"labels not of the record's store id", "kw-dst", "2",
-         [](nlohmann::json& j) { j["store_id"] = std::string(32, 'f'); }, false, ""},
-        {"a future record version", "kw-dst", "2", [](nlohmann::json& j) { j["version"] = 2; }, false,
+         [](nlohmann::json& j) { j["store_id"] = std::string(32, 'f'); }, false, removed, ""},
+        {"a future record version", "kw-dst", "2", [](nlohmann::json& j) { j["version"] = 2; }, false, removed,
          "which this version cannot read"},
         {"a torn record", "kw-dst", "2", [](nlohmann::json& j) { j = "{\"format\": \"keywarden-imp"; }, false,
-         "which this version cannot read"},
+         removed, "which this version cannot read"},
+        {"a record others may write (0644)", "kw-dst", "2", keep, false, refused, "not a regular file of this user",
+         [](const std::string& p) { fs::permissions(p, fs::perms::owner_read | fs::perms::owner_write |
+                                                            fs::perms::group_read | fs::perms::others_read); }},
+        {"a symbolic link to a record", "kw-dst", "2", keep, false, refused, "not a regular file of this user",
+         [](const std::string& p) {
+             const std::string target = fs::path(p).parent_path().string() + "/linked-record";
+             fs::rename(p, target);
+             fs::create_symlink(target, p);
+         }},
+        {"a directory", "kw-dst", "2", keep, false, refused, "not a regular file of this user",
+         [](const std::string& p) {
+             fs::remove(p);
+             fs::create_directory(p);
+         }},
     };
     int n = 0;
     for (const auto& row : rows) {
         INFO(row.what);
         const std::string s = f.dir + "/S" + std::to_string(n), r = f.dir + "/R" + std::to_string(n);
-        const std::string record = f.dir + "/.R" + std::to_string(n) + ".import.keys";
+        const std::string record = f.dir + "/.R" + std::to_string(n) + ".import-keys-Killed";
         ++n;
         f.must({"--keystore", s, "--token", row.token, "init", "--store-version", row.version});
         auto meta = nlohmann::json::parse(kwtest::read_text(s + "/store.json"));
@@ -649,10 +669,18 @@ TEST_CASE("backup: import --init destroys the keys a killed import --init record
                               {"keys", keys}};
         row.change(rec);
         kwtest::write_file(record, rec.is_string() ? rec.get<std::string>() : rec.dump(2));
-        auto done = f.must([&] { auto v = f.imp(r, bundle, secret); v.push_back("--init"); return v; }());
+        fs::permissions(record, fs::perms::owner_read | fs::perms::owner_write);
+        if (row.place) row.place(record);
+        auto done = f.run([&] { auto v = f.imp(r, bundle, secret); v.push_back("--init"); return v; }());
         INFO(done.err);
-        CHECK(f.versions(r) == f.versions(f.a));
-        CHECK_FALSE(fs::exists(record));
+        if (row.record == refused) {
+            CHECK(done.code != 0);
+            CHECK_FALSE(fs::exists(r));
+        } else {
+            CHECK(done.code == 0);
+            CHECK(f.versions(r) == f.versions(f.a));
+        }
+        CHECK(fs::exists(fs::symlink_status(record)) == (row.record != removed));
         std::string says = row.says;
         if (auto at = says.find("LABEL"); at != std::string::npos)
             says.replace(at, 5, "keywarden-" + meta["store_id"].get<std::string>().substr(0, 8));
@@ -664,6 +692,13 @@ TEST_CASE("backup: import --init destroys the keys a killed import --init record
             CHECK_THAT(opened.err, Catch::Contains("is not on token"));
         } else {
             CHECK(opened.code == 0);
+        }
+        if (row.record == kept) {
+            // Kept for a later run, which warns again and still imports; a merge never touches it.
+            auto again = f.run({"--keystore", r, "--token", "kw-dst", "import", "--key-bundle-file", bundle,
+                                "--key-bundle-secret", secret, "--merge", "--on-conflict", "skip"});
+            CHECK(again.code == 0);
+            CHECK(fs::exists(record));
         }
     }
 }
@@ -678,11 +713,13 @@ TEST_CASE("backup: import --init records the master keys it generates before it 
     bool caught = false;
     for (int attempt = 0; attempt < 20 && !caught; ++attempt) {
         const std::string name = "R" + std::to_string(attempt);
-        const std::string record = f.dir + "/." + name + ".import.keys", copy = f.dir + "/" + name + ".copy";
+        const std::string record = f.dir + "/." + name + ".import-keys-", copy = f.dir + "/" + name + ".copy";
+        // The record's name ends in 6 random characters.
         const std::string script =
             "\"$0\" \"$@\" >/dev/null 2>&1 & pid=$!; "
-            "while [ ! -e \"$KW_RECORD\" ] && kill -0 $pid 2>/dev/null; do :; done; "
-            "cp \"$KW_RECORD\" \"$KW_COPY\" 2>/dev/null; wait $pid; echo $?";
+            "while kill -0 $pid 2>/dev/null; do "
+            "  for r in \"$KW_RECORD\"*; do [ -f \"$r\" ] && cp \"$r\" \"$KW_COPY\" 2>/dev/null && break 2; done; "
+            "done; wait $pid; echo $?";
         auto env = f.env;
         env["KW_RECORD"] = record;
         env["KW_COPY"] = copy;
@@ -693,8 +730,10 @@ TEST_CASE("backup: import --init records the master keys it generates before it 
         auto r = kwtest::run_program(cmd, env);
         INFO(r.out << r.err);
         REQUIRE(r.out == "0\n");
-        CHECK_FALSE(fs::exists(record));
-        if (!fs::exists(copy) || kwtest::read_text(copy).empty()) continue;  // missed the window
+        for (const auto& e : fs::directory_iterator(f.dir))
+            CHECK_FALSE(e.path().filename().string().starts_with("." + name + ".import-"));
+        if (!fs::exists(copy)) continue;  // missed the window
+        if (!nlohmann::json::accept(kwtest::read_text(copy))) continue;  // copied while being written
         caught = true;
         INFO(kwtest::read_text(copy));
         auto rec = nlohmann::json::parse(kwtest::read_text(copy));

@@ -328,7 +328,9 @@ namespace {
 // label has that store's generated form ("keywarden-<first 8 of its store id>-enc", "-sig", "-v1")
 // and whose CKA_ID is the one recorded are touched: keys named with --master-*-key belong to
 // someone else and are never destroyed.
-void forget_killed_init(const keystore::StoreMeta& meta, pkcs11::TokenContext& ctx) {
+// True when none of those keys is left on any token as far as this run can tell.
+bool forget_killed_init(const keystore::StoreMeta& meta, pkcs11::TokenContext& ctx) {
+    bool all_gone = true;
     using pkcs11::MasterRole;
     std::vector<std::pair<const keystore::MasterKeyRecord*, MasterRole>> keys;
     if (meta.store_version == 1) keys = {{&meta.encryption, MasterRole::single}};
@@ -340,6 +342,7 @@ void forget_killed_init(const keystore::StoreMeta& meta, pkcs11::TokenContext& c
         if (meta.token_serial != ctx.token.serial) {
             log::warn("an import --init that was killed made the " + what + " on token '" + meta.token_label +
                       "' (serial " + meta.token_serial + "); it protects nothing: delete it with the token's tool");
+            all_gone = false;
             continue;
         }
         try {
@@ -352,8 +355,10 @@ void forget_killed_init(const keystore::StoreMeta& meta, pkcs11::TokenContext& c
         } catch (const std::exception& e) {
             log::warn("could not remove the " + what + " that an import --init which was killed had made (" +
                       e.what() + "); it protects nothing: delete it with the token's tool");
+            all_gone = false;
         }
     }
+    return all_gone;
 }
 
 void forget_killed_init(const fs::path& staging, pkcs11::TokenContext& ctx) {
@@ -416,6 +421,44 @@ std::optional<keystore::StoreMeta> parse_planned_keys(const std::string& text) {
     }
 }
 
+// A record left by an --init that was killed before its store.json named the keys (or by one
+// that failed, whose keys init destroyed itself): the keys it names are destroyed as those a
+// staging directory names are (forget_killed_init). The record goes when none of them can be
+// left; otherwise it stays, and every later --init into this path tries again.
+void forget_planned_keys(const fs::path& record, pkcs11::TokenContext& token) {
+    const std::string path = record.string();
+    // Only a record this user wrote is acted on: a regular file, not a link, mode 0600.
+    int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    struct stat st {};
+    if (fd < 0 || ::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid() ||
+        (st.st_mode & 077) != 0 || st.st_size > 65536) {
+        if (fd >= 0) ::close(fd);
+        throw Error("refusing to act on " + path +
+                        ": it is not a regular file of this user with mode 0600, as the record of master "
+                        "keys that an import --init writes is",
+                    "check what made it, delete from the token any master key it names that no store uses, "
+                    "then remove the file and run the import again");
+    }
+    std::string text(static_cast<std::size_t>(st.st_size), '\0');
+    ssize_t got = ::read(fd, text.data(), text.size());
+    ::close(fd);
+    if (got < 0) io_fail("cannot read", path);
+    text.resize(static_cast<std::size_t>(got));
+    if (auto planned = parse_planned_keys(text)) {
+        if (!forget_killed_init(*planned, token)) {
+            log::warn("kept " + path + ": the master keys it names may still be on a token; remove it once they "
+                      "are deleted");
+            return;
+        }
+    } else {
+        // Synced before the first key is generated: a torn or unknown record names no key.
+        log::warn("removing " + path + ", which this version cannot read; if a newer keywarden wrote it, check "
+                  "the token for master keys labelled keywarden-<8 hex>-enc, -sig or -v1 that no store uses");
+    }
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) io_fail("cannot remove", path);
+    fsync_dir_of(path);
+}
+
 }  // namespace
 
 StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenContext* token)
@@ -427,25 +470,34 @@ StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenCo
         m_lock_file = (m_parent / ("." + name + ".import.lock")).string();
         m_init_lock = keystore::open_file_storage(m_parent.string())->lock_file("." + name + ".import.lock");
         keystore::refuse_existing_store(store_path);  // again, now that we hold the lock
-        m_keys_record = (m_parent / ("." + name + ".import.keys")).string();
-        if (token) forget_planned_keys(*token);
     }
     // Leftovers of an import that was killed are removed: no other import is running. Those of an
     // --init ("-init-") were new stores; their generated master keys go too, but only by an --init
     // import, which holds the lock that such an import held.
+    // Records of planned master keys ("-keys-") first: only an --init acts on them, and one is
+    // removed only when its keys are gone.
+    std::vector<fs::path> records, others;
     for (const auto& e : fs::directory_iterator(m_parent, ec)) {
         const std::string n = e.path().filename().string();
-        if (!n.starts_with("." + name + ".import-")) continue;
-        if (init && token && n.starts_with("." + name + ".import-init-")) forget_killed_init(e.path(), *token);
-        fs::remove_all(e.path(), ec);
+        if (n.starts_with("." + name + ".import-keys-")) records.push_back(e.path());
+        else if (n.starts_with("." + name + ".import-")) others.push_back(e.path());
+    }
+    if (init && token)
+        for (const auto& r : records) forget_planned_keys(r, *token);
+    for (const auto& o : others) {
+        if (init && token && o.filename().string().starts_with("." + name + ".import-init-"))
+            forget_killed_init(o, *token);
+        fs::remove_all(o, ec);
     }
     m_staging = (m_parent / ("." + name + (init ? ".import-init-XXXXXX" : ".import-XXXXXX"))).string();
+    if (init) m_keys_record = (m_parent / ("." + name + ".import-keys-XXXXXX")).string();
     if (!::mkdtemp(m_staging.data())) io_fail("cannot create a staging directory in", m_parent.string());
 }
 
 StagingDir::~StagingDir() {
-    // init failed before its store.json named the keys; it destroyed the ones it had made.
-    if (m_keys_recorded) ::unlink(m_keys_record.c_str());
+    // A record still here belongs to an init that failed before its store.json named the keys.
+    // init destroys the keys it made, but it may have failed to: the record stays, and the next
+    // --init into this path removes it once the keys are gone.
     std::error_code ec;
     // Not switched: the staging directory is the unfinished result. Switched by an exchange: it
     // holds the previous store.
@@ -454,33 +506,19 @@ StagingDir::~StagingDir() {
 
 void StagingDir::make_room_for_init() { ::rmdir(m_staging.c_str()); }
 
-// A record left by an --init that was killed between writing it and its store.json naming the
-// keys: its keys are destroyed as those a staging directory names are (forget_killed_init).
-void StagingDir::forget_planned_keys(pkcs11::TokenContext& token) {
-    std::ifstream in(m_keys_record, std::ios::binary);
-    if (!in) return;
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (auto planned = parse_planned_keys(text)) forget_killed_init(*planned, token);
-    else
-        // Synced before the first key is generated: a torn or unknown record names no key.
-        log::warn("removed " + m_keys_record + ", which this version cannot read; if a newer keywarden wrote it, "
-                  "check the token for master keys named keywarden-<8 hex>-enc/-sig/-v1 that no store uses");
-    if (::unlink(m_keys_record.c_str()) != 0 && errno != ENOENT) io_fail("cannot remove", m_keys_record);
-    fsync_dir_of(m_keys_record);
-}
-
 void StagingDir::record_planned_keys(const keystore::StoreMeta& planned) {
     const std::string text = planned_keys_text(planned);
-    int fd = ::open(m_keys_record.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    int fd = ::mkostemp(m_keys_record.data(), O_CLOEXEC);  // O_EXCL, mode 0600
     if (fd < 0) io_fail("cannot create", m_keys_record);
-    m_keys_recorded = true;
     try {
         write_all(fd, text.data(), text.size(), m_keys_record);
         if (::fsync(fd) != 0) io_fail("cannot sync", m_keys_record);
     } catch (...) {
         ::close(fd);
+        ::unlink(m_keys_record.c_str());  // no key is generated after this
         throw;
     }
+    m_keys_recorded = true;
     if (::close(fd) != 0) io_fail("cannot close", m_keys_record);
     fsync_dir_of(m_keys_record);
 }

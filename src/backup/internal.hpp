@@ -158,8 +158,8 @@ public:
     std::string parent() const { return m_parent.string(); }
     // For --init: the store's init creates the directory itself.
     void make_room_for_init();
-    // For --init: ".<name>.import.keys" beside the staging directory records the master keys
-    // init is about to generate (InitParams::before_generating), until planned_keys_stored()
+    // For --init: ".<name>.import-keys-XXXXXX" beside the staging directory records the master
+    // keys init is about to generate (InitParams::before_generating), until planned_keys_stored()
     // once store.json names them. The next --init destroys the keys a killed run recorded.
     void record_planned_keys(const keystore::StoreMeta& planned);
     void planned_keys_stored();
@@ -170,8 +170,6 @@ public:
     bool switched() const { return m_switched; }
 
 private:
-    void forget_planned_keys(pkcs11::TokenContext& token);
-
     std::filesystem::path m_path, m_parent;
     std::string m_staging, m_lock_file, m_keys_record;
     bool m_init, m_switched = false, m_keys_recorded = false;
