@@ -548,6 +548,7 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
         std::string name, token;
         bool named, keys_go;
         std::string version = "2";
+        const char* mode = "";  // chmod after init
     };
     const std::vector<Leftover> leftovers = {
         {".R.import-init-Killed", "kw-dst", false, true},       // generated keys on this token: they go
@@ -555,6 +556,7 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
         {".R.import-init-OtherT", "kw-src", false, false},      // on another token: named in a warning
         {".R.import-init-NamedK", "kw-dst", true, false},       // C's keys, named: never touched
         {".R.import-Merged", "kw-dst", false, false},           // not an --init: a merge names live keys
+        {".R.import-init-Public", "kw-dst", false, false, "2", "0755"},  // not private: not believed
     };
     for (const auto& l : leftovers) {
         std::vector<std::string> init = {"--keystore", f.dir + "/" + l.name, "--token", l.token, "init",
@@ -563,6 +565,7 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
             for (std::string role : {"encryption", "signature"})
                 init.insert(init.end(), {"--master-" + role + "-key", "pkcs11:object=" + label_of(c, role.c_str())});
         f.must(init);
+        if (*l.mode) REQUIRE(kwtest::sh(std::string("chmod ") + l.mode + " '" + f.dir + "/" + l.name + "'") == 0);
         // A copy elsewhere tells afterwards whether its master keys are still on the token.
         REQUIRE(kwtest::sh("cp -a '" + f.dir + "/" + l.name + "' '" + f.dir + "/copy" + l.name + "'") == 0);
     }
@@ -575,6 +578,7 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
     CHECK_THAT(done.err, Catch::Contains("removed the master key '" + killed_enc + "'"));
     CHECK_THAT(done.err, Catch::Contains("removed the master key '" + label_of(f.dir + "/copy.R.import-init-Killed", "signature") + "'"));
     CHECK_THAT(done.err, Catch::Contains(other_enc) && Catch::Contains("on token 'kw-src'"));
+    CHECK_THAT(done.err, Catch::Contains("not acting on the master keys that " + f.dir + "/.R.import-init-Public/store.json"));
     for (const auto& e : fs::directory_iterator(f.dir)) CHECK_FALSE(e.path().filename().string().starts_with(".R.import-"));
     for (const auto& l : leftovers) {
         INFO(l.name);

@@ -362,6 +362,18 @@ bool forget_killed_init(const keystore::StoreMeta& meta, pkcs11::TokenContext& c
 }
 
 void forget_killed_init(const fs::path& staging, pkcs11::TokenContext& ctx) {
+    // Only a directory this user made, as mkdtemp does (0700), with a store.json of its own:
+    // the keys another user's files name are not destroyed on their word.
+    struct stat d {}, f {};
+    const std::string meta_path = (staging / "store.json").string();
+    if (::lstat(staging.c_str(), &d) != 0 || !S_ISDIR(d.st_mode) || d.st_uid != ::geteuid() ||
+        (d.st_mode & 077) != 0 || ::lstat(meta_path.c_str(), &f) != 0 || !S_ISREG(f.st_mode) ||
+        f.st_uid != ::geteuid()) {
+        if (::lstat(meta_path.c_str(), &f) == 0)
+            log::warn("not acting on the master keys that " + meta_path + " names: " + staging.string() +
+                      " is not a private directory of this user with a store.json of its own");
+        return;
+    }
     keystore::StoreMeta meta;
     try {
         meta = keystore::read_store_meta(*keystore::open_file_storage(staging.string()));
