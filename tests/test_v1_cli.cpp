@@ -8,7 +8,9 @@
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <map>
 #include <set>
+#include <sstream>
 
 #include "decrypt_check.hpp"
 #include "support.hpp"
@@ -134,6 +136,12 @@ TEST_CASE("v1 store: Acra's layout, the same commands and output as v2", "[cli]"
     CHECK(!fs::exists(f.dir + "/x.dat"));
 }
 
+std::string trimmed(std::string s) {
+    s.erase(0, s.find_first_not_of(' '));
+    s.erase(s.find_last_not_of(' ') + 1);
+    return s;
+}
+
 TEST_CASE("v1 store: renamed, tampered or foreign key files are refused", "[cli]") {
     V1Fixture f;
     std::string other = f.dir + "/OTHER";
@@ -191,6 +199,25 @@ TEST_CASE("v1 store: renamed, tampered or foreign key files are refused", "[cli]
         // The full report, as on a v2 store: the other keys are still checked.
         CHECK_THAT(v.out, Catch::Contains("PROBLEM "));
         CHECK_THAT(v.out, Catch::Contains("FAILED: "));
+        // list shows every ring, the damaged one as UNREADABLE, and then exits 4 naming it.
+        auto l = f.run({"--keystore", f.a, "list"});
+        INFO(l.out << l.err);
+        CHECK(l.code == 4);
+        std::istringstream lines(l.out);
+        std::map<std::string, std::string> state;  // key id -> the STATE column
+        for (std::string ln; std::getline(lines, ln);)
+            if (ln.size() > 66 && !ln.starts_with("KEY ID"))
+                state[trimmed(ln.substr(0, 40))] = trimmed(ln.substr(66, 12));
+        CHECK(state[row.read_id] == "UNREADABLE");
+        CHECK(state["client/bob the client/symmetric"] == "active");
+        CHECK(state["poison/keypair"] == "active");
+        CHECK_THAT(l.err, Catch::Contains("listed as UNREADABLE: " + row.read_id));
+        auto lj = f.run({"--keystore", f.a, "list", "--json"});
+        CHECK(lj.code == 4);
+        bool flagged = false;
+        for (const auto& ring : nlohmann::json::parse(lj.out))
+            if (ring["key_id"] == row.read_id) flagged = ring.contains("problem") && ring["versions"].empty();
+        CHECK(flagged);
         CHECK(kwtest::tree_digest(f.a) == before);
     }
     // A wrong master key: the store's key check values do not match the other token's key.

@@ -91,6 +91,9 @@ struct RingSummary {
     RingKind kind;
     std::string client_id;
     std::vector<VersionSummary> versions;
+    // Set by list() instead of versions when the ring's files could not be read (a v1 store has
+    // no manifest: its list reads every key file, and a damaged one must not hide the others).
+    std::string problem;
 };
 
 // ---- the store's own metadata (store.json) --------------------------------------------------

@@ -159,6 +159,21 @@ int run_rotate(const GlobalOptions& g, const RotateOptions& o) {
     return 0;
 }
 
+namespace {
+// After the listing: exit 4 when a ring could not be read, naming the first.
+void refuse_unreadable(const std::vector<RingSummary>& rings) {
+    std::size_t bad = 0;
+    const RingSummary* first = nullptr;
+    for (const auto& r : rings)
+        if (!r.problem.empty() && bad++ == 0) first = &r;
+    if (!first) return;
+    throw IntegrityError(std::to_string(bad) + " key ring" + (bad == 1 ? "" : "s") +
+                             " listed as UNREADABLE: " + first->key_id + ": " + first->problem,
+                         "run 'keywarden keystore verify' for the full report, and restore the damaged files "
+                         "from a backup");
+}
+}  // namespace
+
 int run_list(const GlobalOptions& g, const ListOptions& o) {
     auto s = with_any_store(g, false);
     auto rings = s.store->list();
@@ -187,13 +202,16 @@ int run_list(const GlobalOptions& g, const ListOptions& o) {
                                     {"valid_until", v.valid_until ? nlohmann::json(format_time(*v.valid_until))
                                                                   : nlohmann::json(nullptr)}});
             }
-            out.push_back({{"key_id", r.key_id},
-                           {"kind", ring_kind_name(r.kind)},
-                           {"client_id", r.client_id.empty() ? nlohmann::json(nullptr)
-                                                             : nlohmann::json(r.client_id)},
-                           {"versions", std::move(versions)}});
+            nlohmann::json ring = {{"key_id", r.key_id},
+                                   {"kind", ring_kind_name(r.kind)},
+                                   {"client_id", r.client_id.empty() ? nlohmann::json(nullptr)
+                                                                     : nlohmann::json(r.client_id)},
+                                   {"versions", std::move(versions)}};
+            if (!r.problem.empty()) ring["problem"] = r.problem;
+            out.push_back(std::move(ring));
         }
         std::cout << out.dump(2) << "\n";
+        refuse_unreadable(rings);
         return 0;
     }
     std::ostringstream os;
@@ -201,7 +219,12 @@ int run_list(const GlobalOptions& g, const ListOptions& o) {
     std::snprintf(line, sizeof line, "%-40s %-17s %7s %-12s %-20s %-20s\n", "KEY ID", "KIND",
                   "VERSION", "STATE", "VALID FROM", "VALID UNTIL");
     os << line;
-    for (const auto& r : rings)
+    for (const auto& r : rings) {
+        if (!r.problem.empty()) {
+            std::snprintf(line, sizeof line, "%-40s %-17s %7s %-12s\n", r.key_id.c_str(), ring_kind_name(r.kind),
+                          "-", "UNREADABLE");
+            os << line;
+        }
         for (const auto& v : r.versions) {
             if (!shown(v, r)) continue;
             std::string ver = std::to_string(v.version) + (v.current ? "*" : "");
@@ -211,10 +234,12 @@ int run_list(const GlobalOptions& g, const ListOptions& o) {
                           opt_time(v.valid_until).c_str());
             os << line;
         }
+    }
     std::cout << os.str();
     std::cerr << rings.size() << " key ring" << (rings.size() == 1 ? "" : "s")
               << " (* marks the current version" << (o.rotated ? "" : "; --rotated shows all")
               << ")\n";
+    refuse_unreadable(rings);
     return 0;
 }
 

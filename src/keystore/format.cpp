@@ -289,7 +289,7 @@ KeyRing ring_from_body(std::span<const std::uint8_t> file, const std::string& st
 }
 
 RingSummary summarize(const KeyRing& r) {
-    RingSummary s{r.id.str(), r.id.kind, r.id.client_id, {}};
+    RingSummary s{r.id.str(), r.id.kind, r.id.client_id, {}, {}};
     for (const auto& v : r.versions)
         s.versions.push_back({v.version, v.state, v.created, v.valid_from, v.valid_until,
                               r.current && *r.current == v.version});

@@ -273,7 +273,18 @@ std::vector<KeyId> KeyStoreV1::key_ids() const {
 
 std::vector<RingSummary> KeyStoreV1::list() const {
     std::vector<RingSummary> out;
-    for (const auto& id : key_ids()) out.push_back(summarize(load(id)));
+    for (const auto& id : key_ids()) {
+        try {
+            out.push_back(summarize(load(id)));
+        } catch (const IntegrityError& e) {
+            RingSummary r;
+            r.key_id = id.str();
+            r.kind = id.kind;
+            r.client_id = id.client_id;
+            r.problem = e.what();
+            out.push_back(std::move(r));
+        }
+    }
     return out;
 }
 
