@@ -4,6 +4,7 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -89,6 +90,9 @@ struct ImportSummary {
     std::string bundle_id;
     std::size_t rings = 0, entries = 0, wrapped_keys = 0;
     std::vector<std::string> imported, conflicts, skipped;  // key ids (imported: dry runs only)
+    // --on-conflict overwrite: per overwritten ring, the versions only the store holds (made after
+    // the export), which the import keeps (not current) instead of dropping.
+    std::map<std::string, std::vector<std::uint32_t>> kept;
     std::size_t rings_written = 0, entries_written = 0;
     std::string refused;  // dry run: why the real import would refuse, if it would
     bool dry_run = false;

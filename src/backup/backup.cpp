@@ -870,6 +870,8 @@ std::optional<std::string> trial_unwrap(pkcs11::AesWrapProtector& under_backup, 
 VerifyReport verify_bundle(const std::string& bundle_path, const std::string& secret_path,
                            pkcs11::TokenContext& token, const keystore::Store* against,
                            const Progress& progress, std::size_t jobs) {
+    // A killed export's temp copy of this secret file holds the backup keys: it goes too.
+    remove_stale_leftovers(secret_path);
     return verify_bundle(bundle_path, parse_secret_file(detail::read_secret_file(secret_path)), token,
                          against, progress, jobs);
 }
@@ -1046,6 +1048,23 @@ void hardlink_clone(const fs::path& from, const fs::path& to) {
             io_fail("cannot link", dst.string());
         }
     }
+}
+
+// --on-conflict overwrite: the ring becomes the bundle's, plus the versions only the store holds
+// (rotated after the export), kept as they are but never current. Nothing the store held is lost,
+// and a version number is never given to a second key. Returns how many versions were kept.
+std::size_t keep_store_only_versions(KeyRing& r, const keystore::Store& store) {
+    if (!store.contains(r.id)) return 0;
+    KeyRing old = store.load(r.id);
+    std::size_t kept = 0;
+    for (auto& v : old.versions)
+        if (!r.find(v.version)) {
+            r.versions.push_back(std::move(v));
+            ++kept;
+        }
+    std::sort(r.versions.begin(), r.versions.end(),
+              [](const KeyVersion& a, const KeyVersion& b) { return a.version < b.version; });
+    return kept;
 }
 
 // A ring as worker processes pass it back: key id, file, digest and the manifest summary.
@@ -1314,7 +1333,10 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     ImportSummary sum;
     sum.dry_run = o.dry_run;
     SecretFile secret = parse_secret_file(detail::read_secret_file(o.secret_path));
-    if (!o.dry_run) remove_stale_leftovers(o.bundle_path);
+    if (!o.dry_run) {
+        remove_stale_leftovers(o.bundle_path);
+        remove_stale_leftovers(o.secret_path);  // a killed export's temp copy holds the backup keys
+    }
     detail::BundleReader reader(o.bundle_path, secret);
     sum.bundle_id = reader.header().bundle_id;
 
@@ -1332,8 +1354,17 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         sum.entries = reader.header().entries;
     } else {
         std::string last;
+        const bool overwrite = target && o.merge && o.on_conflict == OnConflict::overwrite;
+        std::set<std::uint32_t> in_bundle;  // the versions of an overwritten ring
+        auto ring_done = [&] {
+            if (!overwrite || sum.conflicts.empty() || sum.conflicts.back() != last) return;
+            for (const auto& v : target->store->load(KeyId::parse(last)).versions)
+                if (!in_bundle.count(v.version)) sum.kept[last].push_back(v.version);
+        };
         while (auto e = reader.next()) {
             if (e->meta.key_id != last) {
+                ring_done();
+                in_bundle.clear();
                 last = e->meta.key_id;
                 ++sum.rings;
                 bool conflict = target && target->store->contains(KeyId::parse(last));
@@ -1342,10 +1373,15 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                 if (skipped) sum.skipped.push_back(last);
                 if (o.dry_run && !skipped) sum.imported.push_back(last);
             }
+            in_bundle.insert(e->meta.version);
             ++sum.entries;
             if (e->meta.wrapped) ++sum.wrapped_keys;
         }
+        ring_done();
     }
+    const bool overwrite = o.merge && o.on_conflict == OnConflict::overwrite;
+    std::size_t kept_total = 0;
+    for (const auto& [id, versions] : sum.kept) kept_total += versions.size();
     std::set<std::string> skip(sum.skipped.begin(), sum.skipped.end());
     if (target) {
         std::size_t existing = target->store->key_ids().size();
@@ -1418,6 +1454,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                                   ++sum.rings_written;
                                   sum.entries_written += r.versions.size();
                                   for (const auto& v : r.versions) wrapped += !v.wrapped.empty();
+                                  if (overwrite) keep_store_only_versions(r, dst);
                                   Bytes file = dst.seal_ring(r);
                                   writer.push(std::move(r), std::move(file));
                               }
@@ -1492,12 +1529,15 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                                           // All signed, then all written: a run of one kind of
                                           // work is faster on a busy host than alternating.
                                           files.clear();
-                                          for (const auto& r : rings) files.push_back(mine.store->seal_ring(r));
+                                          for (auto& r : rings) {
+                                              for (const auto& v : r.versions) wrapped_here += !v.wrapped.empty();
+                                              if (overwrite) keep_store_only_versions(r, *mine.store);
+                                              files.push_back(mine.store->seal_ring(r));
+                                          }
                                           for (std::size_t i = 0; i < rings.size(); ++i) {
                                               const KeyRing& r = rings[i];
                                               auto p = o.init ? mine.store->store_final(r, files[i])
                                                               : mine.store->store_sealed(r, files[i]);
-                                              for (const auto& v : r.versions) wrapped_here += !v.wrapped.empty();
                                               out.write(keystore::KeyStore::pending_text(p));
                                               out.write("\n");
                                           }
@@ -1517,6 +1557,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                         for (; taken < work.chunks() && chunks.wait(taken, running); ++taken) take_in(taken);
                 });
             for (; taken < work.chunks(); ++taken) take_in(taken);
+            sum.entries_written -= kept_total;  // the workers' summaries include the kept versions
             if (mac_only) sum.wrapped_keys = wrapped;
             if (mac_only && (sum.entries_written != sum.entries || sum.rings_written != sum.rings))
                 throw IntegrityError("the bundle holds other counts than its header says");

@@ -50,6 +50,22 @@ int run_export(const GlobalOptions& g, const ExportOptions& o) {
     return 0;
 }
 
+namespace {
+std::size_t kept_count(const backup::ImportSummary& sum) {
+    std::size_t n = 0;
+    for (const auto& [id, versions] : sum.kept) n += versions.size();
+    return n;
+}
+
+// "keeps version 3, which the bundle does not hold" / "keeps versions 3, 4, which ..."
+std::string kept_text(const std::vector<std::uint32_t>& versions) {
+    std::string list;
+    for (auto v : versions) list += (list.empty() ? "" : ", ") + std::to_string(v);
+    return std::string("keeps version") + (versions.size() == 1 ? " " : "s ") + list +
+           ", which the bundle does not hold";
+}
+}  // namespace
+
 int run_import(const GlobalOptions& g, const ImportOptions& o) {
     backup::ImportOptions io;
     io.bundle_path = o.bundle;
@@ -78,15 +94,19 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
                                     {"imported", sum.imported},
                                     {"conflicts", sum.conflicts},
                                     {"skipped", sum.skipped},
+                                    {"kept_versions", sum.kept},
                                     {"seconds", sum.seconds}}
                          .dump(2)
                   << "\n";
     } else if (sum.dry_run) {
-        for (const auto& k : sum.imported)
+        for (const auto& k : sum.imported) {
             std::cout << (std::find(sum.conflicts.begin(), sum.conflicts.end(), k) != sum.conflicts.end()
                               ? "overwrite "
                               : "import    ")
-                      << k << "\n";
+                      << k;
+            if (auto kept = sum.kept.find(k); kept != sum.kept.end()) std::cout << " (" << kept_text(kept->second) << ")";
+            std::cout << "\n";
+        }
         for (const auto& k : sum.skipped) std::cout << "skip      " << k << "\n";
     }
     if (sum.dry_run && !sum.refused.empty()) {
@@ -103,6 +123,11 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
         std::cerr << "imported " << sum.rings_written << " key rings (" << sum.entries_written
                   << " key versions) into " << io.keystore_path << " in " << sum.seconds << " s"
                   << (sum.skipped.empty() ? "" : "; skipped " + std::to_string(sum.skipped.size()) + " conflicting")
+                  << (sum.kept.empty() ? ""
+                                       : "; kept " + std::to_string(kept_count(sum)) +
+                                             (kept_count(sum) == 1 ? " version" : " versions") +
+                                             " of overwritten rings that the bundle does not hold "
+                                             "(not current; see --dry-run)")
                   << "\n";
     return 0;
 }
