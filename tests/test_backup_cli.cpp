@@ -603,6 +603,30 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
     f.must({"--keystore", f.dir + "/copy-again", "--token", "kw-dst", "keystore", "verify"});
 }
 
+// What a scheduled drill reads: a public-only bundle verifies (exit 0) but says it restores no
+// secret; a bundle that fails its checks is not declared to match the store.
+TEST_CASE("backup: verify notes a public-only bundle and compares no failed bundle with the store", "[cli]") {
+    BackupFixture f;
+    const std::string pub_b = f.dir + "/pub.dat", pub_s = f.dir + "/pub.json";
+    const std::string all_b = f.dir + "/all.dat", all_s = f.dir + "/all.json";
+    f.must([&] { auto v = f.exp(pub_b, pub_s); v.push_back("--all"); return v; }());
+    f.must([&] { auto v = f.exp(all_b, all_s); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    const std::string note = "note: this bundle holds public keys only";
+    auto pub = f.must({"--keystore", f.a, "verify", "--key-bundle-file", pub_b, "--key-bundle-secret", pub_s, "--against-store"});
+    CHECK_THAT(pub.err, Catch::Contains(note));
+    CHECK_THAT(pub.out, Catch::Contains("; matches the store"));
+    auto all = f.must({"--keystore", f.a, "verify", "--key-bundle-file", all_b, "--key-bundle-secret", all_s, "--against-store"});
+    CHECK_THAT(all.err, !Catch::Contains(note));
+    std::string text = kwtest::read_text(all_b);
+    const std::string cut = f.dir + "/cut.dat";
+    kwtest::write_file(cut, text.substr(0, text.rfind('\n', text.size() - 2) + 1));  // the MAC line gone
+    auto r = f.run({"--keystore", f.a, "verify", "--key-bundle-file", cut, "--key-bundle-secret", all_s, "--against-store"});
+    INFO(r.out << r.err);
+    CHECK(r.code == 4);
+    CHECK_THAT(r.out, Catch::Contains("FAILED: ") && Catch::Contains("; not compared with the store: the bundle failed its checks"));
+    CHECK_THAT(r.out, !Catch::Contains("matches the store"));
+}
+
 // --merge --on-conflict overwrite with a bundle older than the store: the bundle's versions
 // replace the store's, and the versions rotated in after the export stay (not current), with
 // their keys unchanged, so nothing is lost and the next rotation never reuses their numbers.

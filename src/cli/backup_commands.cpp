@@ -180,12 +180,17 @@ int run_verify_bundle(const GlobalOptions& g, const VerifyBundleOptions& o) {
                   << rep.header.bundle_id << " made " << keystore::format_time(rep.header.created) << ", "
                   << rep.header.rings << " key rings, " << rep.entries << " entries, " << rep.unwrapped
                   << " keys unwrapped and checked in the token";
-        if (o.against_store)
+        if (o.against_store && !rep.problems.empty())
+            std::cout << "; not compared with the store: the bundle failed its checks";
+        else if (o.against_store)
             std::cout << (comparison_ok ? "; matches the store" : "; differs from the store")
                       << (rep.not_covered ? " (" + std::to_string(rep.not_covered) +
                                                 " store keys are in rings this bundle does not hold)"
                                           : std::string());
         std::cout << "\n";
+        if (!rep.header.private_keys)
+            std::cerr << "note: this bundle holds public keys only (exported without --private-keys): it "
+                         "cannot restore any private or symmetric key\n";
     }
     if (!rep.ok()) return static_cast<int>(ExitCode::integrity);
     return comparison_ok ? 0 : static_cast<int>(ExitCode::failure);
