@@ -550,6 +550,7 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
         bool named, keys_go;
         std::string version = "2";
         const char* mode = "";  // chmod after init
+        bool unfinished = false;  // killed before its version file: store.json only
     };
     const std::vector<Leftover> leftovers = {
         {".R.import-init-Killed", "kw-dst", false, true},       // generated keys on this token: they go
@@ -558,6 +559,7 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
         {".R.import-init-NamedK", "kw-dst", true, false},       // C's keys, named: never touched
         {".R.import-Merged", "kw-dst", false, false},           // not an --init: a merge names live keys
         {".R.import-init-Public", "kw-dst", false, false, "2", "0755"},  // not private: not believed
+        {".R.import-init-Unfini", "kw-dst", false, true, "2", "", true},  // no version file yet: keys go
     };
     for (const auto& l : leftovers) {
         std::vector<std::string> init = {"--keystore", f.dir + "/" + l.name, "--token", l.token, "init",
@@ -569,6 +571,7 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
         if (*l.mode) REQUIRE(kwtest::sh(std::string("chmod ") + l.mode + " '" + f.dir + "/" + l.name + "'") == 0);
         // A copy elsewhere tells afterwards whether its master keys are still on the token.
         REQUIRE(kwtest::sh("cp -a '" + f.dir + "/" + l.name + "' '" + f.dir + "/copy" + l.name + "'") == 0);
+        if (l.unfinished) fs::remove(f.dir + "/" + l.name + "/version");
     }
     const std::string killed_enc = label_of(f.dir + "/copy.R.import-init-Killed", "encryption");
     const std::string other_enc = label_of(f.dir + "/copy.R.import-init-OtherT", "encryption");
@@ -625,6 +628,92 @@ TEST_CASE("backup: verify notes a public-only bundle and compares no failed bund
     CHECK(r.code == 4);
     CHECK_THAT(r.out, Catch::Contains("FAILED: ") && Catch::Contains("; not compared with the store: the bundle failed its checks"));
     CHECK_THAT(r.out, !Catch::Contains("matches the store"));
+}
+
+// A plain init records the master keys it is about to generate too (".<name>.init-keys-XXXXXX"),
+// removes the record once store.json names them, and the next init to that path destroys the
+// keys a killed init's record names. A record another init still holds (flock) is left alone,
+// and so is an unfinished store (store.json but no version file), which init refuses, naming its
+// keys.
+TEST_CASE("backup: init removes the master keys a killed init recorded, and names those of an unfinished store", "[cli]") {
+    BackupFixture f(false);
+    auto record_of = [&](const std::string& store) {
+        auto meta = nlohmann::json::parse(kwtest::read_text(store + "/store.json"));
+        nlohmann::json keys = nlohmann::json::array();
+        for (const char* role : {"encryption", "signature"})
+            keys.push_back({{"role", role}, {"label", meta["master_keys"][role]["label"]}, {"id", meta["master_keys"][role]["id"]}});
+        return nlohmann::json{{"format", "keywarden-import-init-keys"}, {"version", 1},
+                              {"store_id", meta["store_id"]},         {"store_version", 2},
+                              {"token_serial", meta["token"]["serial"]}, {"token_label", meta["token"]["label"]},
+                              {"keys", keys}}.dump(2);
+    };
+    auto label = [&](const std::string& store, const char* role) {
+        return nlohmann::json::parse(kwtest::read_text(store + "/store.json"))["master_keys"][role]["label"].get<std::string>();
+    };
+    auto write_record = [&](const std::string& path, const std::string& text) {
+        kwtest::write_file(path, text);
+        fs::permissions(path, fs::perms::owner_read | fs::perms::owner_write);
+    };
+    // A killed init's record: its keys go.
+    const std::string x = f.dir + "/X", killed = f.dir + "/.T.init-keys-Killed";
+    f.must({"--keystore", x, "--token", "kw-dst", "init"});
+    write_record(killed, record_of(x));
+    auto t = f.must({"--keystore", f.dir + "/T", "--token", "kw-dst", "init"});
+    CHECK_THAT(t.err, Catch::Contains("removed the master key '" + label(x, "encryption") + "'") &&
+                          Catch::Contains("that an init which was killed had made"));
+    CHECK_THAT(t.err, Catch::Contains("removed the master key '" + label(x, "signature") + "'"));
+    CHECK_FALSE(fs::exists(killed));
+    CHECK(f.run({"--keystore", x, "keystore", "verify"}).code == 3);
+    for (const auto& e : fs::directory_iterator(f.dir)) CHECK_FALSE(e.path().filename().string().starts_with(".T.init-keys-"));
+
+    // A record a running init holds: left alone.
+    const std::string y = f.dir + "/Y", live = f.dir + "/.U.init-keys-Live01";
+    f.must({"--keystore", y, "--token", "kw-dst", "init"});
+    write_record(live, record_of(y));
+    int fd = ::open(live.c_str(), O_RDONLY | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    REQUIRE(::flock(fd, LOCK_EX | LOCK_NB) == 0);
+    auto u = f.must({"--keystore", f.dir + "/U", "--token", "kw-dst", "init"});
+    ::close(fd);
+    CHECK_THAT(u.err, !Catch::Contains("removed the master key"));
+    CHECK(fs::exists(live));
+    f.must({"--keystore", y, "keystore", "verify"});
+
+    // An unfinished store: refused, its keys named, nothing changed.
+    const std::string v = f.dir + "/V";
+    f.must({"--keystore", v, "--token", "kw-dst", "init"});
+    fs::remove(v + "/version");
+    auto before = kwtest::tree_digest(v);
+    auto again = f.run({"--keystore", v, "--token", "kw-dst", "init"});
+    CHECK(again.code == 1);
+    CHECK_THAT(again.err, Catch::Contains("unfinished store") && Catch::Contains("'" + label(v, "encryption") + "'") &&
+                              Catch::Contains("'" + label(v, "signature") + "'"));
+    CHECK(kwtest::tree_digest(v) == before);
+
+    // The record a real init writes names exactly the keys its store.json names, and is gone at
+    // the end (a shell spins until it appears and copies it; a missed window is retried).
+    bool caught = false;
+    for (int attempt = 0; attempt < 20 && !caught; ++attempt) {
+        const std::string name = "W" + std::to_string(attempt), copy = f.dir + "/" + name + ".copy";
+        const std::string script =
+            "\"$0\" \"$@\" >/dev/null 2>&1 & pid=$!; "
+            "while kill -0 $pid 2>/dev/null; do "
+            "  for r in \"$KW_RECORD\"*; do [ -s \"$r\" ] && cp \"$r\" \"$KW_COPY\" 2>/dev/null && break 2; done; "
+            "done; wait $pid; echo $?";
+        auto env = f.env;
+        env["KW_RECORD"] = f.dir + "/." + name + ".init-keys-";
+        env["KW_COPY"] = copy;
+        auto r = kwtest::run_program({"/bin/sh", "-c", script, kwtest::binary_path(), "--keystore", f.dir + "/" + name,
+                                      "--token", "kw-dst", "init"},
+                                     env);
+        REQUIRE(r.out == "0\n");
+        for (const auto& e : fs::directory_iterator(f.dir))
+            CHECK_FALSE(e.path().filename().string().starts_with("." + name + ".init-keys-"));
+        if (!fs::exists(copy) || !nlohmann::json::accept(kwtest::read_text(copy))) continue;
+        caught = true;
+        CHECK(nlohmann::json::parse(kwtest::read_text(copy)) == nlohmann::json::parse(record_of(f.dir + "/" + name)));
+    }
+    CHECK(caught);
 }
 
 // --merge --on-conflict overwrite with a bundle older than the store: the bundle's versions

@@ -191,7 +191,10 @@ class KeyStore : public Store {
 public:
     // Creates an empty store: version file, store.json, an empty signed manifest, the lock
     // file. Refuses a non-empty directory.
-    static void init(Storage& storage, MasterKeys& keys, StoreMeta meta);
+    // before_version runs once store.json and the manifest are written and synced, before the
+    // version file (written last) makes the directory a store.
+    static void init(Storage& storage, MasterKeys& keys, StoreMeta meta,
+                     const std::function<void()>& before_version = {});
 
     // Opens a store: takes the lock (shared, or exclusive when writable), finishes or rolls
     // back an interrupted write, checks the master key check values against store.json, verifies

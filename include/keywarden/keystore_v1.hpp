@@ -32,7 +32,9 @@ class KeyStoreV1 : public Store {
 public:
     // Creates an empty v1 store: version file ("keywarden-keystore 1"), store.json, lock file.
     // keys.protector and keys.mac must both use the one master key.
-    static void init(Storage& storage, MasterKeys& keys, StoreMeta meta);
+    // before_version: as KeyStore::init.
+    static void init(Storage& storage, MasterKeys& keys, StoreMeta meta,
+                     const std::function<void()>& before_version = {});
     static std::unique_ptr<KeyStoreV1> open(std::unique_ptr<Storage> storage, MasterKeys keys,
                                             bool writable, std::unique_ptr<StorageLock> lock = nullptr);
     ~KeyStoreV1() override;

@@ -43,7 +43,15 @@ struct InitParams {
     // named by URI are empty). Nothing is generated if it throws. import --init records them, so
     // that the keys of a run killed before store.json exists can still be found and removed.
     std::function<void(const StoreMeta&)> before_generating;
+    // Called once store.json names the master keys, before the version file makes the directory
+    // a store: the record of planned keys goes there (PlannedKeysRecord::stored), so that it never
+    // outlives the unfinished store into a finished one.
+    std::function<void()> before_completing;
 };
+
+// The store.json of the directory at path, also of an unfinished store (no version file yet, as
+// an init that was killed leaves it). Throws when there is none or it does not parse.
+StoreMeta read_store_json(const std::string& path);
 
 // Throws ConflictError when path exists and is not an empty directory.
 void refuse_existing_store(const std::string& path);

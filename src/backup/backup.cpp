@@ -33,6 +33,7 @@
 #include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
 #include "keywarden/log.hpp"
+#include "keywarden/planned_keys.hpp"
 #include "keywarden/token_protector.hpp"
 
 namespace keywarden::backup {
@@ -321,46 +322,10 @@ std::uint64_t BundleWriter::bytes() const { return m->out.bytes(); }
 
 namespace {
 
-// The master keys that a killed `import --init` generated for the store it was building (named in
-// the store.json of its staging directory, or, if it was killed before writing that, in the
-// record of planned keys beside it) protect nothing: that store never came to be. They are
-// destroyed when they are on this token, as a failed import destroys its own. Only keys whose
-// label has that store's generated form ("keywarden-<first 8 of its store id>-enc", "-sig", "-v1")
-// and whose CKA_ID is the one recorded are touched: keys named with --master-*-key belong to
-// someone else and are never destroyed.
-// True when none of those keys is left on any token as far as this run can tell.
-bool forget_killed_init(const keystore::StoreMeta& meta, pkcs11::TokenContext& ctx) {
-    bool all_gone = true;
-    using pkcs11::MasterRole;
-    std::vector<std::pair<const keystore::MasterKeyRecord*, MasterRole>> keys;
-    if (meta.store_version == 1) keys = {{&meta.encryption, MasterRole::single}};
-    else keys = {{&meta.encryption, MasterRole::encryption}, {&meta.signature, MasterRole::signature}};
-    for (const auto& [k, role] : keys) {
-        if (k->id.empty() || k->label != keystore::generated_master_label(meta.store_id, role))
-            continue;  // named, not generated
-        const std::string what = "master key '" + k->label + "' (id " + to_hex(k->id) + ")";
-        if (meta.token_serial != ctx.token.serial) {
-            log::warn("an import --init that was killed made the " + what + " on token '" + meta.token_label +
-                      "' (serial " + meta.token_serial + "); it protects nothing: delete it with the token's tool");
-            all_gone = false;
-            continue;
-        }
-        try {
-            auto found = pkcs11::find_master_key(*ctx.session, k->label, k->id);
-            if (!found) continue;
-            pkcs11::destroy_object(*ctx.session, found->handle);
-            if (pkcs11::find_master_key(*ctx.session, k->label, k->id))
-                throw Error("the token did not destroy it");
-            log::warn("removed the " + what + " that an import --init which was killed had made; it protected nothing");
-        } catch (const std::exception& e) {
-            log::warn("could not remove the " + what + " that an import --init which was killed had made (" +
-                      e.what() + "); it protects nothing: delete it with the token's tool");
-            all_gone = false;
-        }
-    }
-    return all_gone;
-}
-
+// The master keys that a killed `import --init` generated for the store it was building, named in
+// the store.json of its staging directory (or, if it was killed before writing that, in its record
+// of planned keys: keystore::forget_planned_keys), protect nothing: that store never came to be.
+// keystore::forget_generated_keys destroys those on this token.
 void forget_killed_init(const fs::path& staging, pkcs11::TokenContext& ctx) {
     // Only a directory this user made, as mkdtemp does (0700), with a store.json of its own:
     // the keys another user's files name are not destroyed on their word.
@@ -376,99 +341,11 @@ void forget_killed_init(const fs::path& staging, pkcs11::TokenContext& ctx) {
     }
     keystore::StoreMeta meta;
     try {
-        meta = keystore::read_store_meta(*keystore::open_file_storage(staging.string()));
+        meta = keystore::read_store_json(staging.string());  // also of an unfinished store
     } catch (const std::exception&) {
         return;  // killed before it wrote store.json: the record of planned keys names its keys
     }
-    forget_killed_init(meta, ctx);
-}
-
-// The record of the master keys an import --init is about to generate (docs/operations.md 7.2):
-// written and synced before the first is generated, removed once store.json names them.
-constexpr const char* kPlannedKeysFormat = "keywarden-import-init-keys";
-constexpr int kPlannedKeysVersion = 1;
-
-std::string planned_keys_text(const keystore::StoreMeta& m) {
-    nlohmann::json keys = nlohmann::json::array();
-    auto add = [&](const char* role, const keystore::MasterKeyRecord& r) {
-        if (!r.id.empty()) keys.push_back({{"role", role}, {"label", r.label}, {"id", to_hex(r.id)}});
-    };
-    if (m.store_version == 1) {
-        add("single", m.encryption);
-    } else {
-        add("encryption", m.encryption);
-        add("signature", m.signature);
-    }
-    nlohmann::json j = {{"format", kPlannedKeysFormat},   {"version", kPlannedKeysVersion},
-                        {"store_id", m.store_id},         {"store_version", m.store_version},
-                        {"token_serial", m.token_serial}, {"token_label", m.token_label},
-                        {"keys", keys}};
-    return j.dump(2) + "\n";
-}
-
-// nullopt when the record is not one this version reads.
-std::optional<keystore::StoreMeta> parse_planned_keys(const std::string& text) {
-    try {
-        auto j = nlohmann::json::parse(text);
-        if (j.at("format") != kPlannedKeysFormat || j.at("version") != kPlannedKeysVersion) return std::nullopt;
-        keystore::StoreMeta m;
-        m.store_id = j.at("store_id").get<std::string>();
-        m.store_version = j.at("store_version").get<int>();
-        m.token_serial = j.at("token_serial").get<std::string>();
-        m.token_label = j.at("token_label").get<std::string>();
-        if (m.store_id.size() != 32 || (m.store_version != 1 && m.store_version != 2)) return std::nullopt;
-        for (const auto& k : j.at("keys")) {
-            auto id = from_hex(k.at("id").get<std::string>());
-            if (!id || id->empty()) return std::nullopt;
-            const std::string role = k.at("role").get<std::string>();
-            if (m.store_version == 1 ? role != "single" : role != "encryption" && role != "signature")
-                return std::nullopt;
-            keystore::MasterKeyRecord& r = role == "signature" ? m.signature : m.encryption;
-            r.label = k.at("label").get<std::string>();
-            r.id.assign(id->begin(), id->end());
-        }
-        return m;
-    } catch (const std::exception&) {
-        return std::nullopt;
-    }
-}
-
-// A record left by an --init that was killed before its store.json named the keys (or by one
-// that failed, whose keys init destroyed itself): the keys it names are destroyed as those a
-// staging directory names are (forget_killed_init). The record goes when none of them can be
-// left; otherwise it stays, and every later --init into this path tries again.
-void forget_planned_keys(const fs::path& record, pkcs11::TokenContext& token) {
-    const std::string path = record.string();
-    // Only a record this user wrote is acted on: a regular file, not a link, mode 0600.
-    int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-    struct stat st {};
-    if (fd < 0 || ::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid() ||
-        (st.st_mode & 077) != 0 || st.st_size > 65536) {
-        if (fd >= 0) ::close(fd);
-        throw Error("refusing to act on " + path +
-                        ": it is not a regular file of this user with mode 0600, as the record of master "
-                        "keys that an import --init writes is",
-                    "check what made it, delete from the token any master key it names that no store uses, "
-                    "then remove the file and run the import again");
-    }
-    std::string text(static_cast<std::size_t>(st.st_size), '\0');
-    ssize_t got = ::read(fd, text.data(), text.size());
-    ::close(fd);
-    if (got < 0) io_fail("cannot read", path);
-    text.resize(static_cast<std::size_t>(got));
-    if (auto planned = parse_planned_keys(text)) {
-        if (!forget_killed_init(*planned, token)) {
-            log::warn("kept " + path + ": the master keys it names may still be on a token; remove it once they "
-                      "are deleted");
-            return;
-        }
-    } else {
-        // Synced before the first key is generated: a torn or unknown record names no key.
-        log::warn("removing " + path + ", which this version cannot read; if a newer keywarden wrote it, check "
-                  "the token for master keys labelled keywarden-<8 hex>-enc, -sig or -v1 that no store uses");
-    }
-    if (::unlink(path.c_str()) != 0 && errno != ENOENT) io_fail("cannot remove", path);
-    fsync_dir_of(path);
+    keystore::forget_generated_keys(meta, ctx, "an import --init");
 }
 
 }  // namespace
@@ -482,34 +359,30 @@ StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenCo
         m_lock_file = (m_parent / ("." + name + ".import.lock")).string();
         m_init_lock = keystore::open_file_storage(m_parent.string())->lock_file("." + name + ".import.lock");
         keystore::refuse_existing_store(store_path);  // again, now that we hold the lock
+        m_record = std::make_unique<keystore::PlannedKeysRecord>(store_path, "import");
+        // Records of planned master keys first: only an --init acts on them.
+        if (token) keystore::forget_planned_keys(store_path, "import", *token);
     }
     // Leftovers of an import that was killed are removed: no other import is running. Those of an
     // --init ("-init-") were new stores; their generated master keys go too, but only by an --init
     // import, which holds the lock that such an import held.
-    // Records of planned master keys ("-keys-") first: only an --init acts on them, and one is
-    // removed only when its keys are gone.
-    std::vector<fs::path> records, others;
+    // Records of planned master keys ("-keys-") are never removed here.
+    std::vector<fs::path> others;
     for (const auto& e : fs::directory_iterator(m_parent, ec)) {
         const std::string n = e.path().filename().string();
-        if (n.starts_with("." + name + ".import-keys-")) records.push_back(e.path());
-        else if (n.starts_with("." + name + ".import-")) others.push_back(e.path());
+        if (n.starts_with("." + name + ".import-") && !n.starts_with("." + name + ".import-keys-"))
+            others.push_back(e.path());
     }
-    if (init && token)
-        for (const auto& r : records) forget_planned_keys(r, *token);
     for (const auto& o : others) {
         if (init && token && o.filename().string().starts_with("." + name + ".import-init-"))
             forget_killed_init(o, *token);
         fs::remove_all(o, ec);
     }
     m_staging = (m_parent / ("." + name + (init ? ".import-init-XXXXXX" : ".import-XXXXXX"))).string();
-    if (init) m_keys_record = (m_parent / ("." + name + ".import-keys-XXXXXX")).string();
     if (!::mkdtemp(m_staging.data())) io_fail("cannot create a staging directory in", m_parent.string());
 }
 
 StagingDir::~StagingDir() {
-    // A record still here belongs to an init that failed before its store.json named the keys.
-    // init destroys the keys it made, but it may have failed to: the record stays, and the next
-    // --init into this path removes it once the keys are gone.
     std::error_code ec;
     // Not switched: the staging directory is the unfinished result. Switched by an exchange: it
     // holds the previous store.
@@ -518,30 +391,9 @@ StagingDir::~StagingDir() {
 
 void StagingDir::make_room_for_init() { ::rmdir(m_staging.c_str()); }
 
-void StagingDir::record_planned_keys(const keystore::StoreMeta& planned) {
-    const std::string text = planned_keys_text(planned);
-    int fd = ::mkostemp(m_keys_record.data(), O_CLOEXEC);  // O_EXCL, mode 0600
-    if (fd < 0) io_fail("cannot create", m_keys_record);
-    try {
-        write_all(fd, text.data(), text.size(), m_keys_record);
-        if (::fsync(fd) != 0) io_fail("cannot sync", m_keys_record);
-    } catch (...) {
-        ::close(fd);
-        ::unlink(m_keys_record.c_str());  // no key is generated after this
-        throw;
-    }
-    m_keys_recorded = true;
-    if (::close(fd) != 0) io_fail("cannot close", m_keys_record);
-    fsync_dir_of(m_keys_record);
-}
+void StagingDir::record_planned_keys(const keystore::StoreMeta& planned) { m_record->write(planned); }
 
-void StagingDir::planned_keys_stored() {
-    // store.json in the staging directory names the keys now.
-    if (!m_keys_recorded) return;
-    if (::unlink(m_keys_record.c_str()) != 0) io_fail("cannot remove", m_keys_record);
-    m_keys_recorded = false;
-    fsync_dir_of(m_keys_record);
-}
+void StagingDir::planned_keys_stored() { m_record->stored(); }
 
 void StagingDir::clone_live_store() {
     ::chmod(m_staging.c_str(), 0700);
@@ -1412,8 +1264,8 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             staging_dir.make_room_for_init();
             keystore::InitParams params = o.init_params;
             params.before_generating = [&](const keystore::StoreMeta& p) { staging_dir.record_planned_keys(p); };
+            params.before_completing = [&] { staging_dir.planned_keys_stored(); };
             created_meta = keystore::init_store(ctx, staging, params);
-            staging_dir.planned_keys_stored();
             stage.emplace(keystore::open_store_on(ctx, keystore::open_file_storage(staging), true));
         } else {
             staging_dir.clone_live_store();

@@ -25,6 +25,7 @@
 #include "bundle_io.hpp"
 #include "keywarden/backup.hpp"
 #include "keywarden/error.hpp"
+#include "keywarden/planned_keys.hpp"
 #include "keywarden/token_context.hpp"
 #include "keywarden/token_protector.hpp"
 
@@ -171,8 +172,9 @@ public:
 
 private:
     std::filesystem::path m_path, m_parent;
-    std::string m_staging, m_lock_file, m_keys_record;
-    bool m_init, m_switched = false, m_keys_recorded = false;
+    std::string m_staging, m_lock_file;
+    bool m_init, m_switched = false;
+    std::unique_ptr<keystore::PlannedKeysRecord> m_record;  // --init
     std::unique_ptr<keystore::StorageLock> m_init_lock;
 };
 

@@ -12,6 +12,7 @@
 #include "keywarden/encoding.hpp"
 #include "keywarden/keystore.hpp"
 #include "keywarden/log.hpp"
+#include "keywarden/planned_keys.hpp"
 #include "keywarden/token_protector.hpp"
 #include "options.hpp"
 #include "store_context.hpp"
@@ -46,13 +47,19 @@ keystore::OpenAnyStore with_any_store(const GlobalOptions& g, bool writable, boo
 int run_init(const GlobalOptions& g, const InitOptions& o) {
     std::string path = keystore_path(g);
     keystore::refuse_existing_store(path);  // before touching the token
+    if (o.store_version != 1 && o.store_version != 2)
+        throw UsageError("--store-version must be 1 or 2");
     auto ctx = pkcs11::open_token(g.tok, true);
+    // The master keys an init to this path made before it was killed, if its record says so
+    // (docs/operations.md 5.5); then this init's own record, until store.json names its keys.
+    keystore::forget_planned_keys(path, "init", ctx);
+    keystore::PlannedKeysRecord record(path, "init");
     keystore::InitParams params;
     params.master_encryption_key = o.master_encryption_key;
     params.master_signature_key = o.master_signature_key;
     params.allow_extractable_master = o.allow_extractable_master;
-    if (o.store_version != 1 && o.store_version != 2)
-        throw UsageError("--store-version must be 1 or 2");
+    params.before_generating = [&](const keystore::StoreMeta& planned) { record.write(planned); };
+    params.before_completing = [&] { record.stored(); };
     auto written = o.store_version == 1 ? keystore::init_store_v1(ctx, path, params)
                                         : keystore::init_store(ctx, path, params);
     if (g.json) {

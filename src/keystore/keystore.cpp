@@ -132,7 +132,7 @@ void detail::complete_new_meta(StoreMeta& meta, MasterKeys& keys) {
     meta.signature.kcv = keys.mac->key_check_value();
 }
 
-void KeyStore::init(Storage& storage, MasterKeys& keys, StoreMeta meta) {
+void KeyStore::init(Storage& storage, MasterKeys& keys, StoreMeta meta, const std::function<void()>& before_version) {
     storage.create();
     auto lock = storage.lock(true);
     complete_new_meta(meta, keys);
@@ -148,6 +148,7 @@ void KeyStore::init(Storage& storage, MasterKeys& keys, StoreMeta meta) {
                   seal(*keys.mac, kManifestMagic, kManifestFormat, kManifestDomain, m.store_id,
                        manifest_body(m)),
                   true);
+    if (before_version) before_version();
     storage.write(kVersionFile, to_bytes(kVersion2Text), true);
 }
 

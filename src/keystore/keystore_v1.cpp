@@ -141,7 +141,7 @@ std::optional<KeyId> v1_key_id_of(const std::string& f) {
 
 // ---- init and open --------------------------------------------------------------------------
 
-void KeyStoreV1::init(Storage& storage, MasterKeys& keys, StoreMeta meta) {
+void KeyStoreV1::init(Storage& storage, MasterKeys& keys, StoreMeta meta, const std::function<void()>& before_version) {
     storage.create();
     auto lock = storage.lock(true);
     meta.store_version = 1;
@@ -150,6 +150,7 @@ void KeyStoreV1::init(Storage& storage, MasterKeys& keys, StoreMeta meta) {
     complete_new_meta(meta, keys);
     storage.write(kMetaFile, to_bytes(meta_to_json(meta).dump(2) + "\n"), true);
     // The version file goes last: until it exists the directory is not a store.
+    if (before_version) before_version();
     storage.write(kVersionFile, to_bytes(kVersion1Text), true);
 }
 

@@ -4,6 +4,9 @@
 
 #include <filesystem>
 
+#include <nlohmann/json.hpp>
+
+#include "detail/format.hpp"
 #include "keywarden/encoding.hpp"
 #include "keywarden/log.hpp"
 #include "keywarden/error.hpp"
@@ -164,9 +167,40 @@ OpenAnyStore open_any_store_on(pkcs11::TokenContext token, std::unique_ptr<Stora
     return out;
 }
 
+StoreMeta read_store_json(const std::string& path) {
+    auto raw = open_file_storage(path)->read("store.json");
+    if (!raw) throw NotFoundError("no store.json in " + path);
+    try {
+        return detail::meta_from_json(nlohmann::json::parse(*raw));
+    } catch (const nlohmann::json::exception& e) {
+        throw IntegrityError(std::string("store.json is not valid: ") + e.what());
+    }
+}
+
 void refuse_existing_store(const std::string& path) {
     std::error_code ec;
     if (!std::filesystem::exists(path, ec)) return;
+    const std::filesystem::path dir(path);
+    // store.json without the version file (written last): an init that did not finish.
+    if (std::filesystem::is_directory(dir, ec) && std::filesystem::exists(dir / "store.json", ec) &&
+        !std::filesystem::exists(dir / "version", ec)) {
+        std::string keys;
+        try {
+            StoreMeta m = read_store_json(path);
+            keys = " '" + m.encryption.label + "' (id " + to_hex(m.encryption.id) + ")";
+            if (m.store_version != 1)
+                keys += " and '" + m.signature.label + "' (id " + to_hex(m.signature.id) + ")";
+            keys = "; its store.json names the master key" + std::string(m.store_version != 1 ? "s" : "") + keys +
+                   " on token '" + m.token_label + "'";
+        } catch (const std::exception&) {
+        }
+        throw ConflictError("refusing to initialise " + path +
+                                ": it holds an unfinished store (store.json but no version file), left by an "
+                                "init that was killed or failed" + keys,
+                            "it holds no key ring. Delete those master keys with the token's tool if no "
+                            "store uses them (keys you named with --master-*-key belong to another store), "
+                            "remove the directory, and run init again");
+    }
     if (!std::filesystem::is_directory(path, ec) || !std::filesystem::is_empty(path, ec))
         throw ConflictError("refusing to initialise " + path +
                                 ": it already exists and is not an empty directory",
@@ -273,7 +307,7 @@ StoreMeta init_store(pkcs11::TokenContext& ctx, const std::string& path, const I
         meta.encryption = {enc.label, enc.id, {}};
         meta.signature = {sig.label, sig.id, {}};
         auto keys = token_master_keys(ctx, enc.handle, sig.handle, mech);
-        KeyStore::init(*storage, keys, meta);
+        KeyStore::init(*storage, keys, meta, p.before_completing);
     } catch (...) {
         // Generated master keys are deleted again; named ones are never touched.
         for (auto h : created) pkcs11::destroy_object(*ctx.session, h);
@@ -303,7 +337,7 @@ StoreMeta init_store_v1(pkcs11::TokenContext& ctx, const std::string& path, cons
                                  created);
         meta.encryption = {key.label, key.id, {}};
         auto keys = token_master_keys_v1(ctx, key.handle, mech);
-        KeyStoreV1::init(*storage, keys, meta);
+        KeyStoreV1::init(*storage, keys, meta, p.before_completing);
     } catch (...) {
         for (auto h : created) pkcs11::destroy_object(*ctx.session, h);
         throw;
