@@ -583,7 +583,12 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
     CHECK_THAT(done.err, Catch::Contains("removed the master key '" + label_of(f.dir + "/copy.R.import-init-Killed", "signature") + "'"));
     CHECK_THAT(done.err, Catch::Contains(other_enc) && Catch::Contains("on token 'kw-src'"));
     CHECK_THAT(done.err, Catch::Contains("not acting on the master keys that " + f.dir + "/.R.import-init-Public/store.json"));
-    for (const auto& e : fs::directory_iterator(f.dir)) CHECK_FALSE(e.path().filename().string().starts_with(".R.import-"));
+    // Gone, except where keys may remain: on another token, or named by a directory not believed.
+    std::set<std::string> left;
+    for (const auto& e : fs::directory_iterator(f.dir))
+        if (e.path().filename().string().starts_with(".R.import-")) left.insert(e.path().filename().string());
+    CHECK(left == std::set<std::string>{".R.import-init-OtherT", ".R.import-init-Public"});
+    CHECK_THAT(done.err, Catch::Contains("and leaving " + f.dir + "/.R.import-init-Public"));
     for (const auto& l : leftovers) {
         INFO(l.name);
         auto opened = f.run({"--keystore", f.dir + "/copy" + l.name, "--token", l.token, "keystore", "verify"});
@@ -595,14 +600,14 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
         }
     }
     f.must({"--keystore", c, "--token", "kw-dst", "keystore", "verify"});
-    // A merge import never destroys keys, even of an --init leftover (it does not hold the lock
-    // that such an import held): the directory goes, the keys stay.
+    // A merge import never destroys keys, nor touches an --init leftover (it does not hold the
+    // lock that such an import held): the directory and the keys stay for the next --init.
     f.must({"--keystore", f.dir + "/.R.import-init-Again", "--token", "kw-dst", "init"});
     REQUIRE(kwtest::sh("cp -a '" + f.dir + "/.R.import-init-Again' '" + f.dir + "/copy-again'") == 0);
     auto merged = f.run([&] { auto v = f.imp(r, bundle, secret); v.insert(v.end(), {"--merge", "--on-conflict", "skip"}); return v; }());
     INFO(merged.err);
     CHECK(merged.code == 0);
-    CHECK_FALSE(fs::exists(f.dir + "/.R.import-init-Again"));
+    CHECK(fs::exists(f.dir + "/.R.import-init-Again"));
     f.must({"--keystore", f.dir + "/copy-again", "--token", "kw-dst", "keystore", "verify"});
 }
 
@@ -628,6 +633,13 @@ TEST_CASE("backup: verify notes a public-only bundle and compares no failed bund
     CHECK(r.code == 4);
     CHECK_THAT(r.out, Catch::Contains("FAILED: ") && Catch::Contains("; not compared with the store: the bundle failed its checks"));
     CHECK_THAT(r.out, !Catch::Contains("matches the store"));
+    auto rj = f.run({"--keystore", f.a, "verify", "--key-bundle-file", cut, "--key-bundle-secret", all_s, "--against-store", "--json"});
+    CHECK(rj.code == 4);
+    auto j = nlohmann::json::parse(rj.out);
+    CHECK(j["against_store"]["compared"] == false);
+    CHECK(j["against_store"]["missing"].empty());
+    auto aj = f.must({"--keystore", f.a, "verify", "--key-bundle-file", all_b, "--key-bundle-secret", all_s, "--against-store", "--json"});
+    CHECK(nlohmann::json::parse(aj.out)["against_store"]["compared"] == true);
 }
 
 // A plain init records the master keys it is about to generate too (".<name>.init-keys-XXXXXX"),
@@ -690,6 +702,16 @@ TEST_CASE("backup: init removes the master keys a killed init recorded, and name
                               Catch::Contains("'" + label(v, "signature") + "'"));
     CHECK(kwtest::tree_digest(v) == before);
 
+    // "P/" names the store P: the record goes beside P, not into it, and is gone at the end; a
+    // record a killed run had not finished writing (no key made yet) is removed.
+    const std::string stale = f.dir + "/.P.init-keys.tmp-Half01";
+    write_record(stale, "{\"format\": \"keywarden-imp");
+    f.must({"--keystore", f.dir + "/P/", "--token", "kw-dst", "init"});
+    f.must({"--keystore", f.dir + "/P", "keystore", "verify"});
+    CHECK_FALSE(fs::exists(stale));
+    for (const auto& e : fs::directory_iterator(f.dir)) CHECK_FALSE(e.path().filename().string().starts_with(".P.init-keys"));
+    for (const auto& e : fs::directory_iterator(f.dir + "/P")) CHECK_FALSE(e.path().filename().string().starts_with("..init-keys"));
+
     // The record a real init writes names exactly the keys its store.json names, and is gone at
     // the end (a shell spins until it appears and copies it; a missed window is retried).
     bool caught = false;
@@ -749,8 +771,9 @@ TEST_CASE("backup: overwrite keeps the versions the store made after the export"
         std::map<std::string, std::vector<std::pair<int, bool>>> seen;  // id -> (version, current)
         for (const auto& r : rings)
             for (const auto& v : r["versions"]) seen[r["key_id"]].push_back({v["version"].get<int>(), v["current"].get<bool>()});
-        CHECK(seen["audit/log"] == std::vector<std::pair<int, bool>>{{1, true}, {2, false}});
-        CHECK(seen["client/alice01/symmetric"] == std::vector<std::pair<int, bool>>{{1, false}, {2, true}, {3, false}});
+        // The store's current version, made after the export, stays current.
+        CHECK(seen["audit/log"] == std::vector<std::pair<int, bool>>{{1, false}, {2, true}});
+        CHECK(seen["client/alice01/symmetric"] == std::vector<std::pair<int, bool>>{{1, false}, {2, false}, {3, true}});
         CHECK(key(b, "audit/log", "2") == log2);
         CHECK(key(b, "client/alice01/symmetric", "3") == sym3);
         CHECK(key(b, "audit/log", "1") == key(f.a, "audit/log", "1"));
@@ -763,6 +786,41 @@ TEST_CASE("backup: overwrite keeps the versions the store made after the export"
         CHECK(key(b, "audit/log", "2") == log2);
         CHECK(key(b, "audit/log", "3") != log2);
     }
+
+    // A version both hold with different keys: overwrite would lose the store's, so it refuses,
+    // as does a public-only bundle over the store's private keys. Nothing changes.
+    f.must({"--keystore", f.a, "rotate", "audit/log"});  // A's audit/log@2 is another key than B0's
+    const std::string newer = f.dir + "/newer.dat", newer_s = f.dir + "/newer.json";
+    const std::string pub = f.dir + "/pub.dat", pub_s = f.dir + "/pub.json";
+    f.must([&] { auto v = f.exp(newer, newer_s); v.insert(v.end(), {"--all", "--private-keys"}); return v; }());
+    f.must([&] { auto v = f.exp(pub, pub_s); v.push_back("--all"); return v; }());
+    const auto before = kwtest::tree_digest(base);
+    struct Refusal {
+        std::string bundle, secret, first;
+    };
+    for (const auto& r : {Refusal{newer, newer_s, "audit/log@2 first"}, Refusal{pub, pub_s, "client/alice01/storage@1 first"}}) {
+        INFO(r.bundle);
+        auto no = f.run([&] { auto v = f.imp(base, r.bundle, r.secret); v.insert(v.end(), {"--merge", "--on-conflict", "overwrite"}); return v; }());
+        CHECK(no.code == 1);
+        CHECK_THAT(no.err, Catch::Contains("would be replaced by another key from the bundle") && Catch::Contains(r.first));
+        CHECK_THAT(no.err, Catch::Contains("hint: if you mean to replace them, destroy those versions"));
+        auto dry = f.run([&] { auto v = f.imp(base, r.bundle, r.secret); v.insert(v.end(), {"--merge", "--on-conflict", "overwrite", "--dry-run", "--json"}); return v; }());
+        CHECK(dry.code == 1);
+        CHECK_FALSE(nlohmann::json::parse(dry.out)["replaced_versions"].empty());
+        CHECK(kwtest::tree_digest(base) == before);
+    }
+
+    // A store ring that cannot be read is replaced whole, with a warning.
+    const std::string d = f.dir + "/D";
+    REQUIRE(kwtest::sh("cp -a '" + base + "' '" + d + "'") == 0);
+    const std::string ring = d + "/keys/poison/symmetric.keyring";
+    std::string text = kwtest::read_text(ring);
+    text[text.size() / 2] ^= 0x01;
+    kwtest::write_file(ring, text);
+    auto fixed = f.must([&] { auto v = f.imp(d, bundle, secret); v.insert(v.end(), {"--merge", "--on-conflict", "overwrite"}); return v; }());
+    CHECK_THAT(fixed.err, Catch::Contains("the store's key ring poison/symmetric cannot be read"));
+    f.must({"--keystore", d, "keystore", "verify"});
+    CHECK(key(d, "poison/symmetric", "1") == key(f.a, "poison/symmetric", "1"));
 }
 
 // An import --init killed after generating master keys but before its store.json named them

@@ -58,6 +58,9 @@ struct VerifyReport {
     // With a store: keys missing from the bundle, extra in it, or different (by check value).
     std::vector<std::string> missing, extra, different;
     std::size_t not_covered = 0;  // live store keys in rings the bundle does not hold at all
+    // With a store: whether the comparison covers the whole bundle (pass 1 read all of it). When
+    // not, the three lists above are empty: a partial comparison would mislead.
+    bool compared = false;
     bool ok() const { return problems.empty() && different.empty(); }
 };
 
@@ -93,8 +96,12 @@ struct ImportSummary {
     // --on-conflict overwrite: per overwritten ring, the versions only the store holds (made after
     // the export), which the import keeps (not current) instead of dropping.
     std::map<std::string, std::vector<std::uint32_t>> kept;
+    // --on-conflict overwrite: live store versions ("key@version") that the bundle holds with
+    // another key, or without its key: the import is refused.
+    std::vector<std::string> replaced;
     std::size_t rings_written = 0, entries_written = 0;
     std::string refused;  // dry run: why the real import would refuse, if it would
+    std::string refused_hint;
     bool dry_run = false;
     double seconds = 0;
 };

@@ -27,7 +27,7 @@ public:
     void stored();
 
 private:
-    std::string m_path;
+    std::string m_path, m_temp;
     int m_fd = -1;
 };
 

@@ -326,32 +326,47 @@ namespace {
 // the store.json of its staging directory (or, if it was killed before writing that, in its record
 // of planned keys: keystore::forget_planned_keys), protect nothing: that store never came to be.
 // keystore::forget_generated_keys destroys those on this token.
-void forget_killed_init(const fs::path& staging, pkcs11::TokenContext& ctx) {
+// False when the directory is not believed (then it is left where it is, as it names keys that
+// may still exist).
+bool forget_killed_init(const fs::path& staging, pkcs11::TokenContext& ctx) {
     // Only a directory this user made, as mkdtemp does (0700), with a store.json of its own:
     // the keys another user's files name are not destroyed on their word.
     struct stat d {}, f {};
     const std::string meta_path = (staging / "store.json").string();
+    if (::lstat(meta_path.c_str(), &f) != 0 && errno == ENOENT && ::lstat(staging.c_str(), &d) == 0 &&
+        S_ISDIR(d.st_mode))
+        return true;  // killed before it wrote store.json: the record of planned keys names its keys
     if (::lstat(staging.c_str(), &d) != 0 || !S_ISDIR(d.st_mode) || d.st_uid != ::geteuid() ||
         (d.st_mode & 077) != 0 || ::lstat(meta_path.c_str(), &f) != 0 || !S_ISREG(f.st_mode) ||
         f.st_uid != ::geteuid()) {
-        if (::lstat(meta_path.c_str(), &f) == 0)
-            log::warn("not acting on the master keys that " + meta_path + " names: " + staging.string() +
-                      " is not a private directory of this user with a store.json of its own");
-        return;
+        log::warn("not acting on the master keys that " + meta_path + " names, and leaving " + staging.string() +
+                  ": it is not a private directory of this user with a store.json of its own; check what made "
+                  "it, delete any master key it names that no store uses, then remove it");
+        return false;
     }
     keystore::StoreMeta meta;
     try {
         meta = keystore::read_store_json(staging.string());  // also of an unfinished store
-    } catch (const std::exception&) {
-        return;  // killed before it wrote store.json: the record of planned keys names its keys
+    } catch (const std::exception& e) {
+        log::warn("not acting on " + meta_path + " (" + e.what() + "), and leaving " + staging.string() +
+                  ": delete any master key it names that no store uses, then remove it");
+        return false;
     }
-    keystore::forget_generated_keys(meta, ctx, "an import --init");
+    return keystore::forget_generated_keys(meta, ctx, "an import --init");
 }
 
 }  // namespace
 
+namespace {
+// The store's path without a trailing separator ("P/" names the store P).
+fs::path normal_store_path(const std::string& p) {
+    fs::path a = fs::absolute(p).lexically_normal();
+    return a.has_filename() ? a : a.parent_path();
+}
+}  // namespace
+
 StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenContext* token)
-    : m_path(fs::absolute(store_path)), m_parent(m_path.parent_path()), m_init(init) {
+    : m_path(normal_store_path(store_path)), m_parent(m_path.parent_path()), m_init(init) {
     std::error_code ec;
     keystore::create_private_directories(m_parent.string());
     std::string name = m_path.filename().string();
@@ -364,18 +379,20 @@ StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenCo
         if (token) keystore::forget_planned_keys(store_path, "import", *token);
     }
     // Leftovers of an import that was killed are removed: no other import is running. Those of an
-    // --init ("-init-") were new stores; their generated master keys go too, but only by an --init
-    // import, which holds the lock that such an import held.
-    // Records of planned master keys ("-keys-") are never removed here.
+    // --init ("-init-") were new stores whose generated master keys go too; only an --init import
+    // handles them, as it holds the lock that such an import held (a merge leaves them). Records
+    // of planned master keys ("-keys-") were handled above.
     std::vector<fs::path> others;
     for (const auto& e : fs::directory_iterator(m_parent, ec)) {
         const std::string n = e.path().filename().string();
-        if (n.starts_with("." + name + ".import-") && !n.starts_with("." + name + ".import-keys-"))
-            others.push_back(e.path());
+        if (!n.starts_with("." + name + ".import-") || n.starts_with("." + name + ".import-keys-")) continue;
+        const bool of_init = n.starts_with("." + name + ".import-init-");
+        if (of_init && !(init && token)) continue;
+        others.push_back(e.path());
     }
     for (const auto& o : others) {
-        if (init && token && o.filename().string().starts_with("." + name + ".import-init-"))
-            forget_killed_init(o, *token);
+        if (o.filename().string().starts_with("." + name + ".import-init-") && !forget_killed_init(o, *token))
+            continue;
         fs::remove_all(o, ec);
     }
     m_staging = (m_parent / ("." + name + (init ? ".import-init-XXXXXX" : ".import-XXXXXX"))).string();
@@ -778,6 +795,12 @@ VerifyReport detail::verify_bundle_beside(const std::string& bundle_path, const 
     } catch (const Error& e) {
         rep.problems.push_back({"bundle", e.what()});
     }
+    // The comparison is complete only when pass 1 read the whole bundle.
+    rep.compared = against && rep.problems.empty();
+    if (against && !rep.compared) {
+        rep.extra.clear();
+        rep.different.clear();
+    }
     // Pass 2: a trial unwrap of every key in the token, here or, with jobs, in worker processes
     // that take chunks of entries as they go.
     if (rep.problems.empty() && (jobs <= 1 || rep.header.entries < 2)) {
@@ -873,7 +896,7 @@ VerifyReport detail::verify_bundle_beside(const std::string& bundle_path, const 
             rep.problems.push_back({"bundle", detail::counts_differ(bundle_path, rep.entries, rings, rep.header)});
         if (progress) progress(rep.entries, rep.header.entries);
     }
-    if (against) {
+    if (rep.compared) {
         // Versions missing from rings the bundle holds are differences; rings a selective
         // export did not select are only counted.
         for (const auto& [key, kcv] : store_kcv) {
@@ -905,12 +928,21 @@ void hardlink_clone(const fs::path& from, const fs::path& to) {
 // --on-conflict overwrite: the ring becomes the bundle's, plus the versions only the store holds
 // (rotated after the export), kept as they are but never current. Nothing the store held is lost,
 // and a version number is never given to a second key. Returns how many versions were kept.
+// If the store's current version is one of them, it stays current. A store ring that cannot be
+// read (damaged) is replaced whole: pass 1 has said so. Pass 1 has also refused the import if a
+// version both hold has another live key in the store than in the bundle.
 std::size_t keep_store_only_versions(KeyRing& r, const keystore::Store& store) {
     if (!store.contains(r.id)) return 0;
-    KeyRing old = store.load(r.id);
+    KeyRing old;
+    try {
+        old = store.load(r.id);
+    } catch (const IntegrityError&) {
+        return 0;
+    }
     std::size_t kept = 0;
     for (auto& v : old.versions)
         if (!r.find(v.version)) {
+            if (old.current == v.version) r.current = v.version;
             r.versions.push_back(std::move(v));
             ++kept;
         }
@@ -1207,11 +1239,26 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     } else {
         std::string last;
         const bool overwrite = target && o.merge && o.on_conflict == OnConflict::overwrite;
-        std::set<std::uint32_t> in_bundle;  // the versions of an overwritten ring
+        // The versions of an overwritten ring: check value, and whether the bundle has the key.
+        std::map<std::uint32_t, std::pair<Bytes, bool>> in_bundle;
         auto ring_done = [&] {
             if (!overwrite || sum.conflicts.empty() || sum.conflicts.back() != last) return;
-            for (const auto& v : target->store->load(KeyId::parse(last)).versions)
-                if (!in_bundle.count(v.version)) sum.kept[last].push_back(v.version);
+            KeyRing old;
+            try {
+                old = target->store->load(KeyId::parse(last));
+            } catch (const IntegrityError& e) {
+                log::warn("the store's key ring " + last + " cannot be read (" + e.what() +
+                          "): the bundle's ring replaces it whole");
+                return;
+            }
+            for (const auto& v : old.versions) {
+                auto b = in_bundle.find(v.version);
+                if (b == in_bundle.end()) sum.kept[last].push_back(v.version);
+                // A live key of the store that the bundle's version would replace by another key,
+                // or by none (a public-only bundle): it would be lost.
+                else if (!v.wrapped.empty() && (!b->second.second || !same(b->second.first, v.kcv)))
+                    sum.replaced.push_back(last + "@" + std::to_string(v.version));
+            }
         };
         while (auto e = reader.next()) {
             if (e->meta.key_id != last) {
@@ -1225,7 +1272,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                 if (skipped) sum.skipped.push_back(last);
                 if (o.dry_run && !skipped) sum.imported.push_back(last);
             }
-            in_bundle.insert(e->meta.version);
+            if (overwrite) in_bundle[e->meta.version] = {e->meta.kcv, e->meta.wrapped};
             ++sum.entries;
             if (e->meta.wrapped) ++sum.wrapped_keys;
         }
@@ -1243,11 +1290,20 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             sum.refused = std::to_string(sum.conflicts.size()) +
                           " key rings of the bundle already exist in the store, " + sum.conflicts.front() +
                           " first";
-        if (!sum.refused.empty() && !o.dry_run)
-            throw ConflictError(sum.refused, sum.conflicts.empty() || !o.merge
-                                                 ? "import into an empty store (keywarden init, or import "
-                                                   "--init), or pass --merge --on-conflict abort|skip|overwrite"
-                                                 : "choose --on-conflict skip or overwrite");
+        sum.refused_hint = sum.conflicts.empty() || !o.merge
+                               ? "import into an empty store (keywarden init, or import --init), or pass --merge "
+                                 "--on-conflict abort|skip|overwrite"
+                               : "choose --on-conflict skip or overwrite";
+        if (sum.refused.empty() && !sum.replaced.empty()) {
+            sum.refused = std::to_string(sum.replaced.size()) + " key version" +
+                          (sum.replaced.size() == 1 ? "" : "s") +
+                          " of the store would be replaced by another key from the bundle (their check values "
+                          "differ, or the bundle holds only the public half), " +
+                          sum.replaced.front() + " first: overwrite never loses a key";
+            sum.refused_hint = "if you mean to replace them, destroy those versions in the store first (keywarden "
+                               "destroy KEY-ID --version N); or keep the store's keys with --on-conflict skip";
+        }
+        if (!sum.refused.empty() && !o.dry_run) throw ConflictError(sum.refused, sum.refused_hint);
     }
     if (o.dry_run) {
         sum.seconds = seconds_since(t0);

@@ -95,6 +95,7 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
                                     {"conflicts", sum.conflicts},
                                     {"skipped", sum.skipped},
                                     {"kept_versions", sum.kept},
+                                    {"replaced_versions", sum.replaced},
                                     {"seconds", sum.seconds}}
                          .dump(2)
                   << "\n";
@@ -111,7 +112,7 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
     }
     if (sum.dry_run && !sum.refused.empty()) {
         std::cerr << "dry run: the bundle verifies, but the import would be refused: " << sum.refused << "\n"
-                  << "hint: import into an empty store, or pass --merge --on-conflict skip|overwrite\n";
+                  << "hint: " << sum.refused_hint << "\n";
         return static_cast<int>(ExitCode::failure);
     }
     if (sum.dry_run)
@@ -166,7 +167,8 @@ int run_verify_bundle(const GlobalOptions& g, const VerifyBundleOptions& o) {
                            {"unwrapped_in_token", rep.unwrapped},
                            {"problems", problems}};
         if (o.against_store)
-            out["against_store"] = {{"missing", rep.missing},
+            out["against_store"] = {{"compared", rep.compared},
+                                    {"missing", rep.missing},
                                     {"extra", rep.extra},
                                     {"different", rep.different},
                                     {"store_keys_not_covered", rep.not_covered}};
@@ -180,7 +182,7 @@ int run_verify_bundle(const GlobalOptions& g, const VerifyBundleOptions& o) {
                   << rep.header.bundle_id << " made " << keystore::format_time(rep.header.created) << ", "
                   << rep.header.rings << " key rings, " << rep.entries << " entries, " << rep.unwrapped
                   << " keys unwrapped and checked in the token";
-        if (o.against_store && !rep.problems.empty())
+        if (o.against_store && !rep.compared)
             std::cout << "; not compared with the store: the bundle failed its checks";
         else if (o.against_store)
             std::cout << (comparison_ok ? "; matches the store" : "; differs from the store")

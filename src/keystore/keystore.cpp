@@ -120,6 +120,13 @@ StoreMeta read_store_meta(const Storage& storage) {
 
 // ---- init -----------------------------------------------------------------------------------
 
+// create() accepted an empty directory; another init may have written a store into it since.
+void detail::refuse_if_store_appeared(const Storage& storage) {
+    if (storage.read(kMetaFile) || storage.read(kVersionFile))
+        throw ConflictError("another init created a store at " + storage.describe() + " meanwhile",
+                            "keywarden init never touches an existing store; choose another --keystore path");
+}
+
 void detail::complete_new_meta(StoreMeta& meta, MasterKeys& keys) {
     if (meta.store_id.empty()) {
         std::uint8_t id[16];
@@ -135,6 +142,7 @@ void detail::complete_new_meta(StoreMeta& meta, MasterKeys& keys) {
 void KeyStore::init(Storage& storage, MasterKeys& keys, StoreMeta meta, const std::function<void()>& before_version) {
     storage.create();
     auto lock = storage.lock(true);
+    refuse_if_store_appeared(storage);
     complete_new_meta(meta, keys);
     Bytes meta_bytes = to_bytes(meta_to_json(meta).dump(2) + "\n");
 

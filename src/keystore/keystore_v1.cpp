@@ -144,6 +144,7 @@ std::optional<KeyId> v1_key_id_of(const std::string& f) {
 void KeyStoreV1::init(Storage& storage, MasterKeys& keys, StoreMeta meta, const std::function<void()>& before_version) {
     storage.create();
     auto lock = storage.lock(true);
+    refuse_if_store_appeared(storage);
     meta.store_version = 1;
     meta.signature.label = meta.encryption.label;  // one master key does both
     meta.signature.id = meta.encryption.id;

@@ -201,6 +201,19 @@ void refuse_existing_store(const std::string& path) {
                             "store uses them (keys you named with --master-*-key belong to another store), "
                             "remove the directory, and run init again");
     }
+    // Only hidden files (the store's .lock, a temp file): an init killed before store.json.
+    if (std::filesystem::is_directory(dir, ec) && !std::filesystem::exists(dir / "store.json", ec) &&
+        !std::filesystem::exists(dir / "version", ec) && !std::filesystem::is_empty(dir, ec)) {
+        bool hidden_only = true;
+        for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+            hidden_only = hidden_only && e.path().filename().string().starts_with(".");
+        if (hidden_only)
+            throw ConflictError("refusing to initialise " + path +
+                                    ": it holds an unfinished store (no store.json yet, only hidden files), left by "
+                                    "an init that was killed",
+                                "it holds no key: remove it (rm -r) and run init again, which also removes the "
+                                "master keys that init recorded beside it");
+    }
     if (!std::filesystem::is_directory(path, ec) || !std::filesystem::is_empty(path, ec))
         throw ConflictError("refusing to initialise " + path +
                                 ": it already exists and is not an empty directory",

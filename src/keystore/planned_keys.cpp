@@ -2,6 +2,7 @@
 #include "keywarden/planned_keys.hpp"
 
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -46,15 +47,28 @@ void sync_dir_of(const std::string& path) {
     ::close(fd);
 }
 
+// The store's path without a trailing separator ("P/" names the store P).
+fs::path store_of(const std::string& store_path) {
+    fs::path p = fs::absolute(store_path).lexically_normal();
+    return p.has_filename() ? p : p.parent_path();
+}
+
 std::string prefix_of(const std::string& store_path, const std::string& kind) {
-    fs::path p = fs::absolute(store_path);
+    fs::path p = store_of(store_path);
     return (p.parent_path() / ("." + p.filename().string() + "." + kind + "-keys-")).string();
+}
+
+// Where a record is written before it is complete and locked: a name forget_planned_keys does not
+// look at, so that it never sees a record that is still empty or not yet locked.
+std::string temp_prefix_of(const std::string& store_path, const std::string& kind) {
+    fs::path p = store_of(store_path);
+    return (p.parent_path() / ("." + p.filename().string() + "." + kind + "-keys.tmp-")).string();
 }
 
 }  // namespace
 
 PlannedKeysRecord::PlannedKeysRecord(const std::string& store_path, const std::string& kind)
-    : m_path(prefix_of(store_path, kind) + "XXXXXX") {}
+    : m_path(prefix_of(store_path, kind)), m_temp(temp_prefix_of(store_path, kind) + "XXXXXX") {}
 
 PlannedKeysRecord::~PlannedKeysRecord() {
     if (m_fd >= 0) ::close(m_fd);
@@ -62,22 +76,39 @@ PlannedKeysRecord::~PlannedKeysRecord() {
 
 void PlannedKeysRecord::write(const StoreMeta& planned) {
     const std::string text = planned_keys_text(planned);
-    create_private_directories(fs::path(m_path).parent_path().string());  // as init would, 0700
-    int fd = ::mkostemp(m_path.data(), O_CLOEXEC);  // O_EXCL, mode 0600
-    if (fd < 0) fail("cannot create", m_path);
+    create_private_directories(fs::path(m_temp).parent_path().string());  // as init would, 0700
+    int fd = ::mkostemp(m_temp.data(), O_CLOEXEC);  // O_EXCL, mode 0600
+    if (fd < 0) {
+        // A store directory made ready by someone else, in a directory this user cannot write:
+        // init still works, without the record.
+        if (errno == EACCES || errno == EPERM || errno == EROFS) {
+            log::warn("cannot write the record of the master keys about to be generated beside the store (" +
+                      m_temp + ": " + std::strerror(errno) +
+                      "); if this command is killed before it ends, delete its new master keys by hand");
+            return;
+        }
+        fail("cannot create", m_temp);
+    }
+    // The record's name: the temp name's random part after the record prefix.
+    m_path += m_temp.substr(m_temp.size() - 6);
+    bool renamed = false;
     try {
         // Held until this run ends: a record whose lock is free belongs to a run that is gone.
-        if (::flock(fd, LOCK_EX) != 0) fail("cannot lock", m_path);
+        if (::flock(fd, LOCK_EX) != 0) fail("cannot lock", m_temp);
         for (std::size_t off = 0; off < text.size();) {
             ssize_t n = ::write(fd, text.data() + off, text.size() - off);
             if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) fail("cannot write", m_path);
+            if (n <= 0) fail("cannot write", m_temp);
             off += static_cast<std::size_t>(n);
         }
-        if (::fsync(fd) != 0) fail("cannot sync", m_path);
+        if (::fsync(fd) != 0) fail("cannot sync", m_temp);
+        // Complete and locked before it can be seen under a record's name.
+        if (::renameat2(AT_FDCWD, m_temp.c_str(), AT_FDCWD, m_path.c_str(), RENAME_NOREPLACE) != 0)
+            fail("cannot create", m_path);
+        renamed = true;
         sync_dir_of(m_path);
     } catch (...) {
-        ::unlink(m_path.c_str());  // no key is generated after this
+        ::unlink((renamed ? m_path : m_temp).c_str());  // no key is generated after this
         ::close(fd);
         throw;
     }
@@ -176,10 +207,23 @@ void forget_planned_keys(const std::string& store_path, const std::string& kind,
     const fs::path dir = fs::path(prefix).parent_path();
     const std::string name_prefix = fs::path(prefix).filename().string();
     const std::string who = kind == "import" ? "an import --init" : "an init";
+    const std::string temp_prefix = fs::path(temp_prefix_of(store_path, kind)).filename().string();
     std::vector<std::string> records;
     std::error_code ec;
-    for (const auto& e : fs::directory_iterator(dir, ec))
-        if (e.path().filename().string().starts_with(name_prefix)) records.push_back(e.path().string());
+    for (const auto& e : fs::directory_iterator(dir, ec)) {
+        const std::string n = e.path().filename().string();
+        if (n.starts_with(name_prefix)) records.push_back(e.path().string());
+        // A record a killed run had not finished: no key was generated after it. Removed when it
+        // is a regular file of this user that no live run holds.
+        if (n.starts_with(temp_prefix)) {
+            int fd = ::open(e.path().c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+            struct stat st {};
+            if (fd >= 0 && ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == ::geteuid() &&
+                ::flock(fd, LOCK_EX | LOCK_NB) == 0)
+                ::unlink(e.path().c_str());
+            if (fd >= 0) ::close(fd);
+        }
+    }
     for (const auto& path : records) {
         // Only a record this user wrote is acted on: a regular file, not a link, mode 0600.
         int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);

@@ -141,6 +141,8 @@ nlohmann::json meta_to_json(const StoreMeta& m);
 // id and the creation time unless given, the key protection method, the master keys' check
 // values.
 void complete_new_meta(StoreMeta& meta, MasterKeys& keys);
+// Throws ConflictError when store.json or the version file exists (init, under the store lock).
+void refuse_if_store_appeared(const Storage& storage);
 StoreMeta meta_from_json(const nlohmann::json& j);
 
 }  // namespace keywarden::keystore::detail
