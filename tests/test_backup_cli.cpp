@@ -701,6 +701,14 @@ TEST_CASE("backup: init removes the master keys a killed init recorded, and name
     CHECK_THAT(again.err, Catch::Contains("unfinished store") && Catch::Contains("'" + label(v, "encryption") + "'") &&
                               Catch::Contains("'" + label(v, "signature") + "'"));
     CHECK(kwtest::tree_digest(v) == before);
+    // Killed before store.json: only the store's .lock. Refused as unfinished too.
+    const std::string h = f.dir + "/H";
+    fs::create_directory(h);
+    ::chmod(h.c_str(), 0700);
+    kwtest::write_file(h + "/.lock", "");
+    auto hidden = f.run({"--keystore", h, "--token", "kw-dst", "init"});
+    CHECK(hidden.code == 1);
+    CHECK_THAT(hidden.err, Catch::Contains("unfinished store (no store.json yet, only hidden files)"));
 
     // "P/" names the store P: the record goes beside P, not into it, and is gone at the end; a
     // record a killed run had not finished writing (no key made yet) is removed.
