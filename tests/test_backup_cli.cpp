@@ -600,15 +600,26 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
         }
     }
     f.must({"--keystore", c, "--token", "kw-dst", "keystore", "verify"});
-    // A merge import never destroys keys, nor touches an --init leftover (it does not hold the
-    // lock that such an import held): the directory and the keys stay for the next --init.
+    // A merge import handles an --init leftover too when no --init to that path runs (it takes
+    // the lock such an import holds, without waiting): the directory and its keys go.
     f.must({"--keystore", f.dir + "/.R.import-init-Again", "--token", "kw-dst", "init"});
     REQUIRE(kwtest::sh("cp -a '" + f.dir + "/.R.import-init-Again' '" + f.dir + "/copy-again'") == 0);
     auto merged = f.run([&] { auto v = f.imp(r, bundle, secret); v.insert(v.end(), {"--merge", "--on-conflict", "skip"}); return v; }());
     INFO(merged.err);
     CHECK(merged.code == 0);
-    CHECK(fs::exists(f.dir + "/.R.import-init-Again"));
-    f.must({"--keystore", f.dir + "/copy-again", "--token", "kw-dst", "keystore", "verify"});
+    CHECK_FALSE(fs::exists(f.dir + "/.R.import-init-Again"));
+    CHECK(f.run({"--keystore", f.dir + "/copy-again", "--token", "kw-dst", "keystore", "verify"}).code == 3);
+    // While an --init to that path holds its lock, a merge leaves such leftovers alone.
+    f.must({"--keystore", f.dir + "/.R.import-init-Held", "--token", "kw-dst", "init"});
+    REQUIRE(kwtest::sh("cp -a '" + f.dir + "/.R.import-init-Held' '" + f.dir + "/copy-held'") == 0);
+    int held = ::open((f.dir + "/.R.import.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    REQUIRE(held >= 0);
+    REQUIRE(::flock(held, LOCK_EX | LOCK_NB) == 0);
+    auto merged2 = f.run([&] { auto v = f.imp(r, bundle, secret); v.insert(v.end(), {"--merge", "--on-conflict", "skip"}); return v; }());
+    ::close(held);
+    CHECK(merged2.code == 0);
+    CHECK(fs::exists(f.dir + "/.R.import-init-Held"));
+    f.must({"--keystore", f.dir + "/copy-held", "--token", "kw-dst", "keystore", "verify"});
 }
 
 // What a scheduled drill reads: a public-only bundle verifies (exit 0) but says it restores no
@@ -708,7 +719,7 @@ TEST_CASE("backup: init removes the master keys a killed init recorded, and name
     kwtest::write_file(h + "/.lock", "");
     auto hidden = f.run({"--keystore", h, "--token", "kw-dst", "init"});
     CHECK(hidden.code == 1);
-    CHECK_THAT(hidden.err, Catch::Contains("unfinished store (no store.json yet, only hidden files)"));
+    CHECK_THAT(hidden.err, Catch::Contains("unfinished store (no store.json yet, only its .lock)"));
 
     // "P/" names the store P: the record goes beside P, not into it, and is gone at the end; a
     // record a killed run had not finished writing (no key made yet) is removed.
@@ -810,25 +821,35 @@ TEST_CASE("backup: overwrite keeps the versions the store made after the export"
         INFO(r.bundle);
         auto no = f.run([&] { auto v = f.imp(base, r.bundle, r.secret); v.insert(v.end(), {"--merge", "--on-conflict", "overwrite"}); return v; }());
         CHECK(no.code == 1);
-        CHECK_THAT(no.err, Catch::Contains("would be replaced by another key from the bundle") && Catch::Contains(r.first));
-        CHECK_THAT(no.err, Catch::Contains("hint: if you mean to replace them, destroy those versions"));
+        CHECK_THAT(no.err, Catch::Contains("of the store's key versions or rings would be lost") && Catch::Contains("; " + r.first));
+        CHECK_THAT(no.err, Catch::Contains("hint: keep the store's keys with --on-conflict skip"));
         auto dry = f.run([&] { auto v = f.imp(base, r.bundle, r.secret); v.insert(v.end(), {"--merge", "--on-conflict", "overwrite", "--dry-run", "--json"}); return v; }());
         CHECK(dry.code == 1);
         CHECK_FALSE(nlohmann::json::parse(dry.out)["replaced_versions"].empty());
         CHECK(kwtest::tree_digest(base) == before);
     }
 
-    // A store ring that cannot be read is replaced whole, with a warning.
+    // A store ring that cannot be read: what it holds is unknown, so it is refused too.
     const std::string d = f.dir + "/D";
     REQUIRE(kwtest::sh("cp -a '" + base + "' '" + d + "'") == 0);
     const std::string ring = d + "/keys/poison/symmetric.keyring";
     std::string text = kwtest::read_text(ring);
     text[text.size() / 2] ^= 0x01;
     kwtest::write_file(ring, text);
-    auto fixed = f.must([&] { auto v = f.imp(d, bundle, secret); v.insert(v.end(), {"--merge", "--on-conflict", "overwrite"}); return v; }());
-    CHECK_THAT(fixed.err, Catch::Contains("the store's key ring poison/symmetric cannot be read"));
-    f.must({"--keystore", d, "keystore", "verify"});
-    CHECK(key(d, "poison/symmetric", "1") == key(f.a, "poison/symmetric", "1"));
+    const auto damaged = kwtest::tree_digest(d);
+    auto refused = f.run([&] { auto v = f.imp(d, bundle, secret); v.insert(v.end(), {"--merge", "--on-conflict", "overwrite"}); return v; }());
+    CHECK(refused.code == 1);
+    CHECK_THAT(refused.err, Catch::Contains("the store's key ring poison/symmetric cannot be read") &&
+                                Catch::Contains("; poison/symmetric first"));
+    CHECK(kwtest::tree_digest(d) == damaged);
+
+    // A version destroyed in the store holds nothing to lose: the bundle's comes back.
+    const std::string e = f.dir + "/E";
+    REQUIRE(kwtest::sh("cp -a '" + base + "' '" + e + "'") == 0);
+    f.must({"--keystore", e, "destroy", "audit/log", "--version", "1"});
+    f.must([&] { auto v = f.imp(e, bundle, secret); v.insert(v.end(), {"--merge", "--on-conflict", "overwrite"}); return v; }());
+    CHECK(key(e, "audit/log", "1") == key(f.a, "audit/log", "1"));
+    CHECK(key(e, "audit/log", "2") == log2);
 }
 
 // An import --init killed after generating master keys but before its store.json named them

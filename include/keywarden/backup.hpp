@@ -94,10 +94,12 @@ struct ImportSummary {
     std::size_t rings = 0, entries = 0, wrapped_keys = 0;
     std::vector<std::string> imported, conflicts, skipped;  // key ids (imported: dry runs only)
     // --on-conflict overwrite: per overwritten ring, the versions only the store holds (made after
-    // the export), which the import keeps (not current) instead of dropping.
+    // the export), which the import keeps instead of dropping (the store's current one stays
+    // current).
     std::map<std::string, std::vector<std::uint32_t>> kept;
-    // --on-conflict overwrite: live store versions ("key@version") that the bundle holds with
-    // another key, or without its key: the import is refused.
+    // --on-conflict overwrite: store versions ("key@version") that the bundle holds with another
+    // key (check values differ), or without the key the store has; and store rings that cannot be
+    // read ("key", damaged). The import is refused: overwrite never loses a key.
     std::vector<std::string> replaced;
     std::size_t rings_written = 0, entries_written = 0;
     std::string refused;  // dry run: why the real import would refuse, if it would

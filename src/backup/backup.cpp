@@ -359,9 +359,15 @@ bool forget_killed_init(const fs::path& staging, pkcs11::TokenContext& ctx) {
 
 namespace {
 // The store's path without a trailing separator ("P/" names the store P).
+// Only separators and "." at the end go: "link/.." must stay as it is, since the kernel resolves
+// it through the link.
 fs::path normal_store_path(const std::string& p) {
-    fs::path a = fs::absolute(p).lexically_normal();
-    return a.has_filename() ? a : a.parent_path();
+    fs::path a = fs::absolute(p);
+    while (!a.has_filename() || a.filename() == ".") {
+        if (a == a.parent_path()) break;
+        a = a.parent_path();
+    }
+    return a;
 }
 }  // namespace
 
@@ -375,19 +381,32 @@ StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenCo
         m_init_lock = keystore::open_file_storage(m_parent.string())->lock_file("." + name + ".import.lock");
         keystore::refuse_existing_store(store_path);  // again, now that we hold the lock
         m_record = std::make_unique<keystore::PlannedKeysRecord>(store_path, "import");
-        // Records of planned master keys first: only an --init acts on them.
-        if (token) keystore::forget_planned_keys(store_path, "import", *token);
     }
+    // What killed --init imports left (records of planned keys, "-init-" staging directories) is
+    // handled only under the lock such an import held: an --init holds it; a plain import (the
+    // store exists, so no --init can start) takes it when it is free, without waiting.
+    bool init_lock = init;
+    int probe = -1;
+    if (!init) {
+        probe = ::open((m_parent / ("." + name + ".import.lock")).c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+        init_lock = probe < 0 ? errno == ENOENT : ::flock(probe, LOCK_EX | LOCK_NB) == 0;
+    }
+    struct CloseProbe {
+        int fd;
+        ~CloseProbe() {
+            if (fd >= 0) ::close(fd);
+        }
+    } close_probe{probe};
+    if (init_lock && token) keystore::forget_planned_keys(store_path, "import", *token);
     // Leftovers of an import that was killed are removed: no other import is running. Those of an
-    // --init ("-init-") were new stores whose generated master keys go too; only an --init import
-    // handles them, as it holds the lock that such an import held (a merge leaves them). Records
-    // of planned master keys ("-keys-") were handled above.
+    // --init ("-init-") were new stores whose generated master keys go too. Records of planned
+    // master keys ("-keys-") were handled above.
     std::vector<fs::path> others;
     for (const auto& e : fs::directory_iterator(m_parent, ec)) {
         const std::string n = e.path().filename().string();
         if (!n.starts_with("." + name + ".import-") || n.starts_with("." + name + ".import-keys-")) continue;
         const bool of_init = n.starts_with("." + name + ".import-init-");
-        if (of_init && !(init && token)) continue;
+        if (of_init && !(init_lock && token)) continue;
         others.push_back(e.path());
     }
     for (const auto& o : others) {
@@ -928,9 +947,9 @@ void hardlink_clone(const fs::path& from, const fs::path& to) {
 // --on-conflict overwrite: the ring becomes the bundle's, plus the versions only the store holds
 // (rotated after the export), kept as they are but never current. Nothing the store held is lost,
 // and a version number is never given to a second key. Returns how many versions were kept.
-// If the store's current version is one of them, it stays current. A store ring that cannot be
-// read (damaged) is replaced whole: pass 1 has said so. Pass 1 has also refused the import if a
-// version both hold has another live key in the store than in the bundle.
+// If the store's current version is one of them, it stays current. Pass 1 has refused the import
+// if a version both hold names another key in the store than in the bundle, if the bundle lacks a
+// key the store has, or if the store's ring cannot be read.
 std::size_t keep_store_only_versions(KeyRing& r, const keystore::Store& store) {
     if (!store.contains(r.id)) return 0;
     KeyRing old;
@@ -1247,16 +1266,19 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             try {
                 old = target->store->load(KeyId::parse(last));
             } catch (const IntegrityError& e) {
-                log::warn("the store's key ring " + last + " cannot be read (" + e.what() +
-                          "): the bundle's ring replaces it whole");
+                // What it holds cannot be known: replacing it could lose versions.
+                log::warn("the store's key ring " + last + " cannot be read: " + e.what());
+                sum.replaced.push_back(last);
                 return;
             }
             for (const auto& v : old.versions) {
                 auto b = in_bundle.find(v.version);
                 if (b == in_bundle.end()) sum.kept[last].push_back(v.version);
-                // A live key of the store that the bundle's version would replace by another key,
-                // or by none (a public-only bundle): it would be lost.
-                else if (!v.wrapped.empty() && (!b->second.second || !same(b->second.first, v.kcv)))
+                // Another key under the same number, or a key of the store that the bundle does not
+                // hold (public only, or destroyed there): it would be lost. A version destroyed in
+                // the store holds nothing to lose.
+                else if (v.state != KeyState::destroyed &&
+                         (!same(b->second.first, v.kcv) || (!v.wrapped.empty() && !b->second.second)))
                     sum.replaced.push_back(last + "@" + std::to_string(v.version));
             }
         };
@@ -1295,13 +1317,14 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                                  "--on-conflict abort|skip|overwrite"
                                : "choose --on-conflict skip or overwrite";
         if (sum.refused.empty() && !sum.replaced.empty()) {
-            sum.refused = std::to_string(sum.replaced.size()) + " key version" +
-                          (sum.replaced.size() == 1 ? "" : "s") +
-                          " of the store would be replaced by another key from the bundle (their check values "
-                          "differ, or the bundle holds only the public half), " +
-                          sum.replaced.front() + " first: overwrite never loses a key";
-            sum.refused_hint = "if you mean to replace them, destroy those versions in the store first (keywarden "
-                               "destroy KEY-ID --version N); or keep the store's keys with --on-conflict skip";
+            sum.refused = std::to_string(sum.replaced.size()) +
+                          " of the store's key versions or rings would be lost: the bundle holds another key under the same "
+                          "version (their check values differ), or not the key the store has (public only, or "
+                          "destroyed in the bundle), or the store's ring cannot be read; " +
+                          sum.replaced.front() + " first. Overwrite never loses a key";
+            sum.refused_hint = "keep the store's keys with --on-conflict skip; to replace a version, destroy it in "
+                               "the store first (keywarden destroy KEY-ID --version N); a ring that cannot be read "
+                               "is named by 'keywarden keystore verify'";
         }
         if (!sum.refused.empty() && !o.dry_run) throw ConflictError(sum.refused, sum.refused_hint);
     }

@@ -128,7 +128,7 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
                                        : "; kept " + std::to_string(kept_count(sum)) +
                                              (kept_count(sum) == 1 ? " version" : " versions") +
                                              " of overwritten rings that the bundle does not hold "
-                                             "(not current; see --dry-run)")
+                                             "(see --dry-run)")
                   << "\n";
     return 0;
 }

@@ -201,18 +201,20 @@ void refuse_existing_store(const std::string& path) {
                             "store uses them (keys you named with --master-*-key belong to another store), "
                             "remove the directory, and run init again");
     }
-    // Only hidden files (the store's .lock, a temp file): an init killed before store.json.
+    // Only the store's .lock and temp files: an init killed before store.json (or one running).
     if (std::filesystem::is_directory(dir, ec) && !std::filesystem::exists(dir / "store.json", ec) &&
         !std::filesystem::exists(dir / "version", ec) && !std::filesystem::is_empty(dir, ec)) {
-        bool hidden_only = true;
-        for (const auto& e : std::filesystem::directory_iterator(dir, ec))
-            hidden_only = hidden_only && e.path().filename().string().starts_with(".");
-        if (hidden_only)
+        bool only_init_files = true;
+        for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+            const std::string n = e.path().filename().string();
+            only_init_files = only_init_files && e.is_regular_file(ec) && (n == ".lock" || n.starts_with(".tmp-"));
+        }
+        if (only_init_files)
             throw ConflictError("refusing to initialise " + path +
-                                    ": it holds an unfinished store (no store.json yet, only hidden files), left by "
-                                    "an init that was killed",
-                                "it holds no key: remove it (rm -r) and run init again, which also removes the "
-                                "master keys that init recorded beside it");
+                                    ": it holds an unfinished store (no store.json yet, only its .lock), left by an "
+                                    "init that was killed, or made by one still running",
+                                "when no init is running, remove it (rm -r: it holds no key) and run init again; "
+                                "that run also removes the master keys the killed one had recorded beside it");
     }
     if (!std::filesystem::is_directory(path, ec) || !std::filesystem::is_empty(path, ec))
         throw ConflictError("refusing to initialise " + path +

@@ -49,8 +49,13 @@ void sync_dir_of(const std::string& path) {
 
 // The store's path without a trailing separator ("P/" names the store P).
 fs::path store_of(const std::string& store_path) {
-    fs::path p = fs::absolute(store_path).lexically_normal();
-    return p.has_filename() ? p : p.parent_path();
+    // Only separators and "." at the end go: "link/.." resolves through the link.
+    fs::path p = fs::absolute(store_path);
+    while (!p.has_filename() || p.filename() == ".") {
+        if (p == p.parent_path()) break;
+        p = p.parent_path();
+    }
+    return p;
 }
 
 std::string prefix_of(const std::string& store_path, const std::string& kind) {
