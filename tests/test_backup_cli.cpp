@@ -731,6 +731,21 @@ TEST_CASE("backup: init removes the master keys a killed init recorded, and name
     for (const auto& e : fs::directory_iterator(f.dir)) CHECK_FALSE(e.path().filename().string().starts_with(".P.init-keys"));
     for (const auto& e : fs::directory_iterator(f.dir + "/P")) CHECK_FALSE(e.path().filename().string().starts_with("..init-keys"));
 
+    // "link/../Q" is where the kernel resolves it: beside the link's target, not beside the link.
+    fs::create_directories(f.dir + "/real/sub");
+    fs::create_directory_symlink(f.dir + "/real/sub", f.dir + "/link");
+    f.must({"--keystore", f.dir + "/link/../Q", "--token", "kw-dst", "init"});
+    CHECK(fs::exists(f.dir + "/real/Q/version"));
+    CHECK_FALSE(fs::exists(f.dir + "/Q"));
+    std::string bundle = f.dir + "/q.dat", secret = f.dir + "/q.json";
+    f.must({"--keystore", f.dir + "/real/Q", "generate", "--client-id", "qclient"});
+    f.must({"--keystore", f.dir + "/real/Q", "export", "--all", "--private-keys", "--key-bundle-file", bundle, "--key-bundle-secret", secret});
+    f.must({"--keystore", f.dir + "/link/../Q2", "--token", "kw-dst", "import", "--init", "--key-bundle-file", bundle, "--key-bundle-secret", secret});
+    CHECK(fs::exists(f.dir + "/real/Q2/version"));
+    CHECK_FALSE(fs::exists(f.dir + "/Q2"));
+    f.must({"--keystore", f.dir + "/link/../Q2", "--token", "kw-dst", "import", "--merge", "--on-conflict", "skip", "--key-bundle-file", bundle, "--key-bundle-secret", secret});
+    f.must({"--keystore", f.dir + "/real/Q2", "keystore", "verify"});
+
     // The record a real init writes names exactly the keys its store.json names, and is gone at
     // the end (a shell spins until it appears and copies it; a missed window is retried).
     bool caught = false;
