@@ -560,6 +560,7 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
         {".R.import-Merged", "kw-dst", false, false},           // not an --init: a merge names live keys
         {".R.import-init-Public", "kw-dst", false, false, "2", "0755"},  // not private: not believed
         {".R.import-init-Unfini", "kw-dst", false, true, "2", "", true},  // no version file yet: keys go
+        {".R.import-init-NotMkdtemp", "kw-dst", false, false},              // not a name mkdtemp gives
     };
     for (const auto& l : leftovers) {
         std::vector<std::string> init = {"--keystore", f.dir + "/" + l.name, "--token", l.token, "init",
@@ -587,7 +588,7 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
     std::set<std::string> left;
     for (const auto& e : fs::directory_iterator(f.dir))
         if (e.path().filename().string().starts_with(".R.import-")) left.insert(e.path().filename().string());
-    CHECK(left == std::set<std::string>{".R.import-init-OtherT", ".R.import-init-Public"});
+    CHECK(left == std::set<std::string>{".R.import-init-OtherT", ".R.import-init-Public", ".R.import-init-NotMkdtemp"});
     CHECK_THAT(done.err, Catch::Contains("and leaving " + f.dir + "/.R.import-init-Public"));
     for (const auto& l : leftovers) {
         INFO(l.name);
@@ -602,23 +603,23 @@ TEST_CASE("backup: import --init destroys the master keys a killed import --init
     f.must({"--keystore", c, "--token", "kw-dst", "keystore", "verify"});
     // A merge import handles an --init leftover too when no --init to that path runs (it takes
     // the lock such an import holds, without waiting): the directory and its keys go.
-    f.must({"--keystore", f.dir + "/.R.import-init-Again", "--token", "kw-dst", "init"});
-    REQUIRE(kwtest::sh("cp -a '" + f.dir + "/.R.import-init-Again' '" + f.dir + "/copy-again'") == 0);
+    f.must({"--keystore", f.dir + "/.R.import-init-Again1", "--token", "kw-dst", "init"});
+    REQUIRE(kwtest::sh("cp -a '" + f.dir + "/.R.import-init-Again1' '" + f.dir + "/copy-again'") == 0);
     auto merged = f.run([&] { auto v = f.imp(r, bundle, secret); v.insert(v.end(), {"--merge", "--on-conflict", "skip"}); return v; }());
     INFO(merged.err);
     CHECK(merged.code == 0);
-    CHECK_FALSE(fs::exists(f.dir + "/.R.import-init-Again"));
+    CHECK_FALSE(fs::exists(f.dir + "/.R.import-init-Again1"));
     CHECK(f.run({"--keystore", f.dir + "/copy-again", "--token", "kw-dst", "keystore", "verify"}).code == 3);
     // While an --init to that path holds its lock, a merge leaves such leftovers alone.
-    f.must({"--keystore", f.dir + "/.R.import-init-Held", "--token", "kw-dst", "init"});
-    REQUIRE(kwtest::sh("cp -a '" + f.dir + "/.R.import-init-Held' '" + f.dir + "/copy-held'") == 0);
+    f.must({"--keystore", f.dir + "/.R.import-init-Held01", "--token", "kw-dst", "init"});
+    REQUIRE(kwtest::sh("cp -a '" + f.dir + "/.R.import-init-Held01' '" + f.dir + "/copy-held'") == 0);
     int held = ::open((f.dir + "/.R.import.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     REQUIRE(held >= 0);
     REQUIRE(::flock(held, LOCK_EX | LOCK_NB) == 0);
     auto merged2 = f.run([&] { auto v = f.imp(r, bundle, secret); v.insert(v.end(), {"--merge", "--on-conflict", "skip"}); return v; }());
     ::close(held);
     CHECK(merged2.code == 0);
-    CHECK(fs::exists(f.dir + "/.R.import-init-Held"));
+    CHECK(fs::exists(f.dir + "/.R.import-init-Held01"));
     f.must({"--keystore", f.dir + "/copy-held", "--token", "kw-dst", "keystore", "verify"});
 }
 
@@ -745,6 +746,11 @@ TEST_CASE("backup: init removes the master keys a killed init recorded, and name
     CHECK_FALSE(fs::exists(f.dir + "/Q2"));
     f.must({"--keystore", f.dir + "/link/../Q2", "--token", "kw-dst", "import", "--merge", "--on-conflict", "skip", "--key-bundle-file", bundle, "--key-bundle-secret", secret});
     f.must({"--keystore", f.dir + "/real/Q2", "keystore", "verify"});
+    // A store path ending in ".." names no store directory of its own: refused, nothing made.
+    auto dots = f.run({"--keystore", f.dir + "/real/Q2/keys/..", "--token", "kw-dst", "import", "--merge",
+                       "--on-conflict", "skip", "--key-bundle-file", bundle, "--key-bundle-secret", secret});
+    CHECK(dots.code == 2);
+    CHECK_THAT(dots.err, Catch::Contains("ends in '..'"));
 
     // The record a real init writes names exactly the keys its store.json names, and is gone at
     // the end (a shell spins until it appears and copies it; a missed window is retried).

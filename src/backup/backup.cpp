@@ -373,6 +373,8 @@ fs::path normal_store_path(const std::string& p) {
 
 StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenContext* token)
     : m_path(normal_store_path(store_path)), m_parent(m_path.parent_path()), m_init(init) {
+    if (m_path.filename() == "..")
+        throw UsageError("the key store path " + store_path + " ends in '..'", "name the store's directory itself");
     std::error_code ec;
     keystore::create_private_directories(m_parent.string());
     std::string name = m_path.filename().string();
@@ -404,8 +406,11 @@ StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenCo
     std::vector<fs::path> others;
     for (const auto& e : fs::directory_iterator(m_parent, ec)) {
         const std::string n = e.path().filename().string();
-        if (!n.starts_with("." + name + ".import-") || n.starts_with("." + name + ".import-keys-")) continue;
-        const bool of_init = n.starts_with("." + name + ".import-init-");
+        // Exactly mkdtemp's names: another store's ("P.import-x") or a record's temp file
+        // (".P.import-keys.tmp-...") only start the same way.
+        auto made_as = [&](const std::string& base) { return n.starts_with(base) && n.size() == base.size() + 6; };
+        const bool of_init = made_as("." + name + ".import-init-");
+        if (!of_init && !made_as("." + name + ".import-")) continue;
         if (of_init && !(init_lock && token)) continue;
         others.push_back(e.path());
     }

@@ -55,6 +55,8 @@ fs::path store_of(const std::string& store_path) {
         if (p == p.parent_path()) break;
         p = p.parent_path();
     }
+    if (p.filename() == "..")
+        throw UsageError("the key store path " + store_path + " ends in '..'", "name the store's directory itself");
     return p;
 }
 
@@ -217,10 +219,11 @@ void forget_planned_keys(const std::string& store_path, const std::string& kind,
     std::error_code ec;
     for (const auto& e : fs::directory_iterator(dir, ec)) {
         const std::string n = e.path().filename().string();
-        if (n.starts_with(name_prefix)) records.push_back(e.path().string());
+        // Exactly the names write() gives: a prefix and 6 random characters.
+        if (n.starts_with(name_prefix) && n.size() == name_prefix.size() + 6) records.push_back(e.path().string());
         // A record a killed run had not finished: no key was generated after it. Removed when it
         // is a regular file of this user that no live run holds.
-        if (n.starts_with(temp_prefix)) {
+        if (n.starts_with(temp_prefix) && n.size() == temp_prefix.size() + 6) {
             int fd = ::open(e.path().c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
             struct stat st {};
             if (fd >= 0 && ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == ::geteuid() &&
