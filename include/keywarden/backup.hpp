@@ -97,6 +97,11 @@ struct ImportSummary {
     // the export), which the import keeps instead of dropping (the store's current one stays
     // current).
     std::map<std::string, std::vector<std::uint32_t>> kept;
+    std::size_t kept_count() const {
+        std::size_t n = 0;
+        for (const auto& [id, versions] : kept) n += versions.size();
+        return n;
+    }
     // --on-conflict overwrite: store versions ("key@version") that the bundle holds with another
     // key (check values differ), or without the key the store has; and store rings that cannot be
     // read ("key", damaged). The import is refused: overwrite never loses a key.

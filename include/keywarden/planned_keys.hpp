@@ -6,6 +6,7 @@
 #include <string>
 
 #include "keywarden/keystore.hpp"
+#include "keywarden/open_store.hpp"
 #include "keywarden/token_context.hpp"
 
 namespace keywarden::keystore {
@@ -25,6 +26,8 @@ public:
     // store.json names the keys now: the record goes. A record written and never stored (init
     // failed; it destroys the keys it made, but may have failed to) stays for the next run.
     void stored();
+    // Sets p's before_generating to write() and before_completing to stored(), for this record.
+    void attach(InitParams& p);
 
 private:
     std::string m_path, m_temp;

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <filesystem>
 #include <memory>
 #include <optional>
 #include <span>
@@ -74,5 +75,13 @@ std::unique_ptr<Storage> open_file_storage(const std::string& root);
 // Creates the directories of `path` that are missing, each 0700 (existing ones are left as they
 // are). Errors are left to the caller's next step, which names the path.
 void create_private_directories(const std::string& path);
+
+// fsync of a directory (after creating, renaming or removing an entry in it); Error if it fails.
+void fsync_directory(const std::string& dir);
+
+// The store directory a --keystore path names, absolute: "P/" and "P/." name P. Nothing else is
+// normalised: "link/.." stays, as the kernel resolves it through the link. UsageError when the
+// path ends in "..", which names no store directory of its own.
+std::filesystem::path store_directory(const std::string& path);
 
 }  // namespace keywarden::keystore

@@ -333,11 +333,11 @@ bool forget_killed_init(const fs::path& staging, pkcs11::TokenContext& ctx) {
     // the keys another user's files name are not destroyed on their word.
     struct stat d {}, f {};
     const std::string meta_path = (staging / "store.json").string();
-    if (::lstat(meta_path.c_str(), &f) != 0 && errno == ENOENT && ::lstat(staging.c_str(), &d) == 0 &&
-        S_ISDIR(d.st_mode))
+    const bool is_dir = ::lstat(staging.c_str(), &d) == 0 && S_ISDIR(d.st_mode);
+    const bool has_meta = ::lstat(meta_path.c_str(), &f) == 0;
+    if (!has_meta && errno == ENOENT && is_dir)
         return true;  // killed before it wrote store.json: the record of planned keys names its keys
-    if (::lstat(staging.c_str(), &d) != 0 || !S_ISDIR(d.st_mode) || d.st_uid != ::geteuid() ||
-        (d.st_mode & 077) != 0 || ::lstat(meta_path.c_str(), &f) != 0 || !S_ISREG(f.st_mode) ||
+    if (!is_dir || d.st_uid != ::geteuid() || (d.st_mode & 077) != 0 || !has_meta || !S_ISREG(f.st_mode) ||
         f.st_uid != ::geteuid()) {
         log::warn("not acting on the master keys that " + meta_path + " names, and leaving " + staging.string() +
                   ": it is not a private directory of this user with a store.json of its own; check what made "
@@ -357,24 +357,8 @@ bool forget_killed_init(const fs::path& staging, pkcs11::TokenContext& ctx) {
 
 }  // namespace
 
-namespace {
-// The store's path without a trailing separator ("P/" names the store P).
-// Only separators and "." at the end go: "link/.." must stay as it is, since the kernel resolves
-// it through the link.
-fs::path normal_store_path(const std::string& p) {
-    fs::path a = fs::absolute(p);
-    while (!a.has_filename() || a.filename() == ".") {
-        if (a == a.parent_path()) break;
-        a = a.parent_path();
-    }
-    return a;
-}
-}  // namespace
-
 StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenContext* token)
-    : m_path(normal_store_path(store_path)), m_parent(m_path.parent_path()), m_init(init) {
-    if (m_path.filename() == "..")
-        throw UsageError("the key store path " + store_path + " ends in '..'", "name the store's directory itself");
+    : m_path(keystore::store_directory(store_path)), m_parent(m_path.parent_path()), m_init(init) {
     std::error_code ec;
     keystore::create_private_directories(m_parent.string());
     std::string name = m_path.filename().string();
@@ -403,7 +387,7 @@ StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenCo
     // Leftovers of an import that was killed are removed: no other import is running. Those of an
     // --init ("-init-") were new stores whose generated master keys go too. Records of planned
     // master keys ("-keys-") were handled above.
-    std::vector<fs::path> others;
+    std::vector<std::pair<fs::path, bool>> others;  // and whether it is an --init's
     for (const auto& e : fs::directory_iterator(m_parent, ec)) {
         const std::string n = e.path().filename().string();
         // Exactly mkdtemp's names: another store's ("P.import-x") or a record's temp file
@@ -412,13 +396,10 @@ StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenCo
         const bool of_init = made_as("." + name + ".import-init-");
         if (!of_init && !made_as("." + name + ".import-")) continue;
         if (of_init && !(init_lock && token)) continue;
-        others.push_back(e.path());
+        others.emplace_back(e.path(), of_init);
     }
-    for (const auto& o : others) {
-        if (o.filename().string().starts_with("." + name + ".import-init-") && !forget_killed_init(o, *token))
-            continue;
-        fs::remove_all(o, ec);
-    }
+    for (const auto& [o, of_init] : others)
+        if (!of_init || forget_killed_init(o, *token)) fs::remove_all(o, ec);
     m_staging = (m_parent / ("." + name + (init ? ".import-init-XXXXXX" : ".import-XXXXXX"))).string();
     if (!::mkdtemp(m_staging.data())) io_fail("cannot create a staging directory in", m_parent.string());
 }
@@ -432,9 +413,7 @@ StagingDir::~StagingDir() {
 
 void StagingDir::make_room_for_init() { ::rmdir(m_staging.c_str()); }
 
-void StagingDir::record_planned_keys(const keystore::StoreMeta& planned) { m_record->write(planned); }
-
-void StagingDir::planned_keys_stored() { m_record->stored(); }
+void StagingDir::record_planned_keys(keystore::InitParams& p) { m_record->attach(p); }
 
 void StagingDir::clone_live_store() {
     ::chmod(m_staging.c_str(), 0700);
@@ -950,29 +929,22 @@ void hardlink_clone(const fs::path& from, const fs::path& to) {
 }
 
 // --on-conflict overwrite: the ring becomes the bundle's, plus the versions only the store holds
-// (rotated after the export), kept as they are but never current. Nothing the store held is lost,
-// and a version number is never given to a second key. Returns how many versions were kept.
-// If the store's current version is one of them, it stays current. Pass 1 has refused the import
-// if a version both hold names another key in the store than in the bundle, if the bundle lacks a
-// key the store has, or if the store's ring cannot be read.
-std::size_t keep_store_only_versions(KeyRing& r, const keystore::Store& store) {
-    if (!store.contains(r.id)) return 0;
-    KeyRing old;
-    try {
-        old = store.load(r.id);
-    } catch (const IntegrityError&) {
-        return 0;
-    }
-    std::size_t kept = 0;
+// (rotated after the export), as they are; if the store's current version is one of them, it stays
+// current. Nothing the store held is lost, and a version number is never given to a second key.
+// Pass 1 found the rings with such versions (`kept`, loaded here only) and refused the import if a
+// version both hold names another key, if the bundle lacks a key the store has, or if the store's
+// ring cannot be read.
+void keep_store_only_versions(KeyRing& r, const keystore::Store& store,
+                              const std::map<std::string, std::vector<std::uint32_t>>& kept) {
+    if (!kept.count(r.id.str())) return;
+    KeyRing old = store.load(r.id);
     for (auto& v : old.versions)
         if (!r.find(v.version)) {
             if (old.current == v.version) r.current = v.version;
             r.versions.push_back(std::move(v));
-            ++kept;
         }
     std::sort(r.versions.begin(), r.versions.end(),
               [](const KeyVersion& a, const KeyVersion& b) { return a.version < b.version; });
-    return kept;
 }
 
 // A ring as worker processes pass it back: key id, file, digest and the manifest summary.
@@ -1256,17 +1228,17 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     // whole-file MAC (the signed header holds the counts), and pass 2 decrypts each entry once.
     // Anything wrong in an entry then stops pass 2, before the switch.
     bool mac_only = o.init && !o.dry_run;
+    const bool overwrite = o.merge && o.on_conflict == OnConflict::overwrite;
     if (mac_only) {
         reader.check_mac_only();
         sum.rings = reader.header().rings;
         sum.entries = reader.header().entries;
     } else {
         std::string last;
-        const bool overwrite = target && o.merge && o.on_conflict == OnConflict::overwrite;
         // The versions of an overwritten ring: check value, and whether the bundle has the key.
         std::map<std::uint32_t, std::pair<Bytes, bool>> in_bundle;
         auto ring_done = [&] {
-            if (!overwrite || sum.conflicts.empty() || sum.conflicts.back() != last) return;
+            if (!overwrite || !target || sum.conflicts.empty() || sum.conflicts.back() != last) return;
             KeyRing old;
             try {
                 old = target->store->load(KeyId::parse(last));
@@ -1305,9 +1277,6 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         }
         ring_done();
     }
-    const bool overwrite = o.merge && o.on_conflict == OnConflict::overwrite;
-    std::size_t kept_total = 0;
-    for (const auto& [id, versions] : sum.kept) kept_total += versions.size();
     std::set<std::string> skip(sum.skipped.begin(), sum.skipped.end());
     if (target) {
         std::size_t existing = target->store->key_ids().size();
@@ -1347,8 +1316,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         if (o.init) {
             staging_dir.make_room_for_init();
             keystore::InitParams params = o.init_params;
-            params.before_generating = [&](const keystore::StoreMeta& p) { staging_dir.record_planned_keys(p); };
-            params.before_completing = [&] { staging_dir.planned_keys_stored(); };
+            staging_dir.record_planned_keys(params);
             created_meta = keystore::init_store(ctx, staging, params);
             stage.emplace(keystore::open_store_on(ctx, keystore::open_file_storage(staging), true));
         } else {
@@ -1390,7 +1358,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                                   ++sum.rings_written;
                                   sum.entries_written += r.versions.size();
                                   for (const auto& v : r.versions) wrapped += !v.wrapped.empty();
-                                  if (overwrite) keep_store_only_versions(r, dst);
+                                  if (overwrite) keep_store_only_versions(r, dst, sum.kept);
                                   Bytes file = dst.seal_ring(r);
                                   writer.push(std::move(r), std::move(file));
                               }
@@ -1467,7 +1435,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                                           files.clear();
                                           for (auto& r : rings) {
                                               for (const auto& v : r.versions) wrapped_here += !v.wrapped.empty();
-                                              if (overwrite) keep_store_only_versions(r, *mine.store);
+                                              if (overwrite) keep_store_only_versions(r, *mine.store, sum.kept);
                                               files.push_back(mine.store->seal_ring(r));
                                           }
                                           for (std::size_t i = 0; i < rings.size(); ++i) {
@@ -1493,7 +1461,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                         for (; taken < work.chunks() && chunks.wait(taken, running); ++taken) take_in(taken);
                 });
             for (; taken < work.chunks(); ++taken) take_in(taken);
-            sum.entries_written -= kept_total;  // the workers' summaries include the kept versions
+            sum.entries_written -= sum.kept_count();  // the workers' summaries include the kept versions
             if (mac_only) sum.wrapped_keys = wrapped;
             if (mac_only && (sum.entries_written != sum.entries || sum.rings_written != sum.rings))
                 throw IntegrityError("the bundle holds other counts than its header says");

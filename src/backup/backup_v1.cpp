@@ -256,8 +256,7 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
         if (o.init) {
             staging_dir.make_room_for_init();
             keystore::InitParams params = o.init_params;
-            params.before_generating = [&](const keystore::StoreMeta& p) { staging_dir.record_planned_keys(p); };
-            params.before_completing = [&] { staging_dir.planned_keys_stored(); };
+            staging_dir.record_planned_keys(params);
             created = meta = keystore::init_store_v1(ctx, staging, params);
         } else {
             staging_dir.clone_live_store();

@@ -159,11 +159,10 @@ public:
     std::string parent() const { return m_parent.string(); }
     // For --init: the store's init creates the directory itself.
     void make_room_for_init();
-    // For --init: ".<name>.import-keys-XXXXXX" beside the staging directory records the master
-    // keys init is about to generate (InitParams::before_generating), until planned_keys_stored()
-    // once store.json names them. The next --init destroys the keys a killed run recorded.
-    void record_planned_keys(const keystore::StoreMeta& planned);
-    void planned_keys_stored();
+    // For --init: makes the init with these params record the master keys it is about to generate
+    // in ".<name>.import-keys-XXXXXX" beside the staging directory, until store.json names them
+    // (keystore::PlannedKeysRecord). The next --init destroys the keys a killed run recorded.
+    void record_planned_keys(keystore::InitParams& p);
     // Otherwise: a hard-linked copy of the live store to add to.
     void clone_live_store();
     // rename() for --init, renameat2(RENAME_EXCHANGE) otherwise; then fsync of the parent.

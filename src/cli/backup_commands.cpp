@@ -51,12 +51,6 @@ int run_export(const GlobalOptions& g, const ExportOptions& o) {
 }
 
 namespace {
-std::size_t kept_count(const backup::ImportSummary& sum) {
-    std::size_t n = 0;
-    for (const auto& [id, versions] : sum.kept) n += versions.size();
-    return n;
-}
-
 // "keeps version 3, which the bundle does not hold" / "keeps versions 3, 4, which ..."
 std::string kept_text(const std::vector<std::uint32_t>& versions) {
     std::string list;
@@ -125,8 +119,8 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
                   << " key versions) into " << io.keystore_path << " in " << sum.seconds << " s"
                   << (sum.skipped.empty() ? "" : "; skipped " + std::to_string(sum.skipped.size()) + " conflicting")
                   << (sum.kept.empty() ? ""
-                                       : "; kept " + std::to_string(kept_count(sum)) +
-                                             (kept_count(sum) == 1 ? " version" : " versions") +
+                                       : "; kept " + std::to_string(sum.kept_count()) +
+                                             (sum.kept_count() == 1 ? " version" : " versions") +
                                              " of overwritten rings that the bundle does not hold "
                                              "(see --dry-run)")
                   << "\n";

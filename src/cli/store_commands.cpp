@@ -58,8 +58,7 @@ int run_init(const GlobalOptions& g, const InitOptions& o) {
     params.master_encryption_key = o.master_encryption_key;
     params.master_signature_key = o.master_signature_key;
     params.allow_extractable_master = o.allow_extractable_master;
-    params.before_generating = [&](const keystore::StoreMeta& planned) { record.write(planned); };
-    params.before_completing = [&] { record.stored(); };
+    record.attach(params);
     auto written = o.store_version == 1 ? keystore::init_store_v1(ctx, path, params)
                                         : keystore::init_store(ctx, path, params);
     if (g.json) {

@@ -37,39 +37,29 @@ constexpr int kVersion = 1;
                 e == ENOSPC || e == EDQUOT ? "the disk is full: free space and run the command again" : "");
 }
 
-void sync_dir_of(const std::string& path) {
-    const std::string dir = fs::path(path).parent_path().string();
-    int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0 || ::fsync(fd) != 0) {
-        if (fd >= 0) ::close(fd);
-        fail("cannot sync directory", dir);
-    }
-    ::close(fd);
-}
-
-// The store's path without a trailing separator ("P/" names the store P).
-fs::path store_of(const std::string& store_path) {
-    // Only separators and "." at the end go: "link/.." resolves through the link.
-    fs::path p = fs::absolute(store_path);
-    while (!p.has_filename() || p.filename() == ".") {
-        if (p == p.parent_path()) break;
-        p = p.parent_path();
-    }
-    if (p.filename() == "..")
-        throw UsageError("the key store path " + store_path + " ends in '..'", "name the store's directory itself");
-    return p;
-}
+void sync_dir_of(const std::string& path) { fsync_directory(fs::path(path).parent_path().string()); }
 
 std::string prefix_of(const std::string& store_path, const std::string& kind) {
-    fs::path p = store_of(store_path);
+    fs::path p = store_directory(store_path);
     return (p.parent_path() / ("." + p.filename().string() + "." + kind + "-keys-")).string();
 }
 
 // Where a record is written before it is complete and locked: a name forget_planned_keys does not
 // look at, so that it never sees a record that is still empty or not yet locked.
 std::string temp_prefix_of(const std::string& store_path, const std::string& kind) {
-    fs::path p = store_of(store_path);
+    fs::path p = store_directory(store_path);
     return (p.parent_path() / ("." + p.filename().string() + "." + kind + "-keys.tmp-")).string();
+}
+
+// The master key records of a store with their roles: one ("single") for a v1 store, two for v2.
+std::vector<std::pair<const MasterKeyRecord*, pkcs11::MasterRole>> keys_of(const StoreMeta& m) {
+    using pkcs11::MasterRole;
+    if (m.store_version == 1) return {{&m.encryption, MasterRole::single}};
+    return {{&m.encryption, MasterRole::encryption}, {&m.signature, MasterRole::signature}};
+}
+
+const char* role_name(pkcs11::MasterRole r) {
+    return r == pkcs11::MasterRole::single ? "single" : r == pkcs11::MasterRole::signature ? "signature" : "encryption";
 }
 
 }  // namespace
@@ -132,17 +122,15 @@ void PlannedKeysRecord::stored() {
     sync_dir_of(m_path);
 }
 
+void PlannedKeysRecord::attach(InitParams& p) {
+    p.before_generating = [this](const StoreMeta& planned) { write(planned); };
+    p.before_completing = [this] { stored(); };
+}
+
 std::string planned_keys_text(const StoreMeta& m) {
     nlohmann::json keys = nlohmann::json::array();
-    auto add = [&](const char* role, const MasterKeyRecord& r) {
-        if (!r.id.empty()) keys.push_back({{"role", role}, {"label", r.label}, {"id", to_hex(r.id)}});
-    };
-    if (m.store_version == 1) {
-        add("single", m.encryption);
-    } else {
-        add("encryption", m.encryption);
-        add("signature", m.signature);
-    }
+    for (const auto& [r, role] : keys_of(m))
+        if (!r->id.empty()) keys.push_back({{"role", role_name(role)}, {"label", r->label}, {"id", to_hex(r->id)}});
     nlohmann::json j = {{"format", kFormat},
                         {"version", kVersion},
                         {"store_id", m.store_id},
@@ -181,11 +169,7 @@ std::optional<StoreMeta> parse_planned_keys(const std::string& text) {
 
 bool forget_generated_keys(const StoreMeta& meta, pkcs11::TokenContext& ctx, const std::string& who) {
     bool all_gone = true;
-    using pkcs11::MasterRole;
-    std::vector<std::pair<const MasterKeyRecord*, MasterRole>> keys;
-    if (meta.store_version == 1) keys = {{&meta.encryption, MasterRole::single}};
-    else keys = {{&meta.encryption, MasterRole::encryption}, {&meta.signature, MasterRole::signature}};
-    for (const auto& [k, role] : keys) {
+    for (const auto& [k, role] : keys_of(meta)) {
         if (k->id.empty() || k->label != generated_master_label(meta.store_id, role)) continue;  // named
         const std::string what = "master key '" + k->label + "' (id " + to_hex(k->id) + ")";
         if (meta.token_serial != ctx.token.serial) {

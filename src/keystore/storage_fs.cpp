@@ -388,6 +388,19 @@ std::unique_ptr<Storage::Reader> Storage::open_reader(const std::string& name) c
     return r;
 }
 
+void fsync_directory(const std::string& dir) { fsync_dir(dir); }
+
+fs::path store_directory(const std::string& path) {
+    fs::path p = fs::absolute(path);
+    while (!p.has_filename() || p.filename() == ".") {
+        if (p == p.parent_path()) break;
+        p = p.parent_path();
+    }
+    if (p.filename() == "..")
+        throw UsageError("the key store path " + path + " ends in '..'", "name the store's directory itself");
+    return p;
+}
+
 void create_private_directories(const std::string& path) {
     fs::path at;
     for (const auto& part : fs::absolute(path).lexically_normal()) {
