@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 #include "keywarden/pkcs11.hpp"
@@ -217,12 +218,27 @@ SessionObject Session::create_object(Template& t) {
 
 std::vector<std::uint8_t> Session::wrap_key(CK_MECHANISM* mech, CK_OBJECT_HANDLE wrapping,
                                             CK_OBJECT_HANDLE key) {
-    CK_ULONG n = 0;
-    KW_P11_CALL(fn(), C_WrapKey, handle(), mech, wrapping, key, static_cast<CK_BYTE*>(nullptr), &n);
-    // Generous: some tokens under-report the size in the query call.
-    std::vector<std::uint8_t> out(n + 64);
-    CK_ULONG got = out.size();
-    KW_P11_CALL(fn(), C_WrapKey, handle(), mech, wrapping, key, out.data(), &got);
+    // One call with a buffer that fits every key this project wraps (an RSA-4096 private key
+    // in PKCS#8 under AES key wrap with padding is about 2.4 KiB). A size query first would
+    // double the work on SoftHSM, which wraps the key to learn the size.
+    // The blob is ciphertext, not a secret; it is copied out at its own size so that callers
+    // who keep many blobs do not keep 4 KiB for each.
+    std::array<std::uint8_t, 4096> first;
+    CK_ULONG got = first.size();
+    CK_RV rv = KW_P11_TRY(fn(), C_WrapKey, handle(), mech, wrapping, key, first.data(), &got);
+    if (rv == CKR_OK && got <= first.size()) return {first.begin(), first.begin() + got};
+    std::vector<std::uint8_t> out;
+    if (rv == CKR_BUFFER_TOO_SMALL) {
+        // Larger than expected: ask for the size, with room to spare, because some tokens
+        // under-report it in the query; the length the real call returns is what counts.
+        CK_ULONG n = 0;
+        KW_P11_CALL(fn(), C_WrapKey, handle(), mech, wrapping, key, static_cast<CK_BYTE*>(nullptr), &n);
+        out.assign(n + 64, 0);
+        got = out.size();
+        rv = KW_P11_TRY(fn(), C_WrapKey, handle(), mech, wrapping, key, out.data(), &got);
+    }
+    if (rv != CKR_OK) throw Pkcs11Error("C_WrapKey", rv);
+    if (got > out.size()) throw Pkcs11Error("C_WrapKey", CKR_GENERAL_ERROR, "the token reported more bytes than the buffer holds");
     out.resize(got);
     return out;
 }
