@@ -33,6 +33,8 @@ constexpr RvEntry kRv[] = {
     RV(CKR_NO_EVENT, "no slot event", ""),
     RV(CKR_NEED_TO_CREATE_THREADS, "the module needs to create threads", ""),
     RV(CKR_CANT_LOCK, "the module cannot use the requested locking", ""),
+    RV(CKR_ACTION_PROHIBITED, "the object's attributes forbid this action",
+       "for example CKA_COPYABLE=false forbids a copy"),
     RV(CKR_ATTRIBUTE_READ_ONLY, "an attribute in the template is read-only for this operation",
        "this token refuses an attribute keywarden sets; report the token model"),
     RV(CKR_ATTRIBUTE_SENSITIVE, "the attribute is sensitive and cannot be read",
