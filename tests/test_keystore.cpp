@@ -745,3 +745,46 @@ TEST_CASE("pending ring records survive the trip from a worker to the parent", "
                             "\"bad \\u00zz\":{}", "x\"client/x/symmetric\":{}"})
         CHECK_THROWS_AS(KeyStore::pending_from_text(bad), Error);
 }
+
+// A loaded store's manifest goes through the same scanner as a streamed one
+// (detail::parse_manifest_body). What it parses must write back to the same bytes, in the text
+// fast path and in the JSON fallback, and it must refuse rings out of order or twice.
+TEST_CASE("a loaded manifest parses back to its own bytes, and refuses rings out of order", "[unit]") {
+    namespace d = keystore::detail;
+    SoftStore s;
+    std::vector<KeyId> many{kAliceStorage};
+    for (int i = 0; i < 1500; ++i) many.push_back({RingKind::symmetric, "client-" + std::to_string(100000 + i)});
+    s.open(true)->generate(many);
+    s.open(true)->generate({kAliceStorage, many[7]});  // rotated: two versions each
+    auto file = kwtest::read_text(s.dir + "/manifest");
+    REQUIRE(file.size() > 300 * 1024);  // more than the scanner's 256 KiB buffer
+    std::string body = file.substr(d::kHeaderSize, file.size() - d::kHeaderSize - d::kMacSize);
+    auto bytes = [](const std::string& t) { return Bytes(t.begin(), t.end()); };
+    // A framed file with a dummy tag: parse_manifest_body does not check the MAC.
+    auto framed = [&](const std::string& b) {
+        Bytes f = d::frame(d::kManifestMagic, d::kManifestFormat, b);
+        f.resize(f.size() + d::kMacSize, 0);
+        return f;
+    };
+
+    auto m = d::parse_manifest_body(bytes(file));
+    CHECK(m.rings.size() == many.size());
+    CHECK(d::manifest_body(m) == body);
+    // The JSON fallback (not the exact written form): the same data.
+    auto pretty = nlohmann::json::parse(body).dump(1);
+    REQUIRE(pretty != body);
+    CHECK(d::manifest_body(d::parse_manifest_body(framed(pretty))) == body);
+
+    auto it = m.rings.begin();
+    const auto& [id1, e1] = *it++;
+    const auto& [id2, e2] = *it;
+    std::string rest;
+    for (auto r = std::next(it); r != m.rings.end(); ++r) rest += "," + d::manifest_member(r->first, r->second);
+    std::string swapped = d::manifest_prefix(m) + d::manifest_member(id2, e2) + "," + d::manifest_member(id1, e1) +
+                          rest + d::manifest_suffix(m);
+    std::string twice = d::manifest_prefix(m) + d::manifest_member(id1, e1) + "," + d::manifest_member(id1, e1) + "," +
+                        d::manifest_member(id2, e2) + rest + d::manifest_suffix(m);
+    REQUIRE(swapped.size() == body.size());
+    CHECK_THROWS_AS(d::parse_manifest_body(framed(swapped)), FormatError);
+    CHECK_THROWS_AS(d::parse_manifest_body(framed(twice)), FormatError);
+}

@@ -345,8 +345,11 @@ private:
     void load_manifest();
     void scan_manifest();
     void check_manifest_top(const detail::ManifestData& m) const;
-    void recover_pending();
-    void check_files(bool strict);
+    // Both work on one listing of keys/ (`files`), taken once at open: a store of N rings has N
+    // client directories, and each listing opens every one of them. recover_pending() updates
+    // `files` for what it renames.
+    void recover_pending(std::vector<std::string>& files);
+    void check_files(const std::vector<std::string>& files, bool strict);
     void commit(const std::vector<KeyRing>& rings);
 
     std::unique_ptr<Storage> m_storage;

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "detail/format.hpp"
@@ -421,30 +422,35 @@ std::string manifest_body(const ManifestData& m) {
     return out;
 }
 
-ManifestData parse_manifest_body(std::span<const std::uint8_t> file) {
-    ManifestData m;
-    std::uint32_t n = get_u32(file.data() + 10);
-    std::string ring_key;
-    // Each ring entry is converted as soon as it is parsed and then dropped from the tree.
-    json::parser_callback_t cb = [&](int depth, json::parse_event_t event, json& parsed) {
-        if (depth == 2 && event == json::parse_event_t::key) {
-            ring_key = parsed.get<std::string>();
-        } else if (depth == 2 && event == json::parse_event_t::object_end) {
-            m.rings.emplace(ring_key, entry_from_json(ring_key, parsed));
-            return false;
-        }
-        return true;
-    };
-    try {
-        json j = json::parse(file.begin() + kHeaderSize, file.begin() + kHeaderSize + n, cb);
-        m.store_id = j.at("store_id").get<std::string>();
-        m.generation = j.at("generation").get<std::uint64_t>();
-        m.meta_sha256 = j.at("meta_sha256").get<std::string>();
-        if (j.at("format").get<int>() != kManifestFormat) throw FormatError("manifest body has another format");
-        return m;
-    } catch (const json::exception& e) {
-        throw FormatError(std::string("manifest: missing or mistyped field: ") + e.what());
+namespace {
+// A whole file in memory, read as ManifestScanner reads a file on disk.
+class SpanReader : public Storage::Reader {
+public:
+    explicit SpanReader(std::span<const std::uint8_t> data) : m_data(data) {}
+    std::size_t read(std::uint8_t* out, std::size_t n) override {
+        n = std::min(n, m_data.size() - m_off);
+        std::memcpy(out, m_data.data() + m_off, n);
+        m_off += n;
+        return n;
     }
+
+private:
+    std::span<const std::uint8_t> m_data;
+    std::size_t m_off = 0;
+};
+}  // namespace
+
+// Through the streaming scanner, so a loaded manifest takes the same text fast path (and the
+// same checks, such as the rings' order) as a streamed one: with 20,000 rings the JSON parser
+// took most of a `read`'s time. No MAC here: the caller checked the frame and the tag.
+ManifestData parse_manifest_body(std::span<const std::uint8_t> file) {
+    ManifestScanner scan(std::make_unique<SpanReader>(file), nullptr, {}, {});
+    ManifestData m;
+    while (auto e = scan.next()) m.rings.emplace_hint(m.rings.end(), std::move(e->first), std::move(e->second));
+    m.store_id = scan.top().store_id;
+    m.generation = scan.top().generation;
+    m.meta_sha256 = scan.top().meta_sha256;
+    return m;
 }
 
 // ---- the manifest, streamed ------------------------------------------------------------------

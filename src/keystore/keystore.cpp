@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <set>
 
 #include "detail/format.hpp"
@@ -207,8 +208,9 @@ std::unique_ptr<KeyStore> KeyStore::open_impl(std::unique_ptr<Storage> storage, 
         return ks;
     }
     ks->load_manifest();
-    ks->recover_pending();
-    ks->check_files(mode == kStrict);
+    auto files = ks->m_storage->list("keys");
+    ks->recover_pending(files);
+    ks->check_files(files, mode == kStrict);
     return ks;
 }
 
@@ -265,29 +267,35 @@ void KeyStore::check_manifest_top(const ManifestData& m) const {
 
 // A write puts every changed ring in "<file>.pending", then commits the manifest, then renames.
 // After a crash, the manifest's digests say which copy is the committed one.
-void KeyStore::recover_pending() {
-    for (const auto& name : m_storage->list("keys")) {
+void KeyStore::recover_pending(std::vector<std::string>& files) {
+    std::map<std::string, const ManifestEntry*> by_file;  // built only if a pending file exists
+    for (auto& name : files) {
         if (!name.ends_with(kPending)) continue;
+        if (by_file.empty())
+            for (const auto& [id, e] : manifest().data.rings) by_file.emplace(e.file, &e);
         std::string final_name = name.substr(0, name.size() - std::strlen(kPending));
-        const ManifestEntry* entry = nullptr;
-        for (const auto& [id, e] : manifest().data.rings)
-            if (e.file == final_name) entry = &e;
+        auto it = by_file.find(final_name);
+        const ManifestEntry* entry = it == by_file.end() ? nullptr : it->second;
         auto pending = m_storage->read(name);
         bool committed = entry && pending && hex_digest(*pending) == entry->sha256;
         if (!m_writable) {
             if (committed) manifest().pending.insert(final_name);
             continue;
         }
-        if (committed) m_storage->rename(name, final_name);
-        else m_storage->remove(name);  // written but never committed
+        if (committed) {
+            m_storage->rename(name, final_name);
+            name = final_name;  // the listing now holds the final name (once: it may be there already)
+        } else {
+            m_storage->remove(name);  // written but never committed
+        }
     }
 }
 
-void KeyStore::check_files(bool strict) {
+void KeyStore::check_files(const std::vector<std::string>& files, bool strict) {
     std::set<std::string> expected;
     for (const auto& [id, e] : manifest().data.rings) expected.insert(e.file);
     std::set<std::string> present;
-    for (const auto& name : m_storage->list("keys")) {
+    for (const auto& name : files) {
         if (name.ends_with(kPending)) continue;
         present.insert(name);
         if (!expected.count(name))
