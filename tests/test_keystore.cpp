@@ -801,3 +801,20 @@ TEST_CASE("a loaded manifest parses back to its own bytes, and refuses rings out
     CHECK_THROWS_AS(d::parse_manifest_body(framed(swapped)), FormatError);
     CHECK_THROWS_AS(d::parse_manifest_body(framed(twice)), FormatError);
 }
+
+TEST_CASE("a loaded manifest with a mistyped top-level field is a format error", "[unit]") {
+    namespace d = keystore::detail;
+    SoftStore s;
+    s.open(true)->generate({kAliceSym});
+    auto file = kwtest::read_text(s.dir + "/manifest");
+    std::string body = file.substr(d::kHeaderSize, file.size() - d::kHeaderSize - d::kMacSize);
+    auto j = nlohmann::json::parse(body);
+    for (const char* field : {"generation", "store_id", "meta_sha256", "format"}) {
+        INFO(field);
+        auto bad = j;
+        bad[field] = nlohmann::json::array();
+        Bytes f = d::frame(d::kManifestMagic, d::kManifestFormat, bad.dump());
+        f.resize(f.size() + d::kMacSize, 0);
+        CHECK_THROWS_AS(d::parse_manifest_body(f), FormatError);
+    }
+}

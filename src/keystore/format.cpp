@@ -446,7 +446,11 @@ private:
 ManifestData parse_manifest_body(std::span<const std::uint8_t> file) {
     ManifestScanner scan(std::make_unique<SpanReader>(file), nullptr, {}, {});
     ManifestData m;
-    while (auto e = scan.next()) m.rings.emplace_hint(m.rings.end(), std::move(e->first), std::move(e->second));
+    try {
+        while (auto e = scan.next()) m.rings.emplace_hint(m.rings.end(), std::move(e->first), std::move(e->second));
+    } catch (const json::exception& e) {
+        throw FormatError(std::string("manifest: missing or mistyped field: ") + e.what());
+    }
     m.store_id = scan.top().store_id;
     m.generation = scan.top().generation;
     m.meta_sha256 = scan.top().meta_sha256;
