@@ -1546,3 +1546,45 @@ TEST_CASE("backup: a bundle whose rings are not in key id order still imports", 
         f.must({"--keystore", store, "keystore", "verify"});
     }
 }
+
+// A store directory an administrator made ready, in a parent directory the user cannot write:
+// init cannot put its record of the planned master keys beside the store, so it warns and goes
+// on without one. Run as another user (setpriv, uid 65534) when the tests run as root, since
+// root writes anywhere; otherwise the parent is made read-only for this user.
+TEST_CASE("backup: init into a prepared store directory whose parent it cannot write warns and works", "[cli]") {
+    BackupFixture f(false);
+    const std::string admin = f.dir + "/admin", store = admin + "/store";
+    fs::create_directory(admin);
+    fs::create_directory(store);
+    ::chmod(store.c_str(), 0700);
+    const bool root = ::geteuid() == 0;
+    std::vector<std::string> prefix;
+    if (root) {
+        // Everything the run touches belongs to uid 65534 (the tokens, the store directory);
+        // `admin` stays root's, 0755.
+        REQUIRE(kwtest::sh("chown -R 65534:65534 '" + f.dir + "' && chown 0:0 '" + admin + "'") == 0);
+        ::chmod(admin.c_str(), 0755);
+        ::chmod(f.dir.c_str(), 0755);
+        prefix = {"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", fs::absolute(kwtest::binary_path()).string()};
+    } else {
+        ::chmod(admin.c_str(), 0555);
+        prefix = {fs::absolute(kwtest::binary_path()).string()};
+    }
+    auto as_user = [&](std::vector<std::string> args) {
+        args.insert(args.begin(), prefix.begin(), prefix.end());
+        return kwtest::run_program(args, f.env);
+    };
+    auto r = as_user({"--keystore", store, "--token", "kw-dst", "init"});
+    INFO(r.out << r.err);
+    CHECK(r.code == 0);
+    CHECK_THAT(r.err, Catch::Contains("cannot write the record of the master keys about to be generated beside the store") &&
+                          Catch::Contains("delete its new master keys by hand"));
+    CHECK(as_user({"--keystore", store, "keystore", "verify"}).code == 0);
+    std::size_t entries = 0;
+    for (const auto& e : fs::directory_iterator(admin)) {
+        ++entries;
+        CHECK(e.path().filename() == "store");
+    }
+    CHECK(entries == 1);
+    if (!root) ::chmod(admin.c_str(), 0755);  // so that the fixture can remove it
+}
