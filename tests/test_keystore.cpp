@@ -800,6 +800,32 @@ TEST_CASE("a loaded manifest parses back to its own bytes, and refuses rings out
     REQUIRE(swapped.size() == body.size());
     CHECK_THROWS_AS(d::parse_manifest_body(framed(swapped)), FormatError);
     CHECK_THROWS_AS(d::parse_manifest_body(framed(twice)), FormatError);
+
+    // Every top-level field is required, as the JSON parser required them.
+    for (const char* field : {"format", "generation", "store_id", "meta_sha256"}) {
+        INFO(field);
+        auto j = nlohmann::json::parse(body);
+        j.erase(field);
+        CHECK_THROWS_WITH(d::parse_manifest_body(framed(j.dump())), Catch::Contains(std::string("missing field: ") + field));
+    }
+    // A body that ends early although its frame and MAC are right was written so: a format error.
+    std::string short_body = body.substr(0, body.size() - 1);
+    CHECK_THROWS_AS(d::parse_manifest_body(framed(short_body)), FormatError);
+
+    // A ring rotated 150,000 times has a member of more than 16 MiB, the streamed scanner's
+    // limit; a loaded store, which holds the file anyway, reads it.
+    auto big = m;
+    auto& versions = big.rings.begin()->second.summary.versions;
+    auto v = versions.front();
+    versions.clear();
+    for (std::uint32_t i = 1; i <= 150000; ++i) {
+        v.version = i;
+        v.current = i == 150000;
+        versions.push_back(v);
+    }
+    std::string big_body = d::manifest_body(big);
+    REQUIRE(d::manifest_member(big.rings.begin()->first, big.rings.begin()->second).size() > (16u << 20));
+    CHECK(d::manifest_body(d::parse_manifest_body(framed(big_body))) == big_body);
 }
 
 TEST_CASE("a loaded manifest with a mistyped top-level field is a format error", "[unit]") {

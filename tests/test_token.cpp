@@ -203,7 +203,7 @@ TEST_CASE("SoftHSM's CKM_AES_KEY_WRAP_PAD is RFC 5649 for 32-byte keys", "[token
     CHECK(back->value() == key_value);
 }
 
-TEST_CASE("wrap_key: one C_WrapKey call for usual keys, the size query only above 4 KiB", "[token]") {
+TEST_CASE("wrap_key: one C_WrapKey call for usual keys, two above 4 KiB", "[token]") {
     // SoftHSM does the whole wrap to answer a size query, so wrap_key skips it while the blob
     // fits its first buffer; a larger blob must still come back whole and correct.
     kwtest::SoftHsm hsm;
@@ -214,7 +214,7 @@ TEST_CASE("wrap_key: one C_WrapKey call for usual keys, the size query only abov
     // Multiples of 8 only: SoftHSM pads other lengths its own way (PKCS11-NOTES.md), and the
     // blob is compared with OpenSSL's RFC 5649. 4088 bytes give a 4096-byte blob, the first
     // buffer exactly; 4096 bytes give 4104.
-    for (Row r : {Row{32, 1}, Row{4088, 1}, Row{4096, 3}, Row{6000, 3}}) {
+    for (Row r : {Row{32, 1}, Row{4088, 1}, Row{4096, 2}, Row{6000, 2}}) {
         INFO(r.size);
         SecureBytes value(r.size);
         for (std::size_t i = 0; i < value.size(); ++i) value[i] = static_cast<std::uint8_t>(i * 7 + 1);
@@ -224,8 +224,11 @@ TEST_CASE("wrap_key: one C_WrapKey call for usual keys, the size query only abov
         auto blob = s->wrap_key(&m, kek.handle(), key->object().handle());
         auto trace = call_trace();
         CHECK(blob == aes_wrap_pad(kek_value, value));
-        CHECK(count_in(trace, "C_WrapKey -> CKR_OK") == (r.wrap_calls == 1 ? 1u : 2u));
+        // Above 4 KiB: CKR_BUFFER_TOO_SMALL with the length SoftHSM needs, then the real call,
+        // with no size query in between.
+        CHECK(count_in(trace, "C_WrapKey -> CKR_OK") == 1u);
         CHECK(count_in(trace, "C_WrapKey -> CKR_BUFFER_TOO_SMALL") == (r.wrap_calls == 1 ? 0u : 1u));
+        CHECK(count_in(trace, "C_WrapKey -> CKR_OK") + count_in(trace, "C_WrapKey -> CKR_BUFFER_TOO_SMALL") == r.wrap_calls);
     }
 }
 

@@ -264,9 +264,9 @@ public:
     // C_CreateObject
     SessionObject create_object(Template& t);
 
-    // C_WrapKey in one call with a 4 KiB buffer; only a larger blob (CKR_BUFFER_TOO_SMALL)
-    // takes the size query, then a buffer with room to spare, because some tokens report wrong
-    // sizes in the query: the length returned by the real call is what counts.
+    // C_WrapKey in one call with a 4 KiB buffer. A larger blob (CKR_BUFFER_TOO_SMALL) gets a
+    // second call with the length the token reported, or a size query's if it reported none,
+    // plus room to spare, because some tokens under-report: the real call's length counts.
     std::vector<std::uint8_t> wrap_key(CK_MECHANISM* mech, CK_OBJECT_HANDLE wrapping,
                                        CK_OBJECT_HANDLE key);
     // C_UnwrapKey into a session object. On failure any half-built object is not our handle,

@@ -442,14 +442,17 @@ private:
 
 // Through the streaming scanner, so a loaded manifest takes the same text fast path (and the
 // same checks, such as the rings' order) as a streamed one: with 20,000 rings the JSON parser
-// took most of a `read`'s time. No MAC here: the caller checked the frame and the tag.
+// took most of a `read`'s time. No MAC here: the caller checked the frame and the tag. No
+// SHA-256 and no limit on a member's size either (in_memory).
 ManifestData parse_manifest_body(std::span<const std::uint8_t> file) {
-    ManifestScanner scan(std::make_unique<SpanReader>(file), nullptr, {}, {});
+    ManifestScanner scan(std::make_unique<SpanReader>(file), nullptr, {}, {}, true);
     ManifestData m;
     try {
         while (auto e = scan.next()) m.rings.emplace_hint(m.rings.end(), std::move(e->first), std::move(e->second));
-    } catch (const json::exception& e) {
-        throw FormatError(std::string("manifest: missing or mistyped field: ") + e.what());
+    } catch (const IntegrityError& e) {
+        // The frame's length and the MAC were checked before: a body that ends early was
+        // written so, which is a format error, not a truncated file.
+        throw FormatError(std::string("manifest: the signed body ends early (") + e.what() + ")");
     }
     m.store_id = scan.top().store_id;
     m.generation = scan.top().generation;
@@ -465,9 +468,9 @@ struct ManifestScanner::Hash {
 };
 
 ManifestScanner::ManifestScanner(std::unique_ptr<Storage::Reader> in, MacKey::Stream* mac, std::string_view domain,
-                                 const std::string& binding)
-    : m_in(std::move(in)), m_mac(mac), m_hash(std::make_unique<Hash>()), m_buf(256 * 1024) {
-    if (!m_hash->ctx || EVP_DigestInit_ex(m_hash->ctx, EVP_sha256(), nullptr) != 1)
+                                 const std::string& binding, bool in_memory)
+    : m_in(std::move(in)), m_mac(mac), m_hash(std::make_unique<Hash>()), m_buf(256 * 1024), m_in_memory(in_memory) {
+    if (!m_in_memory && (!m_hash->ctx || EVP_DigestInit_ex(m_hash->ctx, EVP_sha256(), nullptr) != 1))
         throw Error("SHA-256 is not available");
     if (m_mac) {
         static const std::uint8_t zero = 0;
@@ -509,7 +512,7 @@ std::size_t ManifestScanner::fill() {
     }
     std::size_t got = m_in->read(m_buf.data() + m_len, m_buf.size() - m_len);
     if (got == 0) return 0;
-    if (EVP_DigestUpdate(m_hash->ctx, m_buf.data() + m_len, got) != 1) throw Error("SHA-256 failed");
+    if (!m_in_memory && EVP_DigestUpdate(m_hash->ctx, m_buf.data() + m_len, got) != 1) throw Error("SHA-256 failed");
     m_len += got;
     return got;
 }
@@ -594,7 +597,7 @@ std::string ManifestScanner::value_text() {
         m_pos = i;
         // A real member is a few hundred bytes per version; a damaged file must not make the
         // scanner hold it whole.
-        if (out.size() > kMaxValue) throw FormatError("manifest: a member is too large");
+        if (!m_in_memory && out.size() > kMaxValue) throw FormatError("manifest: a member is too large");
         if (done) return out;
     }
 }
@@ -611,10 +614,13 @@ std::string ManifestScanner::key() {
 
 void ManifestScanner::top_member(const std::string& name) {
     json v = json::parse(value_text());
-    if (name == "store_id") m_top.store_id = v.get<std::string>();
-    else if (name == "generation") m_top.generation = v.get<std::uint64_t>();
-    else if (name == "meta_sha256") m_top.meta_sha256 = v.get<std::string>();
-    else if (name == "format" && v.get<int>() != kManifestFormat) throw FormatError("manifest body has another format");
+    if (name == "store_id") m_top.store_id = v.get<std::string>(), m_seen |= 4;
+    else if (name == "generation") m_top.generation = v.get<std::uint64_t>(), m_seen |= 2;
+    else if (name == "meta_sha256") m_top.meta_sha256 = v.get<std::string>(), m_seen |= 8;
+    else if (name == "format") {
+        if (v.get<int>() != kManifestFormat) throw FormatError("manifest body has another format");
+        m_seen |= 1;
+    }
 }
 
 // After the rings: the remaining top-level members, the end of the body, the tag, the end.
@@ -644,9 +650,14 @@ void ManifestScanner::finish() {
         throw IntegrityError("manifest has a length that does not match its header (truncated or extended)");
     m_tag.assign(m_buf.data() + m_pos, m_buf.data() + m_len);
     m_pos = m_len;
-    m_sha.resize(32);
-    unsigned int n = 0;
-    if (EVP_DigestFinal_ex(m_hash->ctx, m_sha.data(), &n) != 1 || n != 32) throw Error("SHA-256 failed");
+    if (!m_in_memory) {
+        m_sha.resize(32);
+        unsigned int n = 0;
+        if (EVP_DigestFinal_ex(m_hash->ctx, m_sha.data(), &n) != 1 || n != 32) throw Error("SHA-256 failed");
+    }
+    const char* names[] = {"format", "generation", "store_id", "meta_sha256"};
+    for (unsigned i = 0; i < 4; ++i)
+        if (!(m_seen & (1u << i))) throw FormatError(std::string("manifest: missing field: ") + names[i]);
     if (m_top.store_id.empty() || m_top.meta_sha256.empty())
         throw FormatError("manifest: missing or mistyped field: store_id or meta_sha256");
     m_state = 2;
@@ -663,7 +674,8 @@ std::optional<std::string> ManifestScanner::skip_next() {
 std::optional<std::pair<std::string, ManifestEntry>> ManifestScanner::read_next(bool parse_entry) {
     try {
         if (m_state == 0) {
-            // The members before "rings" (keys are sorted: format, generation, meta_sha256).
+            // The members before "rings" (as written: format, generation, meta_sha256; any order
+            // is read, and finish() checks that all four top-level fields came).
             expect('{');
             for (bool first = true;; first = false) {
                 if (!first) expect(',');

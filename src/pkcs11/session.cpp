@@ -220,25 +220,37 @@ std::vector<std::uint8_t> Session::wrap_key(CK_MECHANISM* mech, CK_OBJECT_HANDLE
                                             CK_OBJECT_HANDLE key) {
     // One call with a buffer that fits every key this project wraps (an RSA-4096 private key
     // in PKCS#8 under AES key wrap with padding is about 2.4 KiB). A size query first would
-    // double the work on SoftHSM, which wraps the key to learn the size.
-    // The blob is ciphertext, not a secret; it is copied out at its own size so that callers
-    // who keep many blobs do not keep 4 KiB for each.
+    // double the work on SoftHSM, which wraps the key to learn the size. The blob is
+    // ciphertext, not a secret; it is copied out at its own size so that callers who keep many
+    // blobs do not keep 4 KiB for each.
+    constexpr CK_ULONG kMaxBlob = 1u << 20;  // no key wraps to more; a larger answer is a bad token
     std::array<std::uint8_t, 4096> first;
     CK_ULONG got = first.size();
     CK_RV rv = KW_P11_TRY(fn(), C_WrapKey, handle(), mech, wrapping, key, first.data(), &got);
     if (rv == CKR_OK && got <= first.size()) return {first.begin(), first.begin() + got};
-    std::vector<std::uint8_t> out;
-    if (rv == CKR_BUFFER_TOO_SMALL) {
-        // Larger than expected: ask for the size, with room to spare, because some tokens
-        // under-report it in the query; the length the real call returns is what counts.
-        CK_ULONG n = 0;
+    if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL) throw Pkcs11Error("C_WrapKey", rv);
+    if (rv == CKR_OK)
+        throw TokenError("the token's C_WrapKey reported " + std::to_string(got) +
+                             " bytes written into a buffer of " + std::to_string(first.size()),
+                         "this token misreports C_WrapKey's output length; report the token model");
+    // Larger than expected. The token says how large (PKCS#11 5.2); a token that does not
+    // (or gives an impossible length) is asked with a size query. Either way the buffer gets
+    // room to spare, since some tokens under-report, and the length of the real call counts.
+    CK_ULONG n = got;
+    if (n <= first.size() || n > kMaxBlob) {
+        n = 0;
         KW_P11_CALL(fn(), C_WrapKey, handle(), mech, wrapping, key, static_cast<CK_BYTE*>(nullptr), &n);
-        out.assign(n + 64, 0);
-        got = out.size();
-        rv = KW_P11_TRY(fn(), C_WrapKey, handle(), mech, wrapping, key, out.data(), &got);
     }
-    if (rv != CKR_OK) throw Pkcs11Error("C_WrapKey", rv);
-    if (got > out.size()) throw Pkcs11Error("C_WrapKey", CKR_GENERAL_ERROR, "the token reported more bytes than the buffer holds");
+    if (n > kMaxBlob)
+        throw TokenError("the token's C_WrapKey asked for " + std::to_string(n) + " bytes for one wrapped key",
+                         "this token misreports C_WrapKey's output length; report the token model");
+    std::vector<std::uint8_t> out(n + 64);
+    got = out.size();
+    KW_P11_CALL(fn(), C_WrapKey, handle(), mech, wrapping, key, out.data(), &got);
+    if (got > out.size())
+        throw TokenError("the token's C_WrapKey reported " + std::to_string(got) +
+                             " bytes written into a buffer of " + std::to_string(out.size()),
+                         "this token misreports C_WrapKey's output length; report the token model");
     out.resize(got);
     return out;
 }

@@ -86,8 +86,11 @@ ManifestData parse_manifest_body(std::span<const std::uint8_t> file);
 // compares sha256() with an authenticated digest) before anything it did is kept.
 class ManifestScanner {
 public:
+    // in_memory: the file is already held whole (a loaded store): no limit on a member's size
+    // (a ring rotated a hundred thousand times has a member of more than 16 MiB) and no SHA-256
+    // (sha256() stays empty).
     ManifestScanner(std::unique_ptr<Storage::Reader> in, MacKey::Stream* mac, std::string_view domain,
-                    const std::string& binding);
+                    const std::string& binding, bool in_memory = false);
     ~ManifestScanner();
     // The next ring, or nullopt after the last one; then the whole file has been read, the
     // top-level fields are in top() and tag() and sha256() are ready.
@@ -128,6 +131,8 @@ private:
     std::uint64_t m_signed_end = 0;  // header + body length
     std::uint64_t m_mac_done = 0;    // file offset up to which the MAC has been fed
     int m_state = 0;                 // 0 before rings, 1 in rings, 2 done
+    bool m_in_memory = false;
+    unsigned m_seen = 0;             // top-level members seen: bit 0 format, 1 generation, 2 store_id, 3 meta_sha256
     std::string m_last_id;
     ManifestData m_top;
     Bytes m_tag, m_sha;
