@@ -759,6 +759,15 @@ TEST_CASE("pending ring records survive the trip from a worker to the parent", "
         CHECK_THROWS_AS(KeyStore::pending_from_text(bad), Error);
 }
 
+namespace {
+// A manifest file around `body` with a dummy tag: parse_manifest_body does not check the MAC.
+Bytes framed_manifest(const std::string& body) {
+    Bytes f = keystore::detail::frame(keystore::detail::kManifestMagic, keystore::detail::kManifestFormat, body);
+    f.resize(f.size() + keystore::detail::kMacSize, 0);
+    return f;
+}
+}  // namespace
+
 // A loaded store's manifest goes through the same scanner as a streamed one
 // (detail::parse_manifest_body). What it parses must write back to the same bytes, in the text
 // fast path and in the JSON fallback, and it must refuse rings out of order or twice.
@@ -773,12 +782,7 @@ TEST_CASE("a loaded manifest parses back to its own bytes, and refuses rings out
     REQUIRE(file.size() > 300 * 1024);  // more than the scanner's 256 KiB buffer
     std::string body = file.substr(d::kHeaderSize, file.size() - d::kHeaderSize - d::kMacSize);
     auto bytes = [](const std::string& t) { return Bytes(t.begin(), t.end()); };
-    // A framed file with a dummy tag: parse_manifest_body does not check the MAC.
-    auto framed = [&](const std::string& b) {
-        Bytes f = d::frame(d::kManifestMagic, d::kManifestFormat, b);
-        f.resize(f.size() + d::kMacSize, 0);
-        return f;
-    };
+    auto framed = framed_manifest;
 
     auto m = d::parse_manifest_body(bytes(file));
     CHECK(m.rings.size() == many.size());
@@ -839,8 +843,6 @@ TEST_CASE("a loaded manifest with a mistyped top-level field is a format error",
         INFO(field);
         auto bad = j;
         bad[field] = nlohmann::json::array();
-        Bytes f = d::frame(d::kManifestMagic, d::kManifestFormat, bad.dump());
-        f.resize(f.size() + d::kMacSize, 0);
-        CHECK_THROWS_AS(d::parse_manifest_body(f), FormatError);
+        CHECK_THROWS_AS(d::parse_manifest_body(framed_manifest(bad.dump())), FormatError);
     }
 }

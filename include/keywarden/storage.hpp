@@ -38,6 +38,19 @@ public:
         // Up to n bytes; 0 at the end.
         virtual std::size_t read(std::uint8_t* out, std::size_t n) = 0;
     };
+    // A Reader over bytes already in memory: its own (the default open_reader) or a caller's,
+    // who keeps them alive while the reader is used (a loaded manifest).
+    class MemoryReader : public Reader {
+    public:
+        explicit MemoryReader(Bytes owned) : m_owned(std::move(owned)), m_data(m_owned) {}
+        explicit MemoryReader(std::span<const std::uint8_t> data) : m_data(data) {}
+        std::size_t read(std::uint8_t* out, std::size_t n) override;
+
+    private:
+        Bytes m_owned;
+        std::span<const std::uint8_t> m_data;
+        std::size_t m_at = 0;
+    };
     // nullptr if the file does not exist. The default reads the whole file with read().
     virtual std::unique_ptr<Reader> open_reader(const std::string& name) const;
     // Atomic: temp file, fsync, rename, fsync of the directory. Refuses to replace an existing

@@ -422,41 +422,22 @@ std::string manifest_body(const ManifestData& m) {
     return out;
 }
 
-namespace {
-// A whole file in memory, read as ManifestScanner reads a file on disk.
-class SpanReader : public Storage::Reader {
-public:
-    explicit SpanReader(std::span<const std::uint8_t> data) : m_data(data) {}
-    std::size_t read(std::uint8_t* out, std::size_t n) override {
-        n = std::min(n, m_data.size() - m_off);
-        std::memcpy(out, m_data.data() + m_off, n);
-        m_off += n;
-        return n;
-    }
-
-private:
-    std::span<const std::uint8_t> m_data;
-    std::size_t m_off = 0;
-};
-}  // namespace
-
 // Through the streaming scanner, so a loaded manifest takes the same text fast path (and the
 // same checks, such as the rings' order) as a streamed one: with 20,000 rings the JSON parser
 // took most of a `read`'s time. No MAC here: the caller checked the frame and the tag. No
 // SHA-256 and no limit on a member's size either (in_memory).
 ManifestData parse_manifest_body(std::span<const std::uint8_t> file) {
-    ManifestScanner scan(std::make_unique<SpanReader>(file), nullptr, {}, {}, true);
-    ManifestData m;
+    ManifestScanner scan(std::make_unique<Storage::MemoryReader>(file), nullptr, {}, {}, true);
+    std::map<std::string, ManifestEntry> rings;
     try {
-        while (auto e = scan.next()) m.rings.emplace_hint(m.rings.end(), std::move(e->first), std::move(e->second));
+        while (auto e = scan.next()) rings.emplace_hint(rings.end(), std::move(e->first), std::move(e->second));
     } catch (const IntegrityError& e) {
         // The frame's length and the MAC were checked before: a body that ends early was
         // written so, which is a format error, not a truncated file.
         throw FormatError(std::string("manifest: the signed body ends early (") + e.what() + ")");
     }
-    m.store_id = scan.top().store_id;
-    m.generation = scan.top().generation;
-    m.meta_sha256 = scan.top().meta_sha256;
+    ManifestData m = scan.top();  // store_id, generation, meta_sha256
+    m.rings = std::move(rings);
     return m;
 }
 
@@ -612,15 +593,20 @@ std::string ManifestScanner::key() {
     return k;
 }
 
+namespace {
+// The manifest body's top-level fields besides "rings"; bit i of ManifestScanner::m_seen is
+// kTopFields[i].
+constexpr const char* kTopFields[] = {"format", "generation", "store_id", "meta_sha256"};
+}  // namespace
+
 void ManifestScanner::top_member(const std::string& name) {
     json v = json::parse(value_text());
-    if (name == "store_id") m_top.store_id = v.get<std::string>(), m_seen |= 4;
-    else if (name == "generation") m_top.generation = v.get<std::uint64_t>(), m_seen |= 2;
-    else if (name == "meta_sha256") m_top.meta_sha256 = v.get<std::string>(), m_seen |= 8;
-    else if (name == "format") {
-        if (v.get<int>() != kManifestFormat) throw FormatError("manifest body has another format");
-        m_seen |= 1;
-    }
+    if (name == "store_id") m_top.store_id = v.get<std::string>();
+    else if (name == "generation") m_top.generation = v.get<std::uint64_t>();
+    else if (name == "meta_sha256") m_top.meta_sha256 = v.get<std::string>();
+    else if (name == "format" && v.get<int>() != kManifestFormat) throw FormatError("manifest body has another format");
+    for (unsigned i = 0; i < std::size(kTopFields); ++i)
+        if (name == kTopFields[i]) m_seen |= 1u << i;
 }
 
 // After the rings: the remaining top-level members, the end of the body, the tag, the end.
@@ -655,9 +641,8 @@ void ManifestScanner::finish() {
         unsigned int n = 0;
         if (EVP_DigestFinal_ex(m_hash->ctx, m_sha.data(), &n) != 1 || n != 32) throw Error("SHA-256 failed");
     }
-    const char* names[] = {"format", "generation", "store_id", "meta_sha256"};
-    for (unsigned i = 0; i < 4; ++i)
-        if (!(m_seen & (1u << i))) throw FormatError(std::string("manifest: missing field: ") + names[i]);
+    for (unsigned i = 0; i < std::size(kTopFields); ++i)
+        if (!(m_seen & (1u << i))) throw FormatError(std::string("manifest: missing field: ") + kTopFields[i]);
     if (m_top.store_id.empty() || m_top.meta_sha256.empty())
         throw FormatError("manifest: missing or mistyped field: store_id or meta_sha256");
     m_state = 2;

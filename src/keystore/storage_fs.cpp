@@ -370,22 +370,17 @@ void Storage::write_streamed(const std::string& name, const std::function<void(c
     write(name, all);
 }
 
+std::size_t Storage::MemoryReader::read(std::uint8_t* out, std::size_t n) {
+    n = std::min(n, m_data.size() - m_at);
+    std::copy_n(m_data.data() + m_at, n, out);
+    m_at += n;
+    return n;
+}
+
 std::unique_ptr<Storage::Reader> Storage::open_reader(const std::string& name) const {
     auto all = read(name);
     if (!all) return nullptr;
-    struct Whole : Reader {
-        Bytes data;
-        std::size_t at = 0;
-        std::size_t read(std::uint8_t* out, std::size_t n) override {
-            n = std::min(n, data.size() - at);
-            std::copy_n(data.data() + at, n, out);
-            at += n;
-            return n;
-        }
-    };
-    auto r = std::make_unique<Whole>();
-    r->data = std::move(*all);
-    return r;
+    return std::make_unique<MemoryReader>(std::move(*all));
 }
 
 void fsync_directory(const std::string& dir) { fsync_dir(dir); }

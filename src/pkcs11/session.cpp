@@ -224,15 +224,20 @@ std::vector<std::uint8_t> Session::wrap_key(CK_MECHANISM* mech, CK_OBJECT_HANDLE
     // ciphertext, not a secret; it is copied out at its own size so that callers who keep many
     // blobs do not keep 4 KiB for each.
     constexpr CK_ULONG kMaxBlob = 1u << 20;  // no key wraps to more; a larger answer is a bad token
+    auto misreport = [](const std::string& what) {
+        return TokenError("the token's C_WrapKey " + what,
+                          "this token misreports C_WrapKey's output length; report the token model");
+    };
+    auto overran = [&](CK_ULONG written, std::size_t buffer) {
+        return misreport("reported " + std::to_string(written) + " bytes written into a buffer of " +
+                         std::to_string(buffer));
+    };
     std::array<std::uint8_t, 4096> first;
     CK_ULONG got = first.size();
     CK_RV rv = KW_P11_TRY(fn(), C_WrapKey, handle(), mech, wrapping, key, first.data(), &got);
     if (rv == CKR_OK && got <= first.size()) return {first.begin(), first.begin() + got};
     if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL) throw Pkcs11Error("C_WrapKey", rv);
-    if (rv == CKR_OK)
-        throw TokenError("the token's C_WrapKey reported " + std::to_string(got) +
-                             " bytes written into a buffer of " + std::to_string(first.size()),
-                         "this token misreports C_WrapKey's output length; report the token model");
+    if (rv == CKR_OK) throw overran(got, first.size());
     // Larger than expected. The token says how large (PKCS#11 5.2); a token that does not
     // (or gives an impossible length) is asked with a size query. Either way the buffer gets
     // room to spare, since some tokens under-report, and the length of the real call counts.
@@ -241,16 +246,11 @@ std::vector<std::uint8_t> Session::wrap_key(CK_MECHANISM* mech, CK_OBJECT_HANDLE
         n = 0;
         KW_P11_CALL(fn(), C_WrapKey, handle(), mech, wrapping, key, static_cast<CK_BYTE*>(nullptr), &n);
     }
-    if (n > kMaxBlob)
-        throw TokenError("the token's C_WrapKey asked for " + std::to_string(n) + " bytes for one wrapped key",
-                         "this token misreports C_WrapKey's output length; report the token model");
+    if (n > kMaxBlob) throw misreport("asked for " + std::to_string(n) + " bytes for one wrapped key");
     std::vector<std::uint8_t> out(n + 64);
     got = out.size();
     KW_P11_CALL(fn(), C_WrapKey, handle(), mech, wrapping, key, out.data(), &got);
-    if (got > out.size())
-        throw TokenError("the token's C_WrapKey reported " + std::to_string(got) +
-                             " bytes written into a buffer of " + std::to_string(out.size()),
-                         "this token misreports C_WrapKey's output length; report the token model");
+    if (got > out.size()) throw overran(got, out.size());
     out.resize(got);
     return out;
 }

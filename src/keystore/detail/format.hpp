@@ -132,7 +132,7 @@ private:
     std::uint64_t m_mac_done = 0;    // file offset up to which the MAC has been fed
     int m_state = 0;                 // 0 before rings, 1 in rings, 2 done
     bool m_in_memory = false;
-    unsigned m_seen = 0;             // top-level members seen: bit 0 format, 1 generation, 2 store_id, 3 meta_sha256
+    unsigned m_seen = 0;             // top-level fields seen, a bit each (kTopFields in format.cpp)
     std::string m_last_id;
     ManifestData m_top;
     Bytes m_tag, m_sha;
