@@ -4,15 +4,18 @@
 // each operation needs, and the same three operations as `keywarden` CLI processes for their
 // peak RSS. Prints plain-text tables.
 //
-//   backup-bench [--keys N] [--cli PATH] [--module PATH] [--jobs J [--repeat R]] [--keep-dir]
+//   backup-bench [--keys N] [--kinds LIST] [--cli PATH] [--module PATH] [--jobs J [--repeat R]] [--keep-dir]
 //
 // With --jobs J (J >= 2) it also measures what J processes gain: each floor run in 1 and in J
 // forked processes (each with its own session, started together, splitting the keys), and the
 // CLI commands with --jobs 1 and --jobs J. Single runs of these vary by a few per cent on a
 // shared machine; --repeat R measures each speed-up R times and reports the medians.
 //
-// The store holds N rings of kind client/<id>/symmetric (AES-256), one version each: one key per
-// client, N clients, made by a single KeyStore::generate call (not timed in the tables).
+// The store holds N rings, one version each, made by a single KeyStore::generate call (not timed
+// in the tables). By default every ring is client/<id>/symmetric (AES-256): one key per client, N
+// clients. --kinds gives each client several rings instead, e.g. --kinds acra (storage,symmetric,
+// hmac: Acra's per-client keys), so that N keys are N/3 clients; the floors then make, per key,
+// the token calls of that key's kind.
 #include <fcntl.h>
 #include <malloc.h>
 #include <sys/resource.h>
@@ -80,10 +83,12 @@ struct Options {
     std::string module;
     std::size_t jobs = 1;  // >= 2: also the process speed-ups of the floors and the CLI
     std::size_t repeat = 1;  // rounds of the --jobs measurements; the medians are reported
+    std::vector<ks::RingKind> kinds{ks::RingKind::symmetric};  // the rings of each client
 };
 
 constexpr const char* kUsage =
-    "usage: backup-bench [--keys N] [--cli PATH] [--module PATH] [--jobs J [--repeat R]] [--keep-dir]\n";
+    "usage: backup-bench [--keys N] [--kinds LIST] [--cli PATH] [--module PATH] [--jobs J [--repeat R]] "
+    "[--keep-dir]\n";
 
 [[noreturn]] void usage_exit(const std::string& problem) {
     std::cerr << "backup-bench: " << problem << "\n" << kUsage;
@@ -98,6 +103,26 @@ std::size_t parse_count(const std::string& s) {
     return n;
 }
 
+// "storage,symmetric,hmac" (client ring kinds, each once) or "acra" for exactly those three.
+std::vector<ks::RingKind> parse_kinds(const std::string& s) {
+    std::string list = s == "acra" ? "storage,symmetric,hmac" : s;
+    std::vector<ks::RingKind> out;
+    std::size_t pos = 0;
+    while (pos <= list.size()) {
+        std::size_t end = std::min(list.find(',', pos), list.size());
+        std::string name = list.substr(pos, end - pos);
+        std::optional<ks::RingKind> k;
+        if (name == "storage") k = ks::RingKind::storage_keypair;
+        else if (name == "symmetric") k = ks::RingKind::symmetric;
+        else if (name == "hmac") k = ks::RingKind::hmac;
+        if (!k) usage_exit("--kinds: '" + name + "' is not storage, symmetric or hmac");
+        if (std::find(out.begin(), out.end(), *k) != out.end()) usage_exit("--kinds names '" + name + "' twice");
+        out.push_back(*k);
+        pos = end + 1;
+    }
+    return out;
+}
+
 Options parse_options(int argc, char** argv) {
     Options o;
     o.module = env_or("KEYWARDEN_TEST_MODULE", "/usr/lib/softhsm/libsofthsm2.so");
@@ -110,6 +135,8 @@ Options parse_options(int argc, char** argv) {
         if (a == "--keys") o.keys = parse_count(value(a));
         else if (a.starts_with("--keys=")) o.keys = parse_count(a.substr(7));
         else if (a == "--keep-dir") o.keep_dir = true;
+        else if (a == "--kinds") o.kinds = parse_kinds(value(a));
+        else if (a.starts_with("--kinds=")) o.kinds = parse_kinds(a.substr(8));
         else if (a == "--jobs" || a.starts_with("--jobs=")) {
             o.jobs = parse_count(a == "--jobs" ? value(a) : a.substr(7));
             if (o.jobs > 16) usage_exit("--jobs is at most 16");
@@ -124,8 +151,10 @@ Options parse_options(int argc, char** argv) {
         else if (a.starts_with("--module=")) o.module = a.substr(9);
         else if (a == "-h" || a == "--help") {
             std::cout << kUsage
-                      << "  --keys N       store size in keys: N clients with one symmetric (AES-256)\n"
-                         "                 key each (default 10000)\n"
+                      << "  --keys N       store size in keys (default 10000), one version per ring\n"
+                         "  --kinds LIST   the rings of each client, from storage (EC P-256 keypair),\n"
+                         "                 symmetric (AES-256) and hmac; 'acra' = storage,symmetric,hmac.\n"
+                         "                 Default symmetric: N clients with one AES key each\n"
                          "  --cli PATH     keywarden binary for the CLI runs (peak RSS); default\n"
                          "                 build/keywarden, skipped if absent\n"
                          "  --module PATH  PKCS#11 module (default /usr/lib/softhsm/libsofthsm2.so)\n"
@@ -351,8 +380,35 @@ p11::TokenOptions token_options(const Options& o, const char* label) {
 // ---- the raw PKCS#11 floor -----------------------------------------------------------------
 
 // Templates built once, outside the timed loops, with the attributes the library uses.
+// The unwrap template of each key kind: fill_key_template(kind, sensitive), as unprotect() builds it.
 struct FloorTemplates {
-    p11::Template unwrap_aes;  // fill_key_template(aes, sensitive), as unprotect() builds it
+    p11::Template aes, generic_secret, ec_p256_private;
+    FloorTemplates() {
+        p11::fill_key_template(aes, KeyKind::aes, Exposure::sensitive);
+        p11::fill_key_template(generic_secret, KeyKind::generic_secret, Exposure::sensitive);
+        p11::fill_key_template(ec_p256_private, KeyKind::ec_p256_private, Exposure::sensitive);
+    }
+    p11::Template& of(KeyKind k) {
+        switch (k) {
+            case KeyKind::aes: return aes;
+            case KeyKind::generic_secret: return generic_secret;
+            case KeyKind::ec_p256_private: return ec_p256_private;
+        }
+        throw std::logic_error("no floor template for this key kind");
+    }
+};
+
+// The blobs a floor works on, with each blob's key kind.
+struct Blobs {
+    std::vector<std::vector<std::uint8_t>> wrapped;
+    std::vector<KeyKind> kinds;
+    struct Part {
+        std::span<const std::vector<std::uint8_t>> wrapped;
+        std::span<const KeyKind> kinds;
+    };
+    Part part(std::size_t first, std::size_t count) const {
+        return {std::span(wrapped).subspan(first, count), std::span(kinds).subspan(first, count)};
+    }
 };
 
 // An AES-256 backup key as a session object with a known value, so that the same key can be
@@ -367,35 +423,55 @@ p11::SessionObject make_floor_backup_key(p11::Session& s, const std::vector<std:
     return s.create_object(t);
 }
 
-const std::array<std::uint8_t, 16> kZeros16{};
+const std::array<std::uint8_t, 32> kZeros32{};
+
+// The token call of the key check value (TokenKeyBackend::check_value) on an unwrapped key: AES
+// C_Encrypt(CKM_AES_ECB) of 16 zero bytes, HMAC C_Sign(CKM_SHA256_HMAC) of 32 zero bytes, EC
+// C_Sign(CKM_ECDSA) of a 32-byte digest. The library also checks an EC signature against the
+// public point on the host; that is not a token call and not in the floor.
+bool floor_check(p11::Session& s, KeyKind kind, CK_OBJECT_HANDLE h) {
+    switch (kind) {
+        case KeyKind::aes: {
+            CK_MECHANISM m{CKM_AES_ECB, nullptr, 0};
+            return s.encrypt(&m, h, std::span(kZeros32).first(16)).size() == 16;
+        }
+        case KeyKind::generic_secret: {
+            CK_MECHANISM m{CKM_SHA256_HMAC, nullptr, 0};
+            return s.sign(&m, h, kZeros32).size() == 32;
+        }
+        case KeyKind::ec_p256_private: {
+            CK_MECHANISM m{CKM_ECDSA, nullptr, 0};
+            return s.sign(&m, h, kZeros32).size() == 64;
+        }
+    }
+    return false;
+}
 
 // Export, per key: C_UnwrapKey under the master key (a real store blob), C_WrapKey under the
 // backup key (CKM_AES_KEY_WRAP_PAD), C_DestroyObject. Returns the new blobs for the next floors.
 std::vector<std::vector<std::uint8_t>> floor_export(p11::Session& s, CK_OBJECT_HANDLE master,
                                                     CK_MECHANISM_TYPE master_mech,
                                                     CK_OBJECT_HANDLE backup, FloorTemplates& t,
-                                                    std::span<const std::vector<std::uint8_t>> blobs) {
+                                                    Blobs::Part blobs) {
     CK_MECHANISM um{master_mech, nullptr, 0};
     CK_MECHANISM wm{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
     std::vector<std::vector<std::uint8_t>> out;
-    out.reserve(blobs.size());
-    for (const auto& b : blobs) {
-        auto k = s.unwrap_key(&um, master, b, t.unwrap_aes);
+    out.reserve(blobs.wrapped.size());
+    for (std::size_t i = 0; i < blobs.wrapped.size(); ++i) {
+        auto k = s.unwrap_key(&um, master, blobs.wrapped[i], t.of(blobs.kinds[i]));
         out.push_back(s.wrap_key(&wm, backup, k.handle()));
     }  // k: C_DestroyObject
     return out;
 }
 
-// Verify, per key: C_UnwrapKey under the backup key, C_Encrypt(CKM_AES_ECB, 16 zero bytes),
+// Verify, per key: C_UnwrapKey under the backup key, the check value's token call (floor_check),
 // C_DestroyObject.
-std::size_t floor_verify(p11::Session& s, CK_OBJECT_HANDLE backup, FloorTemplates& t,
-                         std::span<const std::vector<std::uint8_t>> blobs) {
+std::size_t floor_verify(p11::Session& s, CK_OBJECT_HANDLE backup, FloorTemplates& t, Blobs::Part blobs) {
     CK_MECHANISM um{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
-    CK_MECHANISM ecb{CKM_AES_ECB, nullptr, 0};
     std::size_t n = 0;
-    for (const auto& b : blobs) {
-        auto k = s.unwrap_key(&um, backup, b, t.unwrap_aes);
-        n += s.encrypt(&ecb, k.handle(), kZeros16).size() == 16;
+    for (std::size_t i = 0; i < blobs.wrapped.size(); ++i) {
+        auto k = s.unwrap_key(&um, backup, blobs.wrapped[i], t.of(blobs.kinds[i]));
+        n += floor_check(s, blobs.kinds[i], k.handle());
     }
     return n;
 }
@@ -405,18 +481,18 @@ std::size_t floor_verify(p11::Session& s, CK_OBJECT_HANDLE backup, FloorTemplate
 // (KEYWARDEN_TOKEN_BATCH): the batch's unwraps, then its check values, wraps and destroys; 1 is
 // the plain per-key loop.
 std::size_t floor_import(p11::Session& s, CK_OBJECT_HANDLE backup, CK_OBJECT_HANDLE master,
-                         CK_MECHANISM_TYPE master_mech, FloorTemplates& t,
-                         std::span<const std::vector<std::uint8_t>> blobs, std::size_t batch) {
+                         CK_MECHANISM_TYPE master_mech, FloorTemplates& t, Blobs::Part blobs,
+                         std::size_t batch) {
     CK_MECHANISM um{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
-    CK_MECHANISM ecb{CKM_AES_ECB, nullptr, 0};
     CK_MECHANISM wm{master_mech, nullptr, 0};
-    std::size_t n = 0;
+    std::size_t n = 0, count = blobs.wrapped.size();
     std::vector<p11::SessionObject> keys;
     keys.reserve(batch);
-    for (std::size_t first = 0; first < blobs.size(); first += batch) {
-        std::size_t last = std::min(blobs.size(), first + batch);
-        for (std::size_t i = first; i < last; ++i) keys.push_back(s.unwrap_key(&um, backup, blobs[i], t.unwrap_aes));
-        for (auto& k : keys) s.encrypt(&ecb, k.handle(), kZeros16);
+    for (std::size_t first = 0; first < count; first += batch) {
+        std::size_t last = std::min(count, first + batch);
+        for (std::size_t i = first; i < last; ++i)
+            keys.push_back(s.unwrap_key(&um, backup, blobs.wrapped[i], t.of(blobs.kinds[i])));
+        for (std::size_t i = first; i < last; ++i) floor_check(s, blobs.kinds[i], keys[i - first].handle());
         for (auto& k : keys) n += !s.wrap_key(&wm, master, k.handle()).empty();
         keys.clear();  // C_DestroyObject each
     }
@@ -622,7 +698,7 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
     std::vector<std::string> notes;
     ::setenv(kPinEnv, kUserPin, 1);
 
-    // ---- setup: two tokens, a store of n symmetric keys on the source ----
+    // ---- setup: two tokens, a store of n keys on the source ----
     auto t0 = Clock::now();
     make_softhsm(sp, dir);
     const auto src = token_options(o, kSrcLabel), dst = token_options(o, kDstLabel);
@@ -635,11 +711,12 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
     std::vector<ks::KeyId> ids;
     ids.reserve(n);
     int width = std::max<int>(6, static_cast<int>(std::to_string(n).size()));
-    for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t clients = (n + o.kinds.size() - 1) / o.kinds.size();
+    for (std::size_t i = 0; ids.size() < n; ++i) {
         std::string num = std::to_string(i);
-        ids.push_back(ks::KeyId::client(
-            ks::RingKind::symmetric,
-            "client-" + std::string(static_cast<std::size_t>(width) - num.size(), '0') + num));
+        std::string client = "client-" + std::string(static_cast<std::size_t>(width) - num.size(), '0') + num;
+        for (auto kind : o.kinds)
+            if (ids.size() < n) ids.push_back(ks::KeyId::client(kind, client));
     }
     {
         auto os = ks::open_store(src, store_dir, true);
@@ -649,32 +726,35 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
     stamp("setup");
     ids.clear();
     ids.shrink_to_fit();
-    std::uintmax_t ring_bytes = 0;
+    std::uintmax_t ring_bytes = 0;  // the mean size of a ring file
     {
         std::error_code ec;
+        std::uintmax_t files = 0, total = 0;
         for (const auto& e : fs::recursive_directory_iterator(store_dir + "/keys", ec))
             if (e.is_regular_file()) {
-                ring_bytes = e.file_size();
-                break;
+                total += e.file_size();
+                ++files;
             }
+        ring_bytes = files ? (total + files / 2) / files : 0;
     }
 
-    std::printf("backup-bench: %zu keys (%zu clients x client/<id>/symmetric, AES-256, one version each)\n",
-                n, n);
+    std::string kind_names;
+    for (auto k : o.kinds)
+        kind_names += std::string(kind_names.empty() ? "" : ", ") + "client/<id>/" + ks::ring_kind_name(k);
+    std::printf("backup-bench: %zu keys (%zu clients x %s; one version each)\n", n, clients, kind_names.c_str());
     std::printf("module %s; tokens '%s' (source) and '%s' (destination); PIN from env:%s\n",
                 o.module.c_str(), kSrcLabel, kDstLabel, kPinEnv);
     std::printf("work dir %s\nsetup (not in the tables): tokens + store init %.3f s, "
-                "KeyStore::generate of %zu keys %.3f s; a ring file is %ju bytes\n\n",
+                "KeyStore::generate of %zu keys %.3f s; a ring file is %ju bytes (mean)\n\n",
                 dir.c_str(), seconds_between(t0, t_init), n, seconds_between(t_init, t_store),
                 ring_bytes);
     std::fflush(stdout);
 
     const std::string bundle = dir + "/lib.kwbundle", secret = dir + "/lib.kwsecret";
     FloorTemplates ft;
-    p11::fill_key_template(ft.unwrap_aes, KeyKind::aes, Exposure::sensitive);
     std::vector<std::uint8_t> bkey(32);
     double export_wall = 0, export_open = 0, verify_wall = 0, export_floor = 0, verify_floor = 0;
-    std::vector<std::vector<std::uint8_t>> backup_blobs, store_blobs;
+    Blobs backup_blobs, store_blobs;
     double mac_verify_s = 0, mac_sign_s = 0;
     long softhsm_growth = 0;
     std::size_t softhsm_keys = 0;  // keys of the verify floor's first chunk (before a restart)
@@ -728,9 +808,13 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
     {
         // ---- the export floor, on the source token, one session, under the store's master key ----
         auto os = ks::open_store(src, store_dir, false);
-        store_blobs.reserve(n);
+        store_blobs.wrapped.reserve(n);
         for (const auto& id : os.store->key_ids())
-            for (const auto& v : os.store->load(id).versions) store_blobs.push_back(v.wrapped);
+            for (const auto& v : os.store->load(id).versions) {
+                store_blobs.wrapped.push_back(v.wrapped);
+                store_blobs.kinds.push_back(v.key_type);
+            }
+        backup_blobs.kinds = store_blobs.kinds;
         os.token.session->random(bkey);
         auto backup = make_floor_backup_key(*os.token.session, bkey);
         export_floor = chunked_floor(
@@ -738,9 +822,9 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
             [&](std::size_t first, std::size_t last) {
                 auto f0 = Clock::now();
                 auto part = floor_export(*os.token.session, os.encryption, os.mechanism, backup.handle(), ft,
-                                         std::span(store_blobs).subspan(first, last - first));
+                                         store_blobs.part(first, last - first));
                 double t = seconds_between(f0, Clock::now());
-                for (auto& b : part) backup_blobs.push_back(std::move(b));
+                for (auto& b : part) backup_blobs.wrapped.push_back(std::move(b));
                 return t;
             },
             [&] {
@@ -761,8 +845,7 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
             n,
             [&](std::size_t first, std::size_t last) {
                 auto f1 = Clock::now();
-                checked += floor_verify(*ctx.session, backup.handle(), ft,
-                                        std::span(backup_blobs).subspan(first, last - first));
+                checked += floor_verify(*ctx.session, backup.handle(), ft, backup_blobs.part(first, last - first));
                 double t = seconds_between(f1, Clock::now());
                 if (first == 0) {
                     softhsm_keys = last;
@@ -842,7 +925,7 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
                 [&](std::size_t first, std::size_t last) {
                     auto a = Clock::now();
                     done += floor_import(*os.token.session, backup.handle(), os.encryption, os.mechanism, ft,
-                                         std::span(backup_blobs).subspan(first, last - first), batch);
+                                         backup_blobs.part(first, last - first), batch);
                     return seconds_between(a, Clock::now());
                 },
                 [&] {
@@ -907,17 +990,17 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
             auto os = ks::open_store(src, store_dir, false);
             both("floor export", os, true, [&](CK_OBJECT_HANDLE backup, std::size_t first, std::size_t count) {
                 floor_export(*os.token.session, os.encryption, os.mechanism, backup, ft,
-                             std::span(store_blobs).subspan(first, count));
+                             store_blobs.part(first, count));
             });
             both("floor verify", os, false, [&](CK_OBJECT_HANDLE backup, std::size_t first, std::size_t count) {
-                floor_verify(*os.token.session, backup, ft, std::span(backup_blobs).subspan(first, count));
+                floor_verify(*os.token.session, backup, ft, backup_blobs.part(first, count));
             });
         }
         {
             auto os = ks::open_store(dst, dir + "/restored", false);
             both("floor import", os, true, [&](CK_OBJECT_HANDLE backup, std::size_t first, std::size_t count) {
                 floor_import(*os.token.session, backup, os.encryption, os.mechanism, ft,
-                             std::span(backup_blobs).subspan(first, count), p11::token_batch());
+                             backup_blobs.part(first, count), p11::token_batch());
             });
         }
         stamp("floors in 1 and J processes");
@@ -1023,16 +1106,19 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
                 "  slower than that, and the row is an upper bound for export without its self-check).\n");
     std::printf("floor export: C_UnwrapKey (master key, store blob) + C_WrapKey (backup key, "
                 "CKM_AES_KEY_WRAP_PAD) + C_DestroyObject per key\n");
-    std::printf("floor verify: C_UnwrapKey (backup key) + C_Encrypt CKM_AES_ECB (16 bytes) + C_DestroyObject per key\n");
-    std::printf("floor import: C_UnwrapKey (backup key) + C_Encrypt CKM_AES_ECB + C_WrapKey (new master key) + "
+    std::printf("floor verify: C_UnwrapKey (backup key) + check value + C_DestroyObject per key\n");
+    std::printf("floor import: C_UnwrapKey (backup key) + check value + C_WrapKey (new master key) + "
                 "C_DestroyObject per key\n");
+    std::printf("check value, the token call of the key's kind: AES C_Encrypt CKM_AES_ECB (16 bytes), HMAC C_Sign\n"
+                "  CKM_SHA256_HMAC (32 bytes), EC C_Sign CKM_ECDSA (32-byte digest; the library's check of that\n"
+                "  signature against the public key runs on the host and is not in the floor)\n");
     std::printf("floors run in one session on the operation's token (source for export/verify, destination "
                 "for import),\neach from a fresh module state, as is every library call timed above; like the "
                 "library, they restart\nthe module every %zu keys (KEYWARDEN_TOKEN_RESTART_EVERY; the restarts "
                 "are not timed in the floors)\n",
                 p11::token_restart_every());
     std::printf("SoftHSM keeps each destroyed session object until C_Finalize: the heap in use grew %.1f MiB\n"
-                "  during the verify floor's first %zu keys (C_UnwrapKey + C_Encrypt + C_DestroyObject) = %.0f bytes "
+                "  during the verify floor's first %zu keys (C_UnwrapKey + check value + C_DestroyObject) = %.0f bytes "
                 "per key\n",
                 static_cast<double>(softhsm_growth) / (1024.0 * 1024.0), softhsm_keys,
                 static_cast<double>(softhsm_growth) / static_cast<double>(std::max<std::size_t>(softhsm_keys, 1)));
