@@ -232,6 +232,68 @@ TEST_CASE("wrap_key: one C_WrapKey call for usual keys, two above 4 KiB", "[toke
     }
 }
 
+TEST_CASE("wrap_key with a token that misreports C_WrapKey's output length", "[token]") {
+    // tests/wrap_shim.cpp forwards to SoftHSM and falsifies the lengths its C_WrapKey reports.
+    const char* shim = std::getenv("KEYWARDEN_TEST_WRAP_SHIM");
+    REQUIRE(shim);
+    kwtest::SoftHsm hsm;
+    ::setenv("KW_SHIM_TARGET", kwtest::module_path().c_str(), 1);
+    ::unsetenv("KW_SHIM_WRAP");
+    std::shared_ptr<Session> s;
+    {
+        auto m = Module::load(shim);
+        auto tok = select_token(list_tokens(*m), "label:kw-test");
+        s = Session::open(m, tok.slot, true);
+        std::string pin = kwtest::SoftHsm::user_pin;
+        s->login(SecureBytes(pin.begin(), pin.end()));
+    }
+    SecureBytes kek_value(32, 0x3c);
+    auto kek = make_kek(*s, kek_value);
+    struct Row {
+        const char* mode;
+        std::size_t size;
+        std::size_t ok_calls, too_small_calls;  // when it works
+        const char* error;                      // or the error's words
+    };
+    const Row rows[] = {
+        // A token that gives no length, or one too small to be true, gets a size query.
+        {"no-length", 6000, 2, 1, nullptr},
+        {"understated", 6000, 2, 1, nullptr},
+        // Not asked: the first call fits.
+        {"no-length", 32, 1, 0, nullptr},
+        // Lengths no wrapped key has, and more bytes written than the buffer held.
+        {"huge", 6000, 0, 0, "asked for 2097152 bytes for one wrapped key"},
+        {"overrun", 32, 0, 0, "reported 4097 bytes written into a buffer of 4096"},
+        {"overrun", 6000, 0, 0, "bytes written into a buffer of"},
+        {"", 6000, 1, 1, nullptr},  // the shim itself changes nothing
+    };
+    for (const Row& r : rows) {
+        INFO(r.mode << ", " << r.size << " bytes");
+        SecureBytes value(r.size);
+        for (std::size_t i = 0; i < value.size(); ++i) value[i] = static_cast<std::uint8_t>(i * 11 + 3);
+        auto key = known_key(s, KeyKind::generic_secret, value);
+        CK_MECHANISM m{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+        ::setenv("KW_SHIM_WRAP", r.mode, 1);
+        clear_call_trace();
+        if (r.error) {
+            try {
+                s->wrap_key(&m, kek.handle(), key->object().handle());
+                FAIL("wrap_key accepted the misreported length");
+            } catch (const TokenError& e) {
+                CHECK_THAT(e.what(), Catch::Contains(r.error));
+                CHECK_THAT(e.hint(), Catch::Contains("misreports C_WrapKey's output length"));
+            }
+        } else {
+            auto blob = s->wrap_key(&m, kek.handle(), key->object().handle());
+            auto trace = call_trace();
+            CHECK(blob == aes_wrap_pad(kek_value, value));
+            CHECK(count_in(trace, "C_WrapKey -> CKR_OK") == r.ok_calls);
+            CHECK(count_in(trace, "C_WrapKey -> CKR_BUFFER_TOO_SMALL") == r.too_small_calls);
+        }
+        ::unsetenv("KW_SHIM_WRAP");
+    }
+}
+
 TEST_CASE("token check on the default SoftHSM profile", "[token]") {
     kwtest::SoftHsm hsm;
     auto s = hsm.session();

@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: Apache-2.0
+// A PKCS#11 module for tests only: it passes every call to the module named by KW_SHIM_TARGET
+// (SoftHSM), except C_WrapKey, whose reported output length it falsifies as KW_SHIM_WRAP says,
+// to play tokens that do not follow PKCS#11 5.2. The variable is read at every call, so a test
+// can change the behaviour between calls:
+//
+//   unset or "" : pass through
+//   no-length   : CKR_BUFFER_TOO_SMALL with the length set to 0
+//   understated : CKR_BUFFER_TOO_SMALL with the length set to 100
+//   huge        : CKR_BUFFER_TOO_SMALL and size queries answered with 2 MiB
+//   overrun     : CKR_OK with the length set to one byte more than the buffer held
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <cstring>
+
+// clang-format off
+#include <p11-kit/p11-kit.h>
+// clang-format on
+
+namespace {
+
+CK_FUNCTION_LIST g_list;
+CK_FUNCTION_LIST* g_target = nullptr;
+
+bool mode_is(const char* m) {
+    const char* v = std::getenv("KW_SHIM_WRAP");
+    return v && std::strcmp(v, m) == 0;
+}
+
+CK_RV shim_wrap(CK_SESSION_HANDLE s, CK_MECHANISM* mech, CK_OBJECT_HANDLE wrapping, CK_OBJECT_HANDLE key,
+                CK_BYTE* out, CK_ULONG* len) {
+    constexpr CK_ULONG kHuge = 2u << 20;
+    if (!out && mode_is("huge")) {
+        *len = kHuge;
+        return CKR_OK;
+    }
+    const CK_ULONG buffer = out ? *len : 0;
+    CK_RV rv = g_target->C_WrapKey(s, mech, wrapping, key, out, len);
+    if (rv == CKR_BUFFER_TOO_SMALL) {
+        if (mode_is("no-length")) *len = 0;
+        else if (mode_is("understated")) *len = 100;
+        else if (mode_is("huge")) *len = kHuge;
+    } else if (rv == CKR_OK && out && mode_is("overrun")) {
+        *len = buffer + 1;
+    }
+    return rv;
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUNCTION_LIST** list) {
+    if (!list) return CKR_ARGUMENTS_BAD;
+    if (!g_target) {
+        const char* path = std::getenv("KW_SHIM_TARGET");
+        void* h = ::dlopen(path ? path : "/usr/lib/softhsm/libsofthsm2.so", RTLD_NOW | RTLD_LOCAL);
+        if (!h) return CKR_GENERAL_ERROR;
+        auto get = reinterpret_cast<CK_RV (*)(CK_FUNCTION_LIST**)>(::dlsym(h, "C_GetFunctionList"));
+        if (!get || get(&g_target) != CKR_OK || !g_target) return CKR_GENERAL_ERROR;
+        g_list = *g_target;
+        g_list.C_GetFunctionList = C_GetFunctionList;
+        g_list.C_WrapKey = shim_wrap;
+    }
+    *list = &g_list;
+    return CKR_OK;
+}
