@@ -61,6 +61,22 @@ TEST_CASE("the choke point throws with the function name and records the call", 
     CHECK(try_call("C_Fails", +fails, 2UL) == CKR_DEVICE_REMOVED);
 }
 
+TEST_CASE("the call trace keeps the last 200 calls, oldest first", "[unit]") {
+    clear_call_trace();
+    CHECK(call_trace().empty());
+    static const char* const kNames[] = {"C_A", "C_B", "C_C"};
+    for (std::size_t i = 0; i < 250; ++i) record_call(kNames[i % 3], i == 249 ? CKR_PIN_INCORRECT : CKR_OK);
+    auto trace = call_trace();
+    REQUIRE(trace.size() == 200);
+    CHECK(trace.front() == "C_C -> CKR_OK");  // call 50 (50 % 3 == 2): calls 0 to 49 fell out
+    CHECK(trace[1] == "C_A -> CKR_OK");
+    CHECK(trace.back() == "C_A -> CKR_PIN_INCORRECT");  // call 249
+    clear_call_trace();
+    record_call("C_Z", CKR_OK);
+    REQUIRE(call_trace().size() == 1);
+    CHECK(call_trace()[0] == "C_Z -> CKR_OK");
+}
+
 TEST_CASE("mechanism and flag names", "[unit]") {
     CHECK(mechanism_name(CKM_AES_KEY_WRAP_PAD) == "CKM_AES_KEY_WRAP_PAD");
     CHECK(mechanism_name(CKM_AES_KEY_WRAP_KWP) == "CKM_AES_KEY_WRAP_KWP");

@@ -48,6 +48,7 @@ private:
 
 // The choke point. Every call is recorded in a small per-process trace (function and return
 // code only, never arguments), which tests print when they fail, and echoed at -vv.
+// `function` must outlive the trace (a string literal): only the pointer is kept.
 void record_call(const char* function, CK_RV rv) noexcept;
 std::vector<std::string> call_trace();
 void clear_call_trace() noexcept;

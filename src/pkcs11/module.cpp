@@ -2,7 +2,6 @@
 #include <array>
 #include <cstdio>
 #include <cstdlib>
-#include <deque>
 #include <mutex>
 
 #include "keywarden/log.hpp"
@@ -13,32 +12,47 @@ namespace keywarden::pkcs11 {
 // ---- the call trace -------------------------------------------------------------------------
 
 namespace {
+// The last kTraceMax calls, oldest first from g_next - g_count. A call costs a store, not a
+// string: the lines are made only when call_trace() is asked for.
+struct Call {
+    const char* function;  // a string literal (KW_P11_CALL's #fn)
+    CK_RV rv;
+};
 std::mutex g_trace_mutex;
-std::deque<std::string> g_trace;
-bool g_trace_echo = false;
 constexpr std::size_t kTraceMax = 200;
+std::array<Call, kTraceMax> g_calls{};
+std::size_t g_next = 0, g_count = 0;
+bool g_trace_echo = false;
+
+std::string call_line(const Call& c) { return std::string(c.function) + " -> " + rv_name(c.rv); }
 }  // namespace
 
 void record_call(const char* function, CK_RV rv) noexcept {
-    try {
-        std::string line = std::string(function) + " -> " + rv_name(rv);
-        std::lock_guard lock(g_trace_mutex);
-        if (g_trace_echo) log::debug(line);
-        g_trace.push_back(std::move(line));
-        if (g_trace.size() > kTraceMax) g_trace.pop_front();
-    } catch (...) {
-        // Tracing must never turn a result into an exception.
+    std::lock_guard lock(g_trace_mutex);
+    g_calls[g_next] = {function, rv};
+    g_next = (g_next + 1) % kTraceMax;
+    if (g_count < kTraceMax) ++g_count;
+    if (g_trace_echo) {
+        try {
+            log::debug(call_line({function, rv}));
+        } catch (...) {
+            // Tracing must never turn a result into an exception.
+        }
     }
 }
 
 std::vector<std::string> call_trace() {
     std::lock_guard lock(g_trace_mutex);
-    return {g_trace.begin(), g_trace.end()};
+    std::vector<std::string> out;
+    out.reserve(g_count);
+    for (std::size_t i = 0; i < g_count; ++i)
+        out.push_back(call_line(g_calls[(g_next + kTraceMax - g_count + i) % kTraceMax]));
+    return out;
 }
 
 void clear_call_trace() noexcept {
     std::lock_guard lock(g_trace_mutex);
-    g_trace.clear();
+    g_next = g_count = 0;
 }
 
 void set_trace_echo(bool on) noexcept { g_trace_echo = on; }
