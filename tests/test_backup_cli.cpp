@@ -1436,6 +1436,29 @@ TEST_CASE("backup: a key that unwraps to another key's value is refused in any b
         CHECK(vj.code == 4);
         CHECK(vj.out == v.out);
     }
+    // A dry run unwraps every key in the destination token too: the MAC alone would pass.
+    for (bool init : {true, false}) {
+        INFO("dry run, " << (init ? "--init" : "into an empty store"));
+        std::string store = f.dir + (init ? "/DRY-new" : "/DRY-empty");
+        if (!init) f.must({"--keystore", store, "--token", "kw-dst", "init"});
+        std::string before = init ? "" : kwtest::tree_digest(store);
+        auto dry = [&](const std::string& b) {
+            auto v = f.imp(store, b, secret);
+            v.push_back("--dry-run");
+            if (init) v.push_back("--init");
+            return v;
+        };
+        auto bad = f.run(dry(swapped));
+        CHECK(bad.code == 4);
+        CHECK_THAT(bad.err, Catch::Contains("the bundle does not restore: client/mmm-client/symmetric@1: the key's "
+                                            "check value differs") &&
+                                Catch::Contains("(and 1 more problems)") && Catch::Contains("keywarden verify"));
+        auto good = f.run(dry(bundle));
+        CHECK(good.code == 0);
+        CHECK_THAT(good.err, Catch::Contains("dry run: the bundle verifies (3 keys unwrapped and checked in the token)"));
+        if (init) CHECK(!fs::exists(store));
+        else CHECK(kwtest::tree_digest(store) == before);
+    }
     for (const char* batch : {"1", "16"})
         for (const char* jobs : {"1", "2"}) {
             INFO("batch " << batch << ", " << jobs << " jobs");

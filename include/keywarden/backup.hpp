@@ -108,6 +108,7 @@ struct ImportSummary {
     std::vector<std::string> replaced;
     std::size_t rings_written = 0, entries_written = 0;
     std::string refused;  // dry run: why the real import would refuse, if it would
+    std::size_t unwrapped_in_token = 0;  // dry run: keys unwrapped and checked in the token
     std::string refused_hint;
     bool dry_run = false;
     double seconds = 0;

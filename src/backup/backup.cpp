@@ -1303,6 +1303,22 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         if (!sum.refused.empty() && !o.dry_run) throw ConflictError(sum.refused, sum.refused_hint);
     }
     if (o.dry_run) {
+        // A drill on the destination token: every key is unwrapped there under the backup key and
+        // its check value checked, as the import would do before rewrapping it (and as `verify`
+        // does). One process, so that nothing is written, not even beside the bundle.
+        VerifyReport rep = detail::verify_bundle_beside(o.bundle_path, o.bundle_path, secret, ctx, nullptr,
+                                                        o.progress, 1);
+        if (!rep.ok()) {
+            const auto& first = rep.problems.front();
+            throw IntegrityError("the bundle does not restore: " +
+                                     (first.key_id == "bundle" ? first.problem : first.key_id + ": " + first.problem) +
+                                     (rep.problems.size() > 1
+                                          ? " (and " + std::to_string(rep.problems.size() - 1) + " more problems)"
+                                          : std::string()),
+                                 "run keywarden verify on the bundle for the full list; restore from another "
+                                 "backup");
+        }
+        sum.unwrapped_in_token = rep.unwrapped;
         sum.seconds = seconds_since(t0);
         return sum;
     }

@@ -80,19 +80,19 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
     io.progress = progress_bar("importing");
     auto sum = backup::import_bundle(g.tok, io);
     if (g.json) {
-        std::cout << nlohmann::json{{"bundle_id", sum.bundle_id},
-                                    {"dry_run", sum.dry_run},
-                                    {"key_rings", sum.rings},
-                                    {"entries", sum.entries},
-                                    {"wrapped_keys", sum.wrapped_keys},
-                                    {"imported", sum.imported},
-                                    {"conflicts", sum.conflicts},
-                                    {"skipped", sum.skipped},
-                                    {"kept_versions", sum.kept},
-                                    {"replaced_versions", sum.replaced},
-                                    {"seconds", sum.seconds}}
-                         .dump(2)
-                  << "\n";
+        nlohmann::json j{{"bundle_id", sum.bundle_id},
+                         {"dry_run", sum.dry_run},
+                         {"key_rings", sum.rings},
+                         {"entries", sum.entries},
+                         {"wrapped_keys", sum.wrapped_keys},
+                         {"imported", sum.imported},
+                         {"conflicts", sum.conflicts},
+                         {"skipped", sum.skipped},
+                         {"kept_versions", sum.kept},
+                         {"replaced_versions", sum.replaced},
+                         {"seconds", sum.seconds}};
+        if (sum.dry_run) j["unwrapped_in_token"] = sum.unwrapped_in_token;
+        std::cout << j.dump(2) << "\n";
     } else if (sum.dry_run) {
         for (const auto& k : sum.imported) {
             std::cout << (std::find(sum.conflicts.begin(), sum.conflicts.end(), k) != sum.conflicts.end()
@@ -105,12 +105,16 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
         for (const auto& k : sum.skipped) std::cout << "skip      " << k << "\n";
     }
     if (sum.dry_run && !sum.refused.empty()) {
-        std::cerr << "dry run: the bundle verifies, but the import would be refused: " << sum.refused << "\n"
+        std::cerr << "dry run: the bundle verifies (" << sum.unwrapped_in_token
+                  << " keys unwrapped and checked in the token), but the import would be refused: " << sum.refused
+                  << "\n"
                   << "hint: " << sum.refused_hint << "\n";
         return static_cast<int>(ExitCode::failure);
     }
     if (sum.dry_run)
-        std::cerr << "dry run: the bundle verifies; " << sum.imported.size() << " key rings would be imported ("
+        std::cerr << "dry run: the bundle verifies (" << sum.unwrapped_in_token
+                  << " keys unwrapped and checked in the token); " << sum.imported.size()
+                  << " key rings would be imported ("
                   << sum.conflicts.size() << " of them conflict with the store"
                   << (sum.skipped.empty() ? "" : ", " + std::to_string(sum.skipped.size()) + " skipped")
                   << "); nothing was written\n";
