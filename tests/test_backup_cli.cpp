@@ -91,7 +91,31 @@ void write_with_new_mac(const std::string& path, const std::vector<std::string>&
 TEST_CASE("backup: --all --private-keys round trip across tokens", "[cli]") {
     BackupFixture f;
     std::string bundle = f.dir + "/bundle.dat", secret = f.dir + "/secret.json";
+    // The objects a token holds (its token objects: a new session sees no other's session objects).
+    auto token_objects = [&](const char* label) {
+        auto s = f.hsm.session(label);
+        keywarden::pkcs11::Template all;
+        std::size_t n = s->find(all, 10000).size();
+        s.reset();
+        f.hsm.unload();
+        return n;
+    };
+    // SoftHSM counts every change of a token's objects in its "generation" file.
+    auto generations = [&] {
+        std::map<std::string, std::string> g;
+        for (const auto& d : fs::directory_iterator(f.dir + "/tokens"))
+            g[d.path().string()] = kwtest::read_text(d.path().string() + "/generation");
+        return g;
+    };
+    const std::size_t src_objects = token_objects("kw-src"), dst_objects = token_objects("kw-dst");
+    CHECK(src_objects == 2);  // the store's master keys
+    const auto generations_before = generations();
+    REQUIRE(generations_before.size() == 2);
     auto e = f.must([&] { auto v = f.exp(bundle, secret); v.insert(v.end(), {"--all", "--private-keys", "--json"}); return v; }());
+    // The backup keys and every unwrapped key were session objects: no token object was made,
+    // changed or destroyed, and the token holds what it held.
+    CHECK(generations() == generations_before);
+    CHECK(token_objects("kw-src") == src_objects);
     auto doc = nlohmann::json::parse(e.out);
     CHECK(doc["key_rings"] == 9);
     CHECK(doc["entries"] == 11);
@@ -116,6 +140,7 @@ TEST_CASE("backup: --all --private-keys round trip across tokens", "[cli]") {
     // A second later, so that an import which stamped its own dates would show.
     std::this_thread::sleep_for(std::chrono::milliseconds(1100));
     f.must([&] { auto v = f.imp(f.b + "x", bundle, secret); v.push_back("--init"); return v; }());
+    CHECK(token_objects("kw-dst") == dst_objects + 2);  // the new store's master keys, nothing else
     auto va = f.versions(f.a), vb = f.versions(f.b + "x");
     REQUIRE(va.size() == 11);
     CHECK(va == vb);  // every version and state
