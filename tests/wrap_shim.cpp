@@ -7,7 +7,10 @@
 //   unset or "" : pass through
 //   no-length   : CKR_BUFFER_TOO_SMALL with the length set to 0
 //   understated : CKR_BUFFER_TOO_SMALL with the length set to 100
+//   short-by-8  : CKR_BUFFER_TOO_SMALL with 8 bytes fewer than the blob needs
 //   huge        : CKR_BUFFER_TOO_SMALL and size queries answered with 2 MiB
+//   huge-once   : CKR_BUFFER_TOO_SMALL with 2 MiB; size queries answered truly
+//   query-zero  : CKR_BUFFER_TOO_SMALL and size queries answered with 0
 //   overrun     : CKR_OK with the length set to one byte more than the buffer held
 #include <dlfcn.h>
 
@@ -31,25 +34,26 @@ bool mode_is(const char* m) {
 CK_RV shim_wrap(CK_SESSION_HANDLE s, CK_MECHANISM* mech, CK_OBJECT_HANDLE wrapping, CK_OBJECT_HANDLE key,
                 CK_BYTE* out, CK_ULONG* len) {
     constexpr CK_ULONG kHuge = 2u << 20;
-    if (!out && mode_is("huge")) {
-        *len = kHuge;
+    if (!out && (mode_is("huge") || mode_is("query-zero"))) {
+        *len = mode_is("huge") ? kHuge : 0;
         return CKR_OK;
     }
     const CK_ULONG buffer = out ? *len : 0;
     CK_RV rv = g_target->C_WrapKey(s, mech, wrapping, key, out, len);
     if (rv == CKR_BUFFER_TOO_SMALL) {
-        if (mode_is("no-length")) *len = 0;
+        if (mode_is("no-length") || mode_is("query-zero")) *len = 0;
         else if (mode_is("understated")) *len = 100;
-        else if (mode_is("huge")) *len = kHuge;
+        else if (mode_is("short-by-8")) *len -= 8;
+        else if (mode_is("huge") || mode_is("huge-once")) *len = kHuge;
     } else if (rv == CKR_OK && out && mode_is("overrun")) {
         *len = buffer + 1;
     }
     return rv;
 }
 
-}  // namespace
-
-extern "C" __attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUNCTION_LIST** list) {
+// The list's own C_GetFunctionList entry: this file's, not another library's of the same name
+// (p11-kit, loaded first, exports one too).
+CK_RV get_list(CK_FUNCTION_LIST** list) {
     if (!list) return CKR_ARGUMENTS_BAD;
     if (!g_target) {
         const char* path = std::getenv("KW_SHIM_TARGET");
@@ -58,9 +62,15 @@ extern "C" __attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUN
         auto get = reinterpret_cast<CK_RV (*)(CK_FUNCTION_LIST**)>(::dlsym(h, "C_GetFunctionList"));
         if (!get || get(&g_target) != CKR_OK || !g_target) return CKR_GENERAL_ERROR;
         g_list = *g_target;
-        g_list.C_GetFunctionList = C_GetFunctionList;
+        g_list.C_GetFunctionList = get_list;
         g_list.C_WrapKey = shim_wrap;
     }
     *list = &g_list;
     return CKR_OK;
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUNCTION_LIST** list) {
+    return get_list(list);
 }

@@ -245,11 +245,18 @@ std::vector<std::uint8_t> Session::wrap_key(CK_MECHANISM* mech, CK_OBJECT_HANDLE
     if (n <= first.size() || n > kMaxBlob) {
         n = 0;
         KW_P11_CALL(fn(), C_WrapKey, handle(), mech, wrapping, key, static_cast<CK_BYTE*>(nullptr), &n);
+        if (n <= first.size())
+            throw misreport("answered a size query with " + std::to_string(n) + " bytes after saying " +
+                            std::to_string(first.size()) + " were too few");
     }
     if (n > kMaxBlob) throw misreport("asked for " + std::to_string(n) + " bytes for one wrapped key");
     std::vector<std::uint8_t> out(n + 64);
     got = out.size();
-    KW_P11_CALL(fn(), C_WrapKey, handle(), mech, wrapping, key, out.data(), &got);
+    rv = KW_P11_TRY(fn(), C_WrapKey, handle(), mech, wrapping, key, out.data(), &got);
+    if (rv == CKR_BUFFER_TOO_SMALL)
+        throw misreport("asked for " + std::to_string(n) + " bytes, then found " + std::to_string(out.size()) +
+                        " too few");
+    if (rv != CKR_OK) throw Pkcs11Error("C_WrapKey", rv);
     if (got > out.size()) throw overran(got, out.size());
     out.resize(got);
     return out;
