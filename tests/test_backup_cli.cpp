@@ -207,6 +207,22 @@ TEST_CASE("backup: public-only and selected key ids", "[cli]") {
     }
     CHECK(f.must({"--keystore", f.dir + "/C", "read", "audit/log", "--private"}).out ==
           f.must({"--keystore", f.a, "read", "audit/log", "--private"}).out);
+
+    // Selected keypairs without --private-keys: their public halves only.
+    std::string pb = f.dir + "/selpub.dat", ps = f.dir + "/selpub.json";
+    f.must([&] { auto v = f.exp(pb, ps); v.insert(v.end(), {"client/alice01/storage", "poison/keypair"}); return v; }());
+    f.must([&] { auto v = f.imp(f.dir + "/D", pb, ps); v.push_back("--init"); return v; }());
+    auto vd = f.versions(f.dir + "/D");
+    CHECK(vd.size() == 3);  // alice storage v1 v2, poison keypair
+    for (const auto& [id, version, state] : vd) CHECK((id == "client/alice01/storage" || id == "poison/keypair"));
+    for (const char* id : {"client/alice01/storage", "poison/keypair"}) {
+        INFO(id);
+        CHECK(f.must({"--keystore", f.dir + "/D", "read", id, "--public"}).out ==
+              f.must({"--keystore", f.a, "read", id, "--public"}).out);
+        auto no_private = f.run({"--keystore", f.dir + "/D", "read", id, "--private"});
+        CHECK(no_private.code == 1);
+        CHECK_THAT(no_private.err, Catch::Contains("only its public half"));
+    }
     // --against-store on a selective bundle: the rings it holds match; the others are counted.
     auto cmp = f.run({"--keystore", f.a, "verify", "--key-bundle-file", sb, "--key-bundle-secret", ss, "--against-store", "--json"});
     CHECK(cmp.code == 0);
