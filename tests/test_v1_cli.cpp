@@ -249,6 +249,16 @@ TEST_CASE("v1 backup: export, then import on another token under another master 
     CHECK(text.find("alice01") == std::string::npos);  // metadata is encrypted
     CHECK(text.find(key) == std::string::npos);
 
+    // A dry run first: every key unwrapped and checked in the destination token; nothing made.
+    auto dry = f.must({"--keystore", f.b, "--token", "kw-dst", "backup", "--action=import", "--file", file, "--init",
+                       "--dry-run", "--json"},
+                      {{"BACKUP_MASTER_KEY", key}});
+    auto ddoc = nlohmann::json::parse(dry.out);
+    CHECK(ddoc["dry_run"] == true);
+    CHECK(ddoc["key_versions"] == 12);
+    CHECK(ddoc["unwrapped_in_token"] == 11);  // the versions that hold a key (one is destroyed)
+    CHECK(!fs::exists(f.b));
+
     auto r = f.must({"--keystore", f.b, "--token", "kw-dst", "backup", "--action=import", "--file", file, "--init"},
                     {{"BACKUP_MASTER_KEY", key}});
     CHECK_THAT(r.err, Catch::Contains("restored 9 keys (12 key versions)"));

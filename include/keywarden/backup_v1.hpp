@@ -54,6 +54,7 @@ struct V1ImportSummary {
     std::vector<std::string> key_ids;    // what the file holds
     std::vector<std::string> conflicts;  // key ids already in the target store
     std::string refused;                 // dry run: why the import would refuse
+    std::size_t unwrapped_in_token = 0;  // dry run: keys unwrapped and checked in the token
     bool dry_run = false;
     double seconds = 0;
 };

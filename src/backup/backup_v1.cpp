@@ -243,6 +243,18 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
                                                    "empty store, or destroy and remove those keys first");
     }
     if (o.dry_run) {
+        // Every key unwrapped and checked in the destination token, as the import would.
+        VerifyReport rep = detail::verify_bundle_beside(o.file, o.file, secret, ctx, nullptr, o.progress, 1);
+        if (!rep.ok()) {
+            const auto& first = rep.problems.front();
+            throw IntegrityError("the backup does not restore: " +
+                                     (first.key_id == "bundle" ? first.problem : first.key_id + ": " + first.problem) +
+                                     (rep.problems.size() > 1
+                                          ? " (and " + std::to_string(rep.problems.size() - 1) + " more problems)"
+                                          : std::string()),
+                                 "restore from another backup");
+        }
+        sum.unwrapped_in_token = rep.unwrapped;
         sum.seconds = seconds_since(t0);
         return sum;
     }

@@ -104,15 +104,15 @@ int run_backup_v1(const GlobalOptions& g, const BackupV1Options& o) {
     SecureBytes key = backup::backup_key_from_env();
     auto sum = backup::import_v1_backup(g.tok, key, io);
     if (g.json) {
-        std::cout << nlohmann::json{{"bundle_id", sum.bundle_id},
-                                    {"dry_run", sum.dry_run},
-                                    {"keys", sum.key_ids},
-                                    {"key_versions", sum.entries},
-                                    {"conflicts", sum.conflicts},
-                                    {"refused", sum.refused.empty() ? nlohmann::json(nullptr) : nlohmann::json(sum.refused)},
-                                    {"seconds", sum.seconds}}
-                         .dump(2)
-                  << "\n";
+        nlohmann::json j{{"bundle_id", sum.bundle_id},
+                         {"dry_run", sum.dry_run},
+                         {"keys", sum.key_ids},
+                         {"key_versions", sum.entries},
+                         {"conflicts", sum.conflicts},
+                         {"refused", sum.refused.empty() ? nlohmann::json(nullptr) : nlohmann::json(sum.refused)},
+                         {"seconds", sum.seconds}};
+        if (sum.dry_run) j["unwrapped_in_token"] = sum.unwrapped_in_token;
+        std::cout << j.dump(2) << "\n";
     } else if (sum.dry_run) {
         for (const auto& k : sum.key_ids)
             std::cout << (std::find(sum.conflicts.begin(), sum.conflicts.end(), k) != sum.conflicts.end()
@@ -122,10 +122,13 @@ int run_backup_v1(const GlobalOptions& g, const BackupV1Options& o) {
     }
     if (sum.dry_run) {
         if (!sum.refused.empty()) {
-            std::cerr << "dry run: the backup verifies, but the import would be refused: " << sum.refused << "\n";
+            std::cerr << "dry run: the backup verifies (" << sum.unwrapped_in_token
+                      << " keys unwrapped and checked in the token), but the import would be refused: " << sum.refused
+                      << "\n";
             return static_cast<int>(ExitCode::failure);
         }
-        std::cerr << "dry run: the backup verifies; " << sum.rings << " keys (" << sum.entries
+        std::cerr << "dry run: the backup verifies (" << sum.unwrapped_in_token
+                  << " keys unwrapped and checked in the token); " << sum.rings << " keys (" << sum.entries
                   << " key versions) would be restored; nothing was written\n";
         return 0;
     }
