@@ -1477,26 +1477,39 @@ TEST_CASE("backup: a key that unwraps to another key's value is refused in any b
         CHECK(vj.code == 4);
         CHECK(vj.out == v.out);
     }
-    // A dry run unwraps every key in the destination token too: the MAC alone would pass.
-    for (bool init : {true, false}) {
-        INFO("dry run, " << (init ? "--init" : "into an empty store"));
-        std::string store = f.dir + (init ? "/DRY-new" : "/DRY-empty");
+    // A dry run unwraps every key in the destination token too: the MAC alone would pass. With
+    // --jobs 2 too, it writes nothing, not even beside the bundle (the directory's mtime stays).
+    enum class Target { init, empty, full };
+    for (Target target : {Target::init, Target::empty, Target::full}) {
+        const bool init = target == Target::init, full = target == Target::full;
+        INFO("dry run, " << (init ? "--init" : full ? "into a store that holds a key" : "into an empty store"));
+        std::string store = f.dir + (init ? "/DRY-new" : full ? "/DRY-full" : "/DRY-empty");
         if (!init) f.must({"--keystore", store, "--token", "kw-dst", "init"});
+        if (full) f.must({"--keystore", store, "generate", "--client-id", "someone-else", "--symmetric"});
         std::string before = init ? "" : kwtest::tree_digest(store);
         auto dry = [&](const std::string& b) {
             auto v = f.imp(store, b, secret);
-            v.push_back("--dry-run");
+            v.insert(v.end(), {"--dry-run", "--jobs", "2"});
             if (init) v.push_back("--init");
             return v;
         };
+        auto mtime = [&] {
+            struct stat st {};
+            ::stat(f.dir.c_str(), &st);
+            return std::make_pair(st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+        };
+        const auto dir_before = mtime();
         auto bad = f.run(dry(swapped));
-        CHECK(bad.code == 4);
+        CHECK(bad.code == 4);  // also where the import would be refused (exit 1)
         CHECK_THAT(bad.err, Catch::Contains("the bundle does not restore: client/mmm-client/symmetric@1: the key's "
                                             "check value differs") &&
-                                Catch::Contains("(and 1 more problems)") && Catch::Contains("keywarden verify"));
+                                Catch::Contains("(and 1 more problem)") && Catch::Contains("keywarden --token TOKEN verify"));
+        if (full) CHECK_THAT(bad.err, Catch::Contains("the import would also be refused: the target store already holds 1"));
+        else CHECK_THAT(bad.err, !Catch::Contains("refused"));
         auto good = f.run(dry(bundle));
-        CHECK(good.code == 0);
+        CHECK(good.code == (full ? 1 : 0));
         CHECK_THAT(good.err, Catch::Contains("dry run: the bundle verifies (3 keys unwrapped and checked in the token)"));
+        CHECK(mtime() == dir_before);
         if (init) CHECK(!fs::exists(store));
         else CHECK(kwtest::tree_digest(store) == before);
     }

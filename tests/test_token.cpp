@@ -275,6 +275,8 @@ TEST_CASE("wrap_key with a token that misreports C_WrapKey's output length", "[t
         // the first answer; more bytes written than the buffer held.
         {"huge", 6000, 0, 0, "asked for 2097152 bytes for one wrapped key"},
         {"query-zero", 6000, 0, 0, "answered a size query with 0 bytes after saying 4096 were too few"},
+        {"query-4096", 6000, 0, 0, "answered a size query with 4096 bytes after saying 4096 were too few"},
+        {"short-by-100", 6000, 0, 0, "asked for 5908 bytes, then found 5972 too few"},
         {"overrun", 32, 0, 0, "reported 4097 bytes written into a buffer of 4096"},
         {"overrun", 6000, 0, 0, "bytes written into a buffer of"},
         {"", 6000, 1, 1, nullptr},  // the shim itself changes nothing

@@ -8,9 +8,11 @@
 //   no-length   : CKR_BUFFER_TOO_SMALL with the length set to 0
 //   understated : CKR_BUFFER_TOO_SMALL with the length set to 100
 //   short-by-8  : CKR_BUFFER_TOO_SMALL with 8 bytes fewer than the blob needs
+//   short-by-100: the same with 100 bytes fewer (more than the caller's room to spare)
 //   huge        : CKR_BUFFER_TOO_SMALL and size queries answered with 2 MiB
 //   huge-once   : CKR_BUFFER_TOO_SMALL with 2 MiB; size queries answered truly
 //   query-zero  : CKR_BUFFER_TOO_SMALL and size queries answered with 0
+//   query-4096  : CKR_BUFFER_TOO_SMALL with no length; size queries answered with 4096
 //   overrun     : CKR_OK with the length set to one byte more than the buffer held
 #include <dlfcn.h>
 
@@ -34,16 +36,17 @@ bool mode_is(const char* m) {
 CK_RV shim_wrap(CK_SESSION_HANDLE s, CK_MECHANISM* mech, CK_OBJECT_HANDLE wrapping, CK_OBJECT_HANDLE key,
                 CK_BYTE* out, CK_ULONG* len) {
     constexpr CK_ULONG kHuge = 2u << 20;
-    if (!out && (mode_is("huge") || mode_is("query-zero"))) {
-        *len = mode_is("huge") ? kHuge : 0;
+    if (!out && (mode_is("huge") || mode_is("query-zero") || mode_is("query-4096"))) {
+        *len = mode_is("huge") ? kHuge : mode_is("query-4096") ? 4096 : 0;
         return CKR_OK;
     }
     const CK_ULONG buffer = out ? *len : 0;
     CK_RV rv = g_target->C_WrapKey(s, mech, wrapping, key, out, len);
     if (rv == CKR_BUFFER_TOO_SMALL) {
-        if (mode_is("no-length") || mode_is("query-zero")) *len = 0;
+        if (mode_is("no-length") || mode_is("query-zero") || mode_is("query-4096")) *len = 0;
         else if (mode_is("understated")) *len = 100;
         else if (mode_is("short-by-8")) *len -= 8;
+        else if (mode_is("short-by-100")) *len -= 100;
         else if (mode_is("huge") || mode_is("huge-once")) *len = kHuge;
     } else if (rv == CKR_OK && out && mode_is("overrun")) {
         *len = buffer + 1;

@@ -732,12 +732,33 @@ std::optional<std::string> trial_unwrap(pkcs11::AesWrapProtector& under_backup, 
         if (!same(backend.check_value(*k, m.public_key), m.kcv))
             throw IntegrityError("the key's check value differs from its record");
         return std::nullopt;
+    } catch (const TokenError&) {
+        throw;  // the token's failure, not the bundle's
+    } catch (const pkcs11::Pkcs11Error&) {
+        throw;  // unprotect() reports a blob that does not unwrap as an IntegrityError
     } catch (const Error& err) {
         return std::string(err.what());
     }
 }
 
 }  // namespace detail
+
+std::size_t detail::dry_run_unwrap(const std::string& path, const SecretFile& secret, pkcs11::TokenContext& token,
+                                   const std::string& bundle_id, std::size_t entries, const Progress& progress,
+                                   const std::string& what, const std::string& refused, const std::string& hint) {
+    VerifyReport rep = verify_bundle_beside(path, path, secret, token, nullptr, progress, 1);
+    if (rep.header.bundle_id != bundle_id || rep.entries != entries)
+        throw IntegrityError("the " + what + " file changed while the dry run read it",
+                             "run the dry run again when nothing writes the file");
+    if (rep.ok()) return rep.unwrapped;
+    const auto& first = rep.problems.front();
+    std::string text = "the " + what + " does not restore: " +
+                       (first.key_id == "bundle" ? first.problem : first.key_id + ": " + first.problem);
+    if (const std::size_t more = rep.problems.size() - 1)
+        text += " (and " + std::to_string(more) + (more == 1 ? " more problem)" : " more problems)");
+    if (!refused.empty()) text += "; the import would also be refused: " + refused;
+    throw IntegrityError(text, hint);
+}
 
 VerifyReport verify_bundle(const std::string& bundle_path, const std::string& secret_path,
                            pkcs11::TokenContext& token, const keystore::Store* against,
@@ -1305,20 +1326,11 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
     if (o.dry_run) {
         // A drill on the destination token: every key is unwrapped there under the backup key and
         // its check value checked, as the import would do before rewrapping it (and as `verify`
-        // does). One process, so that nothing is written, not even beside the bundle.
-        VerifyReport rep = detail::verify_bundle_beside(o.bundle_path, o.bundle_path, secret, ctx, nullptr,
-                                                        o.progress, 1);
-        if (!rep.ok()) {
-            const auto& first = rep.problems.front();
-            throw IntegrityError("the bundle does not restore: " +
-                                     (first.key_id == "bundle" ? first.problem : first.key_id + ": " + first.problem) +
-                                     (rep.problems.size() > 1
-                                          ? " (and " + std::to_string(rep.problems.size() - 1) + " more problems)"
-                                          : std::string()),
-                                 "run keywarden verify on the bundle for the full list; restore from another "
-                                 "backup");
-        }
-        sum.unwrapped_in_token = rep.unwrapped;
+        // does), the keys of skipped rings too.
+        sum.unwrapped_in_token = detail::dry_run_unwrap(
+            o.bundle_path, secret, ctx, sum.bundle_id, sum.entries, o.progress, "bundle", sum.refused,
+            "'keywarden --token TOKEN verify --key-bundle-file F --key-bundle-secret S' lists every problem; "
+            "restore from another backup");
         sum.seconds = seconds_since(t0);
         return sum;
     }

@@ -244,17 +244,8 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
     }
     if (o.dry_run) {
         // Every key unwrapped and checked in the destination token, as the import would.
-        VerifyReport rep = detail::verify_bundle_beside(o.file, o.file, secret, ctx, nullptr, o.progress, 1);
-        if (!rep.ok()) {
-            const auto& first = rep.problems.front();
-            throw IntegrityError("the backup does not restore: " +
-                                     (first.key_id == "bundle" ? first.problem : first.key_id + ": " + first.problem) +
-                                     (rep.problems.size() > 1
-                                          ? " (and " + std::to_string(rep.problems.size() - 1) + " more problems)"
-                                          : std::string()),
-                                 "restore from another backup");
-        }
-        sum.unwrapped_in_token = rep.unwrapped;
+        sum.unwrapped_in_token = detail::dry_run_unwrap(o.file, secret, ctx, sum.bundle_id, sum.entries, o.progress,
+                                                        "backup", sum.refused, "restore from another backup");
         sum.seconds = seconds_since(t0);
         return sum;
     }

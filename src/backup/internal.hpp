@@ -122,6 +122,16 @@ VerifyReport verify_bundle_beside(const std::string& bundle_path, const std::str
                                   const SecretFile& secret, pkcs11::TokenContext& token,
                                   const keystore::Store* against, const Progress& progress, std::size_t jobs);
 
+// The drill of an import's dry run: every key of the file at `path` unwrapped under the backup
+// key in `token` and its check value checked there, as verify_bundle() does, in this process (so
+// nothing is written, not even beside the file). The file must still be the one pass 1 read
+// (`bundle_id`, `entries`). Throws IntegrityError naming the first problem, and the refusal the
+// import would give too, if any (`refused`); a token failure is thrown as it is. Returns the
+// number of keys unwrapped. `what` names the file in messages ("bundle" or "backup").
+std::size_t dry_run_unwrap(const std::string& path, const SecretFile& secret, pkcs11::TokenContext& token,
+                           const std::string& bundle_id, std::size_t entries, const Progress& progress,
+                           const std::string& what, const std::string& refused, const std::string& hint);
+
 // Writes a bundle file: the magic line, the header, the entry lines, then the MAC line over every
 // byte before it (HMAC-SHA256 under the signature key). Through an ExclusiveFile: finish() leaves
 // it complete under its temp name (temp_path(), to check it there), publish() puts it in place;

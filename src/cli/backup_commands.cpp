@@ -77,7 +77,7 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
     if (o.init && o.merge) throw UsageError("--init and --merge exclude each other");
     io.dry_run = o.dry_run;
     io.jobs = o.jobs;
-    io.progress = progress_bar("importing");
+    io.progress = progress_bar(o.dry_run ? "checking" : "importing");
     auto sum = backup::import_bundle(g.tok, io);
     if (g.json) {
         nlohmann::json j{{"bundle_id", sum.bundle_id},

@@ -100,7 +100,7 @@ int run_backup_v1(const GlobalOptions& g, const BackupV1Options& o) {
     io.init_params.allow_extractable_master = o.init_options.allow_extractable_master;
     io.merge = o.merge;
     io.dry_run = o.dry_run;
-    io.progress = progress_bar("restoring");
+    io.progress = progress_bar(o.dry_run ? "checking" : "restoring");
     SecureBytes key = backup::backup_key_from_env();
     auto sum = backup::import_v1_backup(g.tok, key, io);
     if (g.json) {
