@@ -1513,6 +1513,22 @@ TEST_CASE("backup: a key that unwraps to another key's value is refused in any b
         if (init) CHECK(!fs::exists(store));
         else CHECK(kwtest::tree_digest(store) == before);
     }
+    // A token that fails (its object table full) is the token's problem, not the bundle's: exit
+    // 3 with the token's error, from verify and from a dry run alike.
+    {
+        kwtest::Env failing{{"KEYWARDEN_MODULE", std::string(KW_WRAP_SHIM_PATH)},
+                            {"KW_SHIM_TARGET", kwtest::module_path()},
+                            {"KW_SHIM_UNWRAP", std::string("device-memory")}};
+        auto v3 = f.run({"--token", "kw-src", "verify", "--key-bundle-file", bundle, "--key-bundle-secret", secret},
+                        failing);
+        CHECK(v3.code == 3);
+        CHECK_THAT(v3.err, Catch::Contains("CKR_DEVICE_MEMORY"));
+        CHECK_THAT(v3.out + v3.err, !Catch::Contains("does not restore") && !Catch::Contains("PROBLEM"));
+        auto d3 = f.run([&] { auto v = f.imp(f.dir + "/DRY-token", bundle, secret); v.insert(v.end(), {"--dry-run", "--init"}); return v; }(),
+                        failing);
+        CHECK(d3.code == 3);
+        CHECK_THAT(d3.err, Catch::Contains("CKR_DEVICE_MEMORY") && !Catch::Contains("does not restore"));
+    }
     for (const char* batch : {"1", "16"})
         for (const char* jobs : {"1", "2"}) {
             INFO("batch " << batch << ", " << jobs << " jobs");

@@ -14,6 +14,9 @@
 //   query-zero  : CKR_BUFFER_TOO_SMALL and size queries answered with 0
 //   query-4096  : CKR_BUFFER_TOO_SMALL with no length; size queries answered with 4096
 //   overrun     : CKR_OK with the length set to one byte more than the buffer held
+//
+// KW_SHIM_UNWRAP=device-memory makes every C_UnwrapKey fail with CKR_DEVICE_MEMORY, as a token
+// whose object table is full would.
 #include <dlfcn.h>
 
 #include <cstdlib>
@@ -54,6 +57,13 @@ CK_RV shim_wrap(CK_SESSION_HANDLE s, CK_MECHANISM* mech, CK_OBJECT_HANDLE wrappi
     return rv;
 }
 
+CK_RV shim_unwrap(CK_SESSION_HANDLE s, CK_MECHANISM* mech, CK_OBJECT_HANDLE unwrapping, CK_BYTE* blob,
+                  CK_ULONG blob_len, CK_ATTRIBUTE* t, CK_ULONG count, CK_OBJECT_HANDLE* out) {
+    const char* v = std::getenv("KW_SHIM_UNWRAP");
+    if (v && std::strcmp(v, "device-memory") == 0) return CKR_DEVICE_MEMORY;
+    return g_target->C_UnwrapKey(s, mech, unwrapping, blob, blob_len, t, count, out);
+}
+
 // The list's own C_GetFunctionList entry: this file's, not another library's of the same name
 // (p11-kit, loaded first, exports one too).
 CK_RV get_list(CK_FUNCTION_LIST** list) {
@@ -67,6 +77,7 @@ CK_RV get_list(CK_FUNCTION_LIST** list) {
         g_list = *g_target;
         g_list.C_GetFunctionList = get_list;
         g_list.C_WrapKey = shim_wrap;
+        g_list.C_UnwrapKey = shim_unwrap;
     }
     *list = &g_list;
     return CKR_OK;
