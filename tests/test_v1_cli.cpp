@@ -13,6 +13,9 @@
 #include <sstream>
 
 #include "decrypt_check.hpp"
+#include "keywarden/bundle.hpp"
+#include "keywarden/encoding.hpp"
+#include "keywarden/key_protector.hpp"
 #include "support.hpp"
 #include "two_tokens.hpp"
 
@@ -258,6 +261,36 @@ TEST_CASE("v1 backup: export, then import on another token under another master 
     CHECK(ddoc["key_versions"] == 12);
     CHECK(ddoc["unwrapped_in_token"] == 11);  // the versions that hold a key (one is destroyed)
     CHECK(!fs::exists(f.b));
+    {
+        // The same file with the wrapped halves of client/alice01/symmetric's two versions swapped
+        // (entries 6 and 7, in key id and version order) and its MAC made again: each unwraps, to
+        // the other version's key. The MAC passes; the dry run's unwrap check does not.
+        std::vector<std::string> lines;
+        std::istringstream in(text);
+        for (std::string l; std::getline(in, l);) lines.push_back(l);
+        REQUIRE(lines.size() == 15);  // magic, header, 12 entries, mac
+        auto sp7 = lines[7].find(' '), sp8 = lines[8].find(' ');
+        std::string k7 = lines[7].substr(sp7), k8 = lines[8].substr(sp8);
+        lines[7] = lines[7].substr(0, sp7) + k8;
+        lines[8] = lines[8].substr(0, sp8) + k7;
+        lines.pop_back();
+        std::string body;
+        for (const auto& l : lines) body += l + "\n";
+        auto bk = keywarden::from_base64(key);
+        REQUIRE(bk);
+        auto secret = keywarden::backup::v1_backup_secret(keywarden::SecureBytes(bk->begin(), bk->end()));
+        auto tag = keywarden::hmac_sha256(secret.signature,
+                                          std::span(reinterpret_cast<const std::uint8_t*>(body.data()), body.size()));
+        std::string swapped = f.dir + "/swapped-v1.dat";
+        kwtest::write_file(swapped, body + "mac " + keywarden::to_hex(tag) + "\n");
+        auto bad = f.run({"--keystore", f.b, "--token", "kw-dst", "backup", "--action=import", "--file", swapped,
+                          "--init", "--dry-run"},
+                         {{"BACKUP_MASTER_KEY", key}});
+        CHECK(bad.code == 4);
+        CHECK_THAT(bad.err, Catch::Contains("the backup does not restore: client/alice01/symmetric@1: the key's check "
+                                            "value differs from its record (and 1 more problem)"));
+        CHECK(!fs::exists(f.b));
+    }
 
     auto r = f.must({"--keystore", f.b, "--token", "kw-dst", "backup", "--action=import", "--file", file, "--init"},
                     {{"BACKUP_MASTER_KEY", key}});
