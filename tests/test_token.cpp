@@ -234,8 +234,7 @@ TEST_CASE("wrap_key: one C_WrapKey call for usual keys, two above 4 KiB", "[toke
 
 TEST_CASE("wrap_key with a token that misreports C_WrapKey's output length", "[token]") {
     // tests/wrap_shim.cpp forwards to SoftHSM and falsifies the lengths its C_WrapKey reports.
-    const char* shim = std::getenv("KEYWARDEN_TEST_WRAP_SHIM");
-    if (!shim) shim = KW_WRAP_SHIM_PATH;  // where meson built it
+    const char* shim = KW_WRAP_SHIM_PATH;  // where meson built it
     kwtest::SoftHsm hsm;
     struct ShimEnv {
         ShimEnv() {

@@ -31,10 +31,11 @@ namespace {
 CK_FUNCTION_LIST g_list;
 CK_FUNCTION_LIST* g_target = nullptr;
 
-bool mode_is(const char* m) {
-    const char* v = std::getenv("KW_SHIM_WRAP");
-    return v && std::strcmp(v, m) == 0;
+bool env_is(const char* var, const char* value) {
+    const char* v = std::getenv(var);
+    return v && std::strcmp(v, value) == 0;
 }
+bool mode_is(const char* m) { return env_is("KW_SHIM_WRAP", m); }
 
 CK_RV shim_wrap(CK_SESSION_HANDLE s, CK_MECHANISM* mech, CK_OBJECT_HANDLE wrapping, CK_OBJECT_HANDLE key,
                 CK_BYTE* out, CK_ULONG* len) {
@@ -59,8 +60,7 @@ CK_RV shim_wrap(CK_SESSION_HANDLE s, CK_MECHANISM* mech, CK_OBJECT_HANDLE wrappi
 
 CK_RV shim_unwrap(CK_SESSION_HANDLE s, CK_MECHANISM* mech, CK_OBJECT_HANDLE unwrapping, CK_BYTE* blob,
                   CK_ULONG blob_len, CK_ATTRIBUTE* t, CK_ULONG count, CK_OBJECT_HANDLE* out) {
-    const char* v = std::getenv("KW_SHIM_UNWRAP");
-    if (v && std::strcmp(v, "device-memory") == 0) return CKR_DEVICE_MEMORY;
+    if (env_is("KW_SHIM_UNWRAP", "device-memory")) return CKR_DEVICE_MEMORY;
     return g_target->C_UnwrapKey(s, mech, unwrapping, blob, blob_len, t, count, out);
 }
 

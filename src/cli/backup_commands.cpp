@@ -105,15 +105,13 @@ int run_import(const GlobalOptions& g, const ImportOptions& o) {
         for (const auto& k : sum.skipped) std::cout << "skip      " << k << "\n";
     }
     if (sum.dry_run && !sum.refused.empty()) {
-        std::cerr << "dry run: the bundle verifies (" << sum.unwrapped_in_token
-                  << " keys unwrapped and checked in the token), but the import would be refused: " << sum.refused
-                  << "\n"
+        std::cerr << dry_run_verified("bundle", sum.unwrapped_in_token)
+                  << ", but the import would be refused: " << sum.refused << "\n"
                   << "hint: " << sum.refused_hint << "\n";
         return static_cast<int>(ExitCode::failure);
     }
     if (sum.dry_run)
-        std::cerr << "dry run: the bundle verifies (" << sum.unwrapped_in_token
-                  << " keys unwrapped and checked in the token); " << sum.imported.size()
+        std::cerr << dry_run_verified("bundle", sum.unwrapped_in_token) << "; " << sum.imported.size()
                   << " key rings would be imported ("
                   << sum.conflicts.size() << " of them conflict with the store"
                   << (sum.skipped.empty() ? "" : ", " + std::to_string(sum.skipped.size()) + " skipped")

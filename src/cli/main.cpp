@@ -12,6 +12,11 @@
 
 namespace keywarden::cli {
 
+std::string dry_run_verified(const char* what, std::size_t unwrapped) {
+    return std::string("dry run: the ") + what + " verifies (" + std::to_string(unwrapped) +
+           " keys unwrapped and checked in the token)";
+}
+
 std::function<void(std::size_t, std::size_t)> progress_bar(const char* what) {
     if (!isatty(STDERR_FILENO)) return {};
     return [what](std::size_t done, std::size_t total) {

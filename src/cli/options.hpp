@@ -135,6 +135,10 @@ int run_token_check(const GlobalOptions& g);
 // A progress bar on stderr, only when stderr is a terminal; empty otherwise.
 std::function<void(std::size_t done, std::size_t total)> progress_bar(const char* what);
 
+// How an import's dry run starts its summary: "dry run: the bundle verifies (N keys unwrapped
+// and checked in the token)", with `what` "bundle" or "backup".
+std::string dry_run_verified(const char* what, std::size_t unwrapped);
+
 // The store location: --keystore, KEYWARDEN_KEYSTORE, the config file, else the default.
 std::string keystore_path(const GlobalOptions& g);
 extern const char* const kDefaultKeystore;

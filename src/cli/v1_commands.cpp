@@ -122,13 +122,11 @@ int run_backup_v1(const GlobalOptions& g, const BackupV1Options& o) {
     }
     if (sum.dry_run) {
         if (!sum.refused.empty()) {
-            std::cerr << "dry run: the backup verifies (" << sum.unwrapped_in_token
-                      << " keys unwrapped and checked in the token), but the import would be refused: " << sum.refused
-                      << "\n";
+            std::cerr << dry_run_verified("backup", sum.unwrapped_in_token)
+                      << ", but the import would be refused: " << sum.refused << "\n";
             return static_cast<int>(ExitCode::failure);
         }
-        std::cerr << "dry run: the backup verifies (" << sum.unwrapped_in_token
-                  << " keys unwrapped and checked in the token); " << sum.rings << " keys (" << sum.entries
+        std::cerr << dry_run_verified("backup", sum.unwrapped_in_token) << "; " << sum.rings << " keys (" << sum.entries
                   << " key versions) would be restored; nothing was written\n";
         return 0;
     }
