@@ -1113,6 +1113,38 @@ TEST_CASE("backup: export puts the bundle in place only after its self-check", "
     }
 }
 
+// A token that corrupts what it wraps (tests/wrap_shim.cpp flips the last byte of the blob of
+// every sensitive key C_WrapKey wraps) makes an export whose bundle does not verify: the self-check catches it, the
+// export exits 4, and neither file nor any temp file is left; the store is unchanged.
+TEST_CASE("backup: an export whose self-check fails leaves no files", "[cli]") {
+    BackupFixture f;
+    const std::string out = f.dir + "/out";
+    fs::create_directory(out);
+    const std::string store_before = kwtest::tree_digest(f.a);
+    for (const char* jobs : {"1", "2"}) {
+        INFO(jobs << " jobs");
+        const std::string bundle = out + "/b.dat", secret = out + "/s.json";
+        auto r = f.run({"--keystore", f.a, "export", "--all", "--private-keys", "--jobs", jobs, "--key-bundle-file",
+                        bundle, "--key-bundle-secret", secret},
+                       {{"KEYWARDEN_MODULE", std::string(KW_WRAP_SHIM_PATH)},
+                        {"KW_SHIM_TARGET", kwtest::module_path()},
+                        {"KW_SHIM_WRAP", std::string("flip-sensitive")}});
+        CHECK(r.code == 4);
+        CHECK_THAT(r.err, Catch::Contains("the bundle just written does not verify") &&
+                              Catch::Contains("hint: nothing was written"));
+        CHECK(fs::is_empty(out));
+        CHECK(kwtest::tree_digest(f.a) == store_before);
+    }
+    // The same export through the shim with nothing falsified succeeds: the failure above is the
+    // corrupted blobs, not the shim.
+    auto ok = f.run({"--keystore", f.a, "export", "--all", "--private-keys", "--key-bundle-file", out + "/b.dat",
+                     "--key-bundle-secret", out + "/s.json"},
+                    {{"KEYWARDEN_MODULE", std::string(KW_WRAP_SHIM_PATH)}, {"KW_SHIM_TARGET", kwtest::module_path()}});
+    CHECK(ok.code == 0);
+    CHECK(fs::exists(out + "/b.dat"));
+    CHECK(fs::exists(out + "/s.json"));
+}
+
 // export, verify and import show a progress bar when stderr is a terminal (here a pty from
 // script(1)), and none otherwise.
 TEST_CASE("backup: a progress bar on a terminal, none without one", "[cli]") {

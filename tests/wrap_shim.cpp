@@ -14,6 +14,9 @@
 //   query-zero  : CKR_BUFFER_TOO_SMALL and size queries answered with 0
 //   query-4096  : CKR_BUFFER_TOO_SMALL with no length; size queries answered with 4096
 //   overrun     : CKR_OK with the length set to one byte more than the buffer held
+//   flip-sensitive: CKR_OK, with the last byte of the blob flipped where the wrapped key is
+//                 sensitive (a store key; not the all-zero key of the master key's check value):
+//                 a token that corrupts what it wraps
 //
 // KW_SHIM_UNWRAP=device-memory makes every C_UnwrapKey fail with CKR_DEVICE_MEMORY, as a token
 // whose object table is full would.
@@ -54,6 +57,10 @@ CK_RV shim_wrap(CK_SESSION_HANDLE s, CK_MECHANISM* mech, CK_OBJECT_HANDLE wrappi
         else if (mode_is("huge") || mode_is("huge-once")) *len = kHuge;
     } else if (rv == CKR_OK && out && mode_is("overrun")) {
         *len = buffer + 1;
+    } else if (rv == CKR_OK && out && *len > 0 && mode_is("flip-sensitive")) {
+        CK_BBOOL sensitive = CK_FALSE;
+        CK_ATTRIBUTE a{CKA_SENSITIVE, &sensitive, sizeof sensitive};
+        if (g_target->C_GetAttributeValue(s, key, &a, 1) == CKR_OK && sensitive == CK_TRUE) out[*len - 1] ^= 0x01;
     }
     return rv;
 }

@@ -702,7 +702,10 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
                                                 os.token, nullptr, {}, o.jobs);
         if (!rep.ok() || rep.entries != sum.entries || rep.unwrapped != sum.wrapped_keys)
             throw IntegrityError("the bundle just written does not verify" +
-                                 (rep.problems.empty() ? std::string() : ": " + rep.problems.front().problem));
+                                     (rep.problems.empty() ? std::string() : ": " + rep.problems.front().problem),
+                                 "nothing was written: the token or the disk gave back other data than the export "
+                                 "wrote; check the token with 'keywarden keystore verify' and the disk, then run "
+                                 "the export again");
         // The secret first: a kill between the two links leaves a secret file without a bundle,
         // which holds nothing (its backup keys exist nowhere else), rather than a bundle that
         // cannot be opened.
