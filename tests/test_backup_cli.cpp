@@ -1145,6 +1145,34 @@ TEST_CASE("backup: an export whose self-check fails leaves no files", "[cli]") {
     CHECK(fs::exists(out + "/s.json"));
 }
 
+// Another process creates the bundle or the secret path while the export runs (the shim's
+// KW_SHIM_CREATE makes the file at the export's first C_UnwrapKey, after the export checked that
+// neither path exists): linking into place finds it (EEXIST), the export fails without touching
+// that file, and leaves neither of its own files nor a temp file.
+TEST_CASE("backup: a path taken while the export runs is never overwritten", "[cli]") {
+    BackupFixture f;
+    for (const char* taken : {"bundle", "secret"})
+        for (const char* jobs : {"1", "2"}) {
+            INFO(taken << " taken, " << jobs << " jobs");
+            const std::string out = f.dir + "/out-" + taken + "-" + jobs;
+            fs::create_directory(out);
+            const std::string bundle = out + "/b.dat", secret = out + "/s.json";
+            const std::string other = std::string(taken) == "bundle" ? bundle : secret;
+            auto r = f.run({"--keystore", f.a, "export", "--all", "--private-keys", "--jobs", jobs,
+                            "--key-bundle-file", bundle, "--key-bundle-secret", secret},
+                           {{"KEYWARDEN_MODULE", std::string(KW_WRAP_SHIM_PATH)},
+                            {"KW_SHIM_TARGET", kwtest::module_path()},
+                            {"KW_SHIM_CREATE", other}});
+            CHECK(r.code == 1);
+            CHECK_THAT(r.err, Catch::Contains(other + " already exists") &&
+                                  Catch::Contains("nothing was overwritten"));
+            CHECK(kwtest::read_text(other) == "someone else's file\n");
+            std::vector<std::string> left;
+            for (const auto& e : fs::directory_iterator(out)) left.push_back(e.path().string());
+            CHECK(left == std::vector<std::string>{other});
+        }
+}
+
 // export, verify and import show a progress bar when stderr is a terminal (here a pty from
 // script(1)), and none otherwise.
 TEST_CASE("backup: a progress bar on a terminal, none without one", "[cli]") {

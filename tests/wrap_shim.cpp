@@ -20,7 +20,12 @@
 //
 // KW_SHIM_UNWRAP=device-memory makes every C_UnwrapKey fail with CKR_DEVICE_MEMORY, as a token
 // whose object table is full would.
+//
+// KW_SHIM_CREATE=PATH: the first C_UnwrapKey creates the file PATH (O_EXCL, "someone else's file"),
+// as another process might while a command runs; later calls find it there and leave it alone.
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -68,6 +73,14 @@ CK_RV shim_wrap(CK_SESSION_HANDLE s, CK_MECHANISM* mech, CK_OBJECT_HANDLE wrappi
 CK_RV shim_unwrap(CK_SESSION_HANDLE s, CK_MECHANISM* mech, CK_OBJECT_HANDLE unwrapping, CK_BYTE* blob,
                   CK_ULONG blob_len, CK_ATTRIBUTE* t, CK_ULONG count, CK_OBJECT_HANDLE* out) {
     if (env_is("KW_SHIM_UNWRAP", "device-memory")) return CKR_DEVICE_MEMORY;
+    if (const char* path = std::getenv("KW_SHIM_CREATE")) {
+        int fd = ::open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd >= 0) {
+            static const char kText[] = "someone else's file\n";
+            (void)!::write(fd, kText, sizeof kText - 1);
+            ::close(fd);
+        }
+    }
     return g_target->C_UnwrapKey(s, mech, unwrapping, blob, blob_len, t, count, out);
 }
 
