@@ -160,7 +160,10 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
         auto rep = detail::verify_bundle_beside(out.temp_path(), o.file, secret, os.token, nullptr, {}, 1);
         if (!rep.ok() || rep.entries != sum.entries || rep.unwrapped != sum.wrapped_keys)
             throw IntegrityError("the backup just written does not verify" +
-                                 (rep.problems.empty() ? std::string() : ": " + rep.problems.front().problem));
+                                     (rep.problems.empty() ? std::string() : ": " + rep.problems.front().problem),
+                                 "nothing was written and no backup key was shown: the token or the disk gave "
+                                 "back other data than the backup wrote; check the token with 'keywarden keystore "
+                                 "verify' and the disk, then run the backup again");
         out.publish();
     }
     try {
