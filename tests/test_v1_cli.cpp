@@ -548,8 +548,6 @@ TEST_CASE("migrate: a v1 store with rotated keys into v2, all or nothing, idempo
     CHECK(v2src.code == 2);
 }
 
-// A killed backup can leave its temp file beside the backup file; the next backup to that path
-// removes it once it is a minute old (and not held by a running keywarden), with a warning.
 // A token that corrupts the blobs of the keys it wraps (tests/wrap_shim.cpp, flip-sensitive):
 // the backup's self-check fails, exit 4, no file is left and no backup key is shown.
 TEST_CASE("v1 backup: a backup whose self-check fails leaves no file and shows no key", "[cli]") {
@@ -563,13 +561,16 @@ TEST_CASE("v1 backup: a backup whose self-check fails leaves no file and shows n
                     {"KW_SHIM_TARGET", kwtest::module_path()},
                     {"KW_SHIM_WRAP", std::string("flip-sensitive")}});
     CHECK(r.code == 4);
-    CHECK_THAT(r.err, Catch::Contains("the backup just written does not verify") &&
+    CHECK_THAT(r.err, Catch::Contains("the backup just written does not verify: ") &&
                           Catch::Contains("hint: nothing was written and no backup key was shown"));
     CHECK_THAT(r.out + r.err, !Catch::Contains("Backup master key"));
+    CHECK(!fs::exists(out + "/key.txt"));  // where the key would have been shown
     CHECK(fs::is_empty(out));
     CHECK(kwtest::tree_digest(f.a) == store_before);
 }
 
+// A killed backup can leave its temp file beside the backup file; the next backup to that path
+// removes it once it is a minute old (and not held by a running keywarden), with a warning.
 TEST_CASE("v1: backup removes the temp file a killed backup left", "[cli]") {
     V1Fixture f;
     const std::string file = f.dir + "/v1.dat", stale = f.dir + "/.v1.dat.tmp-AbC123", young = f.dir + "/.v1.dat.tmp-XyZ789";

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // A PKCS#11 module for tests only: it passes every call to the module named by KW_SHIM_TARGET
-// (SoftHSM), except C_WrapKey, whose reported output length it falsifies as KW_SHIM_WRAP says,
-// to play tokens that do not follow PKCS#11 5.2. The variable is read at every call, so a test
-// can change the behaviour between calls:
+// (SoftHSM), except C_WrapKey and C_UnwrapKey, which it changes as the variables below say: to
+// play tokens that do not follow PKCS#11 5.2 or that fail, and another process at work. The
+// variables are read at every call, so a test can change the behaviour between calls.
+// KW_SHIM_WRAP:
 //
 //   unset or "" : pass through
 //   no-length   : CKR_BUFFER_TOO_SMALL with the length set to 0

@@ -700,12 +700,7 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
         auto rep = detail::verify_bundle_beside(out.temp_path(), o.bundle_path,
                                                 parse_secret_file(detail::read_secret_file(sf.temp_path())),
                                                 os.token, nullptr, {}, o.jobs);
-        if (!rep.ok() || rep.entries != sum.entries || rep.unwrapped != sum.wrapped_keys)
-            throw IntegrityError("the bundle just written does not verify" +
-                                     (rep.problems.empty() ? std::string() : ": " + rep.problems.front().problem),
-                                 "nothing was written: the token or the disk gave back other data than the export "
-                                 "wrote; check the token with 'keywarden keystore verify' and the disk, then run "
-                                 "the export again");
+        detail::check_written(rep, sum.entries, sum.wrapped_keys, "bundle");
         // The secret first: a kill between the two links leaves a secret file without a bundle,
         // which holds nothing (its backup keys exist nowhere else), rather than a bundle that
         // cannot be opened.
@@ -754,13 +749,36 @@ std::size_t detail::dry_run_unwrap(const std::string& path, const SecretFile& se
         throw IntegrityError("the " + what + " file changed while the dry run read it",
                              "run the dry run again when nothing writes the file");
     if (rep.ok()) return rep.unwrapped;
-    const auto& first = rep.problems.front();
-    std::string text = "the " + what + " does not restore: " +
-                       (first.key_id == "bundle" ? first.problem : first.key_id + ": " + first.problem);
-    if (const std::size_t more = rep.problems.size() - 1)
-        text += " (and " + std::to_string(more) + (more == 1 ? " more problem)" : " more problems)");
+    std::string text = "the " + what + " does not restore: " + first_problem(rep);
     if (!refused.empty()) text += "; the import would also be refused: " + refused;
     throw IntegrityError(text, hint);
+}
+
+std::string detail::first_problem(const VerifyReport& rep) {
+    if (rep.problems.empty()) return "no problem";
+    const auto& first = rep.problems.front();
+    std::string text = first.key_id == "bundle" ? first.problem : first.key_id + ": " + first.problem;
+    if (const std::size_t more = rep.problems.size() - 1)
+        text += " (and " + std::to_string(more) + (more == 1 ? " more problem)" : " more problems)");
+    return text;
+}
+
+void detail::check_written(const VerifyReport& rep, std::size_t entries, std::size_t wrapped, const std::string& what) {
+    std::string problem;
+    if (!rep.ok()) problem = first_problem(rep);
+    else if (rep.entries != entries || rep.unwrapped != wrapped)
+        problem = "it holds " + std::to_string(rep.entries) + " entries with " + std::to_string(rep.unwrapped) +
+                  " keys, where " + std::to_string(entries) + " entries with " + std::to_string(wrapped) +
+                  " keys were written";
+    else return;
+    const bool v1 = what == "backup";
+    throw IntegrityError(
+        "the " + what + " just written does not verify: " + problem,
+        std::string(v1 ? "nothing was written and no backup key was shown" : "nothing was written") +
+            ": the token or the disk gave back other data than the " + (v1 ? "backup" : "export") +
+            " wrote, or the store holds a key whose check value differs from its record. Check the token with "
+            "'keywarden token check', the store with 'keywarden keystore verify', and the disk; then run the " +
+            (v1 ? "backup" : "export") + " again");
 }
 
 VerifyReport verify_bundle(const std::string& bundle_path, const std::string& secret_path,

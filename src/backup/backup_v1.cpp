@@ -158,12 +158,7 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
         sum.bytes = out.bytes();
         // Read back and verified completely; only then is it put in place and the key shown.
         auto rep = detail::verify_bundle_beside(out.temp_path(), o.file, secret, os.token, nullptr, {}, 1);
-        if (!rep.ok() || rep.entries != sum.entries || rep.unwrapped != sum.wrapped_keys)
-            throw IntegrityError("the backup just written does not verify" +
-                                     (rep.problems.empty() ? std::string() : ": " + rep.problems.front().problem),
-                                 "nothing was written and no backup key was shown: the token or the disk gave "
-                                 "back other data than the backup wrote; check the token with 'keywarden keystore "
-                                 "verify' and the disk, then run the backup again");
+        detail::check_written(rep, sum.entries, sum.wrapped_keys, "backup");
         out.publish();
     }
     try {

@@ -122,6 +122,15 @@ VerifyReport verify_bundle_beside(const std::string& bundle_path, const std::str
                                   const SecretFile& secret, pkcs11::TokenContext& token,
                                   const keystore::Store* against, const Progress& progress, std::size_t jobs);
 
+// The first problem of a report that is not ok(): "KEY-ID: PROBLEM" (the problem alone where it
+// concerns the whole bundle), and "(and N more problems)" if there are more.
+std::string first_problem(const VerifyReport& rep);
+
+// The self-check of an export or a v1 backup: `rep` is the verify of the file just written under
+// its temp name, which must hold `entries` entries and `wrapped` keys, all verified. Otherwise
+// throws IntegrityError "the WHAT just written does not verify: ..." with the hint for it.
+void check_written(const VerifyReport& rep, std::size_t entries, std::size_t wrapped, const std::string& what);
+
 // The drill of an import's dry run: every key of the file at `path` unwrapped under the backup
 // key in `token` and its check value checked there, as verify_bundle() does, in this process (so
 // nothing is written, not even beside the file). The file must still be the one pass 1 read
