@@ -1114,8 +1114,9 @@ TEST_CASE("backup: export puts the bundle in place only after its self-check", "
 }
 
 // A token that corrupts what it wraps (tests/wrap_shim.cpp flips the last byte of the blob of
-// every sensitive key C_WrapKey wraps) makes an export whose bundle does not verify: the self-check catches it, the
-// export exits 4, and neither file nor any temp file is left; the store is unchanged.
+// every sensitive key C_WrapKey wraps) makes an export whose bundle does not verify: the
+// self-check catches it, the export exits 4, and neither file nor any temp file is left; the
+// store is unchanged.
 TEST_CASE("backup: an export whose self-check fails leaves no files", "[cli]") {
     BackupFixture f;
     const std::string out = f.dir + "/out";
