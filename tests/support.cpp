@@ -15,6 +15,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "keywarden/error.hpp"
+
 extern char** environ;
 
 namespace kwtest {
@@ -48,6 +50,21 @@ void write_file(const std::string& path, const std::string& content, int mode) {
     }
     ::fchmod(fd, static_cast<mode_t>(mode));
     ::close(fd);
+}
+
+CliResult call(const std::function<void()>& fn) {
+    CliResult r;
+    try {
+        fn();
+        r.code = 0;
+    } catch (const keywarden::Error& e) {
+        r.code = static_cast<int>(e.exit_code());
+        r.err = std::string("error: ") + e.what();
+    } catch (const std::exception& e) {
+        r.code = 1;
+        r.err = std::string("error: ") + e.what();
+    }
+    return r;
 }
 
 int sh(const std::string& cmd) {

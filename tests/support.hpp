@@ -2,6 +2,7 @@
 // Test support: a SoftHSM fixture per test case, and a runner for the built binary.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -59,6 +60,11 @@ CliResult run_cli(const std::vector<std::string>& args,
 // The same for any program (argv[0] is looked up in PATH when it has no '/').
 CliResult run_program(const std::vector<std::string>& argv,
                       const std::map<std::string, std::optional<std::string>>& env = {});
+
+// Runs `fn` in this process, through the library, and reports it as the CLI would: code 0 when it
+// returns, the error's exit code and "error: WHAT" in err when it throws a keywarden::Error, 1 for
+// any other exception. For sweeps that would otherwise start a process per row.
+CliResult call(const std::function<void()>& fn);
 
 // Runs a shell command; returns its exit status.
 int sh(const std::string& cmd);

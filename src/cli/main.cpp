@@ -4,6 +4,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <CLI/CLI.hpp>
 #include <iostream>
 
 #include "keywarden/log.hpp"

@@ -1,13 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
-// Plain option structs bound to CLI11. Parsing has no side effects.
+// Plain option structs bound to CLI11 (by main.cpp). Parsing has no side effects.
 #pragma once
 
-#include <CLI/CLI.hpp>
 #include <functional>
 #include <optional>
 #include <string>
 
 #include "keywarden/token_context.hpp"
+
+// CLI11 is included by main.cpp alone: the other command files need only the option structs.
+namespace CLI {
+class App;
+}
 
 namespace keywarden::cli {
 
