@@ -52,12 +52,12 @@
 #include "keywarden/storage.hpp"
 #include "keywarden/token_context.hpp"
 #include "keywarden/token_protector.hpp"
+#include "process.hpp"
 
 #ifndef KEYWARDEN_BENCH_SOURCE_ROOT
 #define KEYWARDEN_BENCH_SOURCE_ROOT "."
 #endif
 
-extern char** environ;
 
 namespace {
 
@@ -182,8 +182,10 @@ std::string fmt(const char* f, A... v) {
 // wait4()'s ru_maxrss of a child is max(the RSS it inherited at fork, its own peak after exec):
 // Linux sets the forked mm's high-water mark to its RSS at fork and exec keeps that mark. Forking
 // the CLI straight from this process (hundreds of MiB of SoftHSM objects and bundles by then)
-// would report this process's size, not the CLI's. So every child is forked by a spawner that
-// was itself forked before this process grew, and the spawner sends back wait4()'s rusage.
+// would report this process's size, not the CLI's (posix_spawn's CLONE_VM child the same: exec
+// records the old mm's mark). So every child is started by a spawner that was itself forked
+// before this process grew, with the runner the tests use (tests/process.hpp), and the spawner
+// sends back wait4()'s rusage.
 
 struct ChildResult {
     int status = -1;      // exit code, or 128 + signal
@@ -238,8 +240,6 @@ bool get_strings(int fd, std::vector<std::string>& v) {
     return true;
 }
 
-double tv_seconds(const timeval& tv) { return static_cast<double>(tv.tv_sec) + tv.tv_usec / 1e6; }
-
 // The spawner's loop: request = argv, envp, {stdout path, stderr path}; reply = ChildResult.
 [[noreturn]] void spawner_main(int req_fd, int rep_fd) {
     for (;;) {
@@ -247,38 +247,17 @@ double tv_seconds(const timeval& tv) { return static_cast<double>(tv.tv_sec) + t
         if (!get_strings(req_fd, args) || !get_strings(req_fd, env) || !get_strings(req_fd, io) ||
             args.empty() || io.size() != 2)
             ::_exit(0);
-        std::vector<char*> argv, envp;
-        for (auto& a : args) argv.push_back(a.data());
-        argv.push_back(nullptr);
-        for (auto& e : env) envp.push_back(e.data());
-        envp.push_back(nullptr);
         ChildResult r;
-        auto t0 = Clock::now();
-        pid_t pid = ::fork();
-        if (pid == 0) {
-            int in = ::open("/dev/null", O_RDONLY);
-            int out = ::open(io[0].c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-            int err = ::open(io[1].c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-            if (in < 0 || out < 0 || err < 0) ::_exit(126);
-            ::dup2(in, 0);
-            ::dup2(out, 1);
-            ::dup2(err, 2);
-            ::close(req_fd);
-            ::close(rep_fd);
-            ::execvpe(argv[0], argv.data(), envp.data());
-            std::fprintf(stderr, "exec %s: %s\n", argv[0], std::strerror(errno));
-            ::_exit(127);
-        }
-        if (pid > 0) {
-            int st = 0;
-            struct rusage ru {};
-            while (::wait4(pid, &st, 0, &ru) < 0 && errno == EINTR) {
-            }
-            r.wall = seconds_between(t0, Clock::now());
-            r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-            r.maxrss_kib = ru.ru_maxrss;
-            r.user = tv_seconds(ru.ru_utime);
-            r.sys = tv_seconds(ru.ru_stime);
+        try {
+            kwtest::ProcessOptions po;
+            po.out_path = io[0];
+            po.err_path = io[1];
+            po.environment = env;
+            auto p = kwtest::run_process(args, {}, po);
+            r = ChildResult{p.code, p.wall, p.maxrss_kib, p.user, p.sys};
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "%s\n", e.what());
+            r.status = 127;
         }
         if (!write_full(rep_fd, &r, sizeof r)) ::_exit(0);
     }
@@ -318,18 +297,7 @@ public:
     ChildResult run(const std::vector<std::string>& args,
                     const std::map<std::string, std::optional<std::string>>& env,
                     const std::string& out_path, const std::string& err_path) {
-        std::map<std::string, std::string> envm;
-        for (char** e = environ; *e; ++e) {
-            std::string kv = *e;
-            auto eq = kv.find('=');
-            if (eq != std::string::npos) envm[kv.substr(0, eq)] = kv.substr(eq + 1);
-        }
-        for (const auto& [k, v] : env) {
-            if (v) envm[k] = *v;
-            else envm.erase(k);
-        }
-        std::vector<std::string> env_s;
-        for (const auto& [k, v] : envm) env_s.push_back(k + "=" + v);
+        std::vector<std::string> env_s = kwtest::child_environment(env);
         std::string buf;
         put_strings(buf, args);
         put_strings(buf, env_s);
@@ -1137,7 +1105,7 @@ int run_bench(const Options& o, Spawner& sp, const std::string& dir) {
     std::printf("  C_Sign   HMAC-SHA256 of %ju bytes: %.3f s for %zu = %.1f us/key\n", ring_bytes, mac_sign_s, n,
                 mac_sign_s / static_cast<double>(n) * 1e6);
 
-    std::printf("\nCLI processes (%s; fork+exec from a spawner forked at start-up, rusage from wait4):\n",
+    std::printf("\nCLI processes (%s; posix_spawn from a spawner forked at start-up, rusage from wait4):\n",
                 have_cli ? o.cli.c_str() : "skipped: no executable, pass --cli PATH");
     if (have_cli) {
         std::printf("%-26s %7s %9s %8s %8s %14s %10s\n", "command", "keys", "wall s", "user s", "sys s",

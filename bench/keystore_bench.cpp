@@ -4,7 +4,6 @@
 //
 //   keystore-bench [--clients N | N] [--keep-dir] [--cli PATH] [--module PATH]
 #include <fcntl.h>
-#include <spawn.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -34,12 +33,12 @@
 #include "keywarden/pkcs11.hpp"
 #include "keywarden/storage.hpp"
 #include "keywarden/token_protector.hpp"
+#include "process.hpp"
 
 #ifndef KEYWARDEN_BENCH_SOURCE_ROOT
 #define KEYWARDEN_BENCH_SOURCE_ROOT "."
 #endif
 
-extern char** environ;
 
 namespace {
 
@@ -118,39 +117,10 @@ Options parse_options(int argc, char** argv) {
 int run_process(const std::vector<std::string>& args,
                 const std::map<std::string, std::optional<std::string>>& env,
                 const std::string& out_path, const std::string& err_path) {
-    std::map<std::string, std::string> envm;
-    for (char** e = environ; *e; ++e) {
-        std::string kv = *e;
-        auto eq = kv.find('=');
-        if (eq != std::string::npos) envm[kv.substr(0, eq)] = kv.substr(eq + 1);
-    }
-    for (const auto& [k, v] : env) {
-        if (v) envm[k] = *v;
-        else envm.erase(k);
-    }
-    std::vector<std::string> env_s;
-    for (const auto& [k, v] : envm) env_s.push_back(k + "=" + v);
-    std::vector<char*> envp;
-    for (auto& e : env_s) envp.push_back(e.data());
-    envp.push_back(nullptr);
-    std::vector<std::string> args_s = args;
-    std::vector<char*> argv;
-    for (auto& a : args_s) argv.push_back(a.data());
-    argv.push_back(nullptr);
-
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    posix_spawn_file_actions_addopen(&fa, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    pid_t pid = 0;
-    int rc = posix_spawnp(&pid, argv[0], &fa, nullptr, argv.data(), envp.data());
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc != 0) throw std::runtime_error("cannot run " + args[0] + ": " + std::strerror(rc));
-    int st = 0;
-    while (waitpid(pid, &st, 0) < 0)
-        if (errno != EINTR) throw std::runtime_error("waitpid failed");
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    kwtest::ProcessOptions po;
+    po.out_path = out_path;
+    po.err_path = err_path;
+    return kwtest::run_process(args, env, po).code;
 }
 
 // A private SoftHSM token directory, as tests/support.cpp makes one: render

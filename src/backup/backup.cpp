@@ -51,40 +51,6 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-bool same(const Bytes& a, const Bytes& b) {
-    return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
-}
-
-void io_fail(const std::string& what, const std::string& path) {
-    int e = errno;
-    std::string hint;
-    if (e == ENOSPC || e == EDQUOT || e == EFBIG)
-        hint = "the disk (or a file size limit) is full: free space and run the command again";
-    throw Error(what + " " + path + ": " + std::strerror(e), hint);
-}
-
-void write_all(int fd, const void* data, std::size_t size, const std::string& path) {
-    const auto* p = static_cast<const char*>(data);
-    for (std::size_t off = 0; off < size;) {
-        ssize_t n = ::write(fd, p + off, size - off);
-        if (n < 0 && errno == EINTR) continue;
-        if (n == 0) errno = EIO;
-        if (n <= 0) io_fail("cannot write", path);
-        off += static_cast<std::size_t>(n);
-    }
-}
-
-void fsync_dir_of(const std::string& path) {
-    std::string dir = fs::absolute(path).parent_path().string();
-    int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0 || ::fsync(fd) != 0) {
-        if (fd >= 0) ::close(fd);
-        io_fail("cannot sync directory", dir);
-    }
-    ::close(fd);
-}
-
-
 void remove_stale_leftovers(const std::string& path) {
     fs::path t = fs::absolute(path);
     const std::string prefix = "." + t.filename().string() + ".";
@@ -108,14 +74,11 @@ void remove_stale_leftovers(const std::string& path) {
         if (::lstat(p.c_str(), &st) != 0 || st.st_uid != ::geteuid() || now - st.st_mtime < 60) continue;
         if (file ? !S_ISREG(st.st_mode) : !S_ISDIR(st.st_mode)) continue;
         // Removed while holding its lock: a live run holds it, and a run cannot take it back.
-        int fd = ::open((file ? p : p / ".lock").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-        if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-            ::close(fd);
-            continue;  // in use
-        }
-        if (fd < 0 && file) continue;  // gone meanwhile
+        io::Fd fd(::open((file ? p : p / ".lock").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+        if (fd.valid() && ::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) continue;  // in use
+        if (!fd.valid() && file) continue;                                       // gone meanwhile
         bool removed = file ? ::unlink(p.c_str()) == 0 : (fs::remove_all(p, ec), !ec);
-        if (fd >= 0) ::close(fd);
+        fd.reset();
         if (removed) log::warn("removed " + p.string() + ", left behind by an earlier run that was killed");
     }
 }
@@ -176,8 +139,8 @@ public:
         fs::path t = fs::absolute(near);
         m_path = (t.parent_path() / ("." + t.filename().string() + "." + what + "-XXXXXX")).string();
         if (!::mkdtemp(m_path.data())) io_fail("cannot create a work directory beside", near);
-        m_lock = ::open((m_path + "/.lock").c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-        if (m_lock < 0) {
+        m_lock.reset(::open((m_path + "/.lock").c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
+        if (!m_lock.valid()) {
             int e = errno;
             std::error_code ec;
             fs::remove_all(m_path, ec);
@@ -185,13 +148,13 @@ public:
             io_fail("cannot create a file in the work directory", m_path);
         }
         // A file system without flock: the directory is then protected only while it is young.
-        if (::flock(m_lock, LOCK_EX | LOCK_NB) != 0)
+        if (::flock(m_lock.get(), LOCK_EX | LOCK_NB) != 0)
             log::debug("no lock on " + m_path + ": " + std::strerror(errno));
     }
     ~TempDir() {
         std::error_code ec;
         fs::remove_all(m_path, ec);
-        ::close(m_lock);
+        m_lock.reset();
     }
     TempDir(const TempDir&) = delete;
     TempDir& operator=(const TempDir&) = delete;
@@ -199,7 +162,7 @@ public:
 
 private:
     std::string m_path;
-    int m_lock = -1;
+    io::Fd m_lock;
 };
 
 // The entries of `count` rings, in order, each from ring_at(i). Each key is unwrapped under the
@@ -372,17 +335,11 @@ StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenCo
     // handled only under the lock such an import held: an --init holds it; a plain import (the
     // store exists, so no --init can start) takes it when it is free, without waiting.
     bool init_lock = init;
-    int probe = -1;
+    io::Fd probe;
     if (!init) {
-        probe = ::open((m_parent / ("." + name + ".import.lock")).c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
-        init_lock = probe < 0 ? errno == ENOENT : ::flock(probe, LOCK_EX | LOCK_NB) == 0;
+        probe.reset(::open((m_parent / ("." + name + ".import.lock")).c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
+        init_lock = !probe.valid() ? errno == ENOENT : ::flock(probe.get(), LOCK_EX | LOCK_NB) == 0;
     }
-    struct CloseProbe {
-        int fd;
-        ~CloseProbe() {
-            if (fd >= 0) ::close(fd);
-        }
-    } close_probe{probe};
     if (init_lock && token) keystore::forget_planned_keys(store_path, "import", *token);
     // Leftovers of an import that was killed are removed: no other import is running. Those of an
     // --init ("-init-") were new stores whose generated master keys go too. Records of planned
@@ -472,9 +429,6 @@ class ChunkLines {
 public:
     ChunkLines(const pkcs11::SharedWork& work, std::function<std::string(std::size_t)> file_of)
         : m_work(work), m_file_of(std::move(file_of)) {}
-    ~ChunkLines() {
-        for (const auto& [k, fd] : m_fds) ::close(fd);
-    }
     ChunkLines(const ChunkLines&) = delete;
     ChunkLines& operator=(const ChunkLines&) = delete;
 
@@ -492,9 +446,9 @@ public:
         const std::string name = m_file_of(got.child);  // for errors
         auto it = m_fds.find(got.child);
         if (it == m_fds.end()) {
-            int fd = ::open(name.c_str(), O_RDONLY | O_CLOEXEC);
-            if (fd < 0) io_fail("cannot open the work file", name);
-            it = m_fds.emplace(got.child, fd).first;
+            io::Fd fd(::open(name.c_str(), O_RDONLY | O_CLOEXEC));
+            if (!fd.valid()) io_fail("cannot open the work file", name);
+            it = m_fds.emplace(got.child, std::move(fd)).first;
         }
         // A line cut at the end of a piece is completed by the next.
         m_piece.clear();
@@ -502,7 +456,7 @@ public:
             std::size_t keep = m_piece.size();
             std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(got.length - done, 1u << 16));
             m_piece.resize(keep + want);
-            ssize_t r = ::pread(it->second, m_piece.data() + keep, want, static_cast<off_t>(got.offset + done));
+            ssize_t r = ::pread(it->second.get(), m_piece.data() + keep, want, static_cast<off_t>(got.offset + done));
             if (r < 0 && errno == EINTR) {
                 m_piece.resize(keep);
                 continue;
@@ -522,7 +476,7 @@ public:
 private:
     const pkcs11::SharedWork& m_work;
     std::function<std::string(std::size_t)> m_file_of;
-    std::map<std::size_t, int> m_fds;
+    std::map<std::size_t, io::Fd> m_fds;
     std::string m_piece;
 };
 

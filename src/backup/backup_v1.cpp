@@ -13,6 +13,7 @@
 #include "keywarden/error.hpp"
 #include "keywarden/keystore_v1.hpp"
 #include "keywarden/log.hpp"
+#include "util/bytes.hpp"
 
 namespace keywarden::backup {
 
@@ -30,61 +31,54 @@ public:
         const std::string& spec = o.key_out;
         const std::string& backup_file = o.file;
         if (o.key_fd >= 0) {
-            m_fd = o.key_fd;
-            m_close = true;
+            m_fd.reset(o.key_fd);
             m_what = o.key_fd_name.empty() ? "file descriptor " + std::to_string(o.key_fd) : o.key_fd_name;
         } else if (spec.empty()) {
-            m_fd = ::open("/dev/tty", O_WRONLY | O_NOCTTY | O_CLOEXEC);
-            if (m_fd < 0)
+            m_fd.reset(::open("/dev/tty", O_WRONLY | O_NOCTTY | O_CLOEXEC));
+            if (!m_fd.valid())
                 throw UsageError("there is no terminal to show the backup key on",
                                  "the key is shown once and never logged or written by default: pass "
                                  "--backup-key-out FD (an open file descriptor) or --backup-key-out PATH "
                                  "(a new file) to say where it goes");
-            m_close = true;
             m_what = "/dev/tty";
         } else {
             if (canonical_target(spec) == canonical_target(backup_file))
                 throw UsageError("the backup key and the backup file must be different files",
                                  "keep them apart: whoever holds both holds every key");
-            m_fd = ::open(spec.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-            if (m_fd < 0) {
+            m_fd.reset(::open(spec.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
+            if (!m_fd.valid()) {
                 if (errno == EEXIST)
                     throw ConflictError(spec + " already exists", "choose another path for --backup-key-out; "
                                                                   "nothing was overwritten");
                 io_fail("cannot create", spec);
             }
-            m_close = true;
             m_path = spec;
             m_what = spec;
         }
     }
     ~KeyDestination() {
-        if (m_close) ::close(m_fd);
+        m_fd.reset();
         if (!m_path.empty() && !m_written) ::unlink(m_path.c_str());
     }
     KeyDestination(const KeyDestination&) = delete;
     KeyDestination& operator=(const KeyDestination&) = delete;
 
     void show(const SecureBytes& text) {
-        std::size_t off = 0;
-        while (off < text.size()) {
-            ssize_t n = ::write(m_fd, text.data() + off, text.size() - off);
-            if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) io_fail("cannot write the backup key to", m_what);
-            off += static_cast<std::size_t>(n);
-        }
-        if (!m_path.empty() && ::fsync(m_fd) != 0) io_fail("cannot sync", m_path);
+        // Straight from the wiping buffer, never through a copy.
+        if (!io::write_fully(m_fd.get(), as_string_view(text))) io_fail("cannot write the backup key to", m_what);
+        if (!m_path.empty() && ::fsync(m_fd.get()) != 0) io_fail("cannot sync", m_path);
         m_written = true;
     }
     const std::string& what() const { return m_what; }
 
 private:
-    int m_fd = -1;
-    bool m_close = false, m_written = false;
+    io::Fd m_fd;
+    bool m_written = false;
     std::string m_path, m_what;
 };
 
-void append(SecureBytes& out, std::string_view s) { out.insert(out.end(), s.begin(), s.end()); }
+
+using util::append;
 
 }  // namespace
 

@@ -12,6 +12,7 @@
 #include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
 #include "keywarden/strict_json.hpp"
+#include "util/bytes.hpp"
 
 namespace keywarden::backup {
 
@@ -19,7 +20,7 @@ using nlohmann::json;
 
 namespace {
 
-void append(SecureBytes& out, std::string_view s) { out.insert(out.end(), s.begin(), s.end()); }
+using util::append;
 
 // Finds "name" : "value" in a JSON object's text and returns the value's position, for the two
 // key values only; everything else is read by the JSON parser from a copy with them blanked.

@@ -15,28 +15,20 @@
 namespace keywarden::backup::detail {
 
 SecureBytes read_secret_file(const std::string& path) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    io::Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd.valid())
         throw NotFoundError("cannot open secret file " + path + ": " + std::strerror(errno),
                             "pass the file export wrote with --key-bundle-secret");
     SecureBytes out(64 * 1024);
     std::size_t got = 0;
     for (;;) {
-        if (got == out.size()) {
-            ::close(fd);
-            throw FormatError(path + " is too large to be a keywarden secret file");
-        }
-        ssize_t n = ::read(fd, out.data() + got, out.size() - got);
+        if (got == out.size()) throw FormatError(path + " is too large to be a keywarden secret file");
+        ssize_t n = ::read(fd.get(), out.data() + got, out.size() - got);
         if (n < 0 && errno == EINTR) continue;
-        if (n < 0) {
-            int e = errno;
-            ::close(fd);
-            throw Error("cannot read " + path + ": " + std::strerror(e));
-        }
+        if (n < 0) throw Error("cannot read " + path + ": " + std::strerror(errno));
         if (n == 0) break;
         got += static_cast<std::size_t>(n);
     }
-    ::close(fd);
     out.resize(got);
     return out;
 }

@@ -28,18 +28,19 @@
 #include "keywarden/planned_keys.hpp"
 #include "keywarden/token_context.hpp"
 #include "keywarden/token_protector.hpp"
+#include "util/bytes.hpp"
+#include "util/file_io.hpp"
 
 namespace keywarden::backup::detail {
 
 namespace fs = std::filesystem;
 
 double seconds_since(std::chrono::steady_clock::time_point t0);
-bool same(const Bytes& a, const Bytes& b);
-// Throws Error naming errno, with a hint for a full disk or a file size limit.
-[[noreturn]] void io_fail(const std::string& what, const std::string& path);
-// write() until all of it is written (EINTR retried); io_fail names `path` otherwise.
-void write_all(int fd, const void* data, std::size_t size, const std::string& path);
-void fsync_dir_of(const std::string& path);
+// Constant-time comparison of check values and MACs; the file helpers (util/file_io.hpp).
+using util::same_bytes;
+inline bool same(const Bytes& a, const Bytes& b) { return same_bytes(a, b); }
+using io::fsync_dir_of;
+inline void io_fail(const std::string& what, const std::string& path) { io::fail(what, path); }
 
 // What a killed export, verify or import leaves beside `path`: ".<name>.tmp-XXXXXX" files
 // (ExclusiveFile) and ".<name>.parts|verify|import-XXXXXX" work directories (TempDir). A live run
@@ -339,17 +340,18 @@ public:
     explicit ExclusiveFile(std::string target) : m_target(std::move(target)) {
         fs::path t = fs::absolute(m_target);
         m_temp = (t.parent_path() / ("." + t.filename().string() + ".tmp-XXXXXX")).string();
-        int fd = ::mkstemp(m_temp.data());
-        if (fd < 0) io_fail("cannot create a file beside", m_target);
-        ::fchmod(fd, 0600);
+        m_fd.reset(::mkstemp(m_temp.data()));
+        if (!m_fd.valid()) io_fail("cannot create a file beside", m_target);
+        ::fchmod(m_fd.get(), 0600);
         // Held while the file is being written: remove_stale_leftovers() leaves it alone.
-        ::flock(fd, LOCK_EX | LOCK_NB);
-        m_fd = fd;
+        ::flock(m_fd.get(), LOCK_EX | LOCK_NB);
     }
     ~ExclusiveFile() {
-        if (m_fd >= 0) ::close(m_fd);
+        m_fd.reset();
         if (!m_temp.empty()) ::unlink(m_temp.c_str());
     }
+    ExclusiveFile(const ExclusiveFile&) = delete;
+    ExclusiveFile& operator=(const ExclusiveFile&) = delete;
     void write(const void* p, std::size_t n) {
         const auto* b = static_cast<const std::uint8_t*>(p);
         // Buffered: many small lines become few system calls.
@@ -361,11 +363,11 @@ public:
     // reallocations would leave copies behind): for secrets.
     void write_unbuffered(const void* p, std::size_t n) {
         flush();
-        write_all(m_fd, p, n, m_target);
+        io::write_all(m_fd.get(), std::span(static_cast<const std::uint8_t*>(p), n), m_target);
         m_bytes += n;
     }
     void flush() {
-        write_all(m_fd, m_buf.data(), m_buf.size(), m_target);
+        io::write_all(m_fd.get(), m_buf, m_target);
         m_bytes += m_buf.size();
         wipe(m_buf.data(), m_buf.size());
         m_buf.clear();
@@ -379,12 +381,8 @@ public:
     // destructor still removes it.
     void seal() {
         flush();
-        if (::fsync(m_fd) != 0) io_fail("cannot sync", m_target);
-        if (::close(m_fd) != 0) {
-            m_fd = -1;
-            io_fail("cannot close", m_target);
-        }
-        m_fd = -1;
+        if (::fsync(m_fd.get()) != 0) io_fail("cannot sync", m_target);
+        if (m_fd.close() != 0) io_fail("cannot close", m_target);
     }
     const std::string& temp_path() const { return m_temp; }
     // Links the sealed file into place; EEXIST means someone created the target meanwhile.
@@ -402,7 +400,7 @@ public:
 
 private:
     std::string m_target, m_temp;
-    int m_fd = -1;
+    io::Fd m_fd;
     std::vector<std::uint8_t> m_buf;
     std::uint64_t m_bytes = 0;
 };
@@ -413,10 +411,9 @@ private:
 class PartFile {
 public:
     explicit PartFile(std::string path) : m_path(std::move(path)) {
-        m_fd = ::open(m_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-        if (m_fd < 0) io_fail("cannot create", m_path);
+        m_fd.reset(::open(m_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
+        if (!m_fd.valid()) io_fail("cannot create", m_path);
     }
-    ~PartFile() { ::close(m_fd); }
     PartFile(const PartFile&) = delete;
     PartFile& operator=(const PartFile&) = delete;
     void write(std::string_view s) {
@@ -424,7 +421,7 @@ public:
         if (m_buf.size() >= (1u << 16)) flush();
     }
     void flush() {
-        write_all(m_fd, m_buf.data(), m_buf.size(), m_path);
+        io::write_all(m_fd.get(), m_buf, m_path);
         m_bytes += m_buf.size();
         m_buf.clear();
     }
@@ -432,7 +429,7 @@ public:
 
 private:
     std::string m_path, m_buf;
-    int m_fd = -1;
+    io::Fd m_fd;
     std::uint64_t m_bytes = 0;
 };
 

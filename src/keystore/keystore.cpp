@@ -19,6 +19,7 @@
 #include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
 #include "keywarden/strict_json.hpp"
+#include "util/bytes.hpp"
 
 namespace keywarden::keystore {
 
@@ -38,11 +39,8 @@ constexpr const char* kVersion2Text = "keywarden-keystore 2\n";
 
 std::string hex_digest(std::span<const std::uint8_t> b) { return to_hex(sha256(b)); }
 
-Bytes to_bytes(const std::string& s) { return Bytes(s.begin(), s.end()); }
-
-bool same_bytes(std::span<const std::uint8_t> a, std::span<const std::uint8_t> b) {
-    return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
-}
+using util::same_bytes;
+using util::to_bytes;
 
 std::string ring_binding(const std::string& store_id, const KeyId& id) {
     return store_id + "/" + id.str();

@@ -13,6 +13,7 @@
 #include "detail/format.hpp"
 #include "keywarden/encoding.hpp"
 #include "keywarden/error.hpp"
+#include "util/bytes.hpp"
 
 namespace keywarden::keystore {
 
@@ -31,11 +32,8 @@ constexpr const char* kOld = ".old/";
 // Longest client id whose files fit in a 255-byte name: "<id>_storage_sym.old".
 constexpr std::size_t kMaxV1ClientId = 239;
 
-Bytes to_bytes(const std::string& s) { return Bytes(s.begin(), s.end()); }
-
-bool same_bytes(std::span<const std::uint8_t> a, std::span<const std::uint8_t> b) {
-    return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
-}
+using util::same_bytes;
+using util::to_bytes;
 
 // magic (8) | format u16be | body length u32be | body | tag (the rest: 16 bytes for AES-CMAC)
 Bytes seal_file(MacKey& mac, const char* magic, std::string_view domain, const std::string& binding,

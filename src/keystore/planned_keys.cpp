@@ -21,6 +21,7 @@
 #include "keywarden/open_store.hpp"
 #include "keywarden/storage.hpp"
 #include "keywarden/token_protector.hpp"
+#include "util/file_io.hpp"
 
 namespace keywarden::keystore {
 
@@ -31,13 +32,8 @@ namespace {
 constexpr const char* kFormat = "keywarden-import-init-keys";
 constexpr int kVersion = 1;
 
-[[noreturn]] void fail(const std::string& what, const std::string& path) {
-    int e = errno;
-    throw Error(what + " " + path + ": " + std::strerror(e),
-                e == ENOSPC || e == EDQUOT ? "the disk is full: free space and run the command again" : "");
-}
-
-void sync_dir_of(const std::string& path) { fsync_directory(fs::path(path).parent_path().string()); }
+using io::fail;
+using io::fsync_dir_of;
 
 std::string prefix_of(const std::string& store_path, const std::string& kind) {
     fs::path p = store_directory(store_path);
@@ -92,18 +88,13 @@ void PlannedKeysRecord::write(const StoreMeta& planned) {
     try {
         // Held until this run ends: a record whose lock is free belongs to a run that is gone.
         if (::flock(fd, LOCK_EX) != 0) fail("cannot lock", m_temp);
-        for (std::size_t off = 0; off < text.size();) {
-            ssize_t n = ::write(fd, text.data() + off, text.size() - off);
-            if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) fail("cannot write", m_temp);
-            off += static_cast<std::size_t>(n);
-        }
+        io::write_all(fd, text, m_temp);
         if (::fsync(fd) != 0) fail("cannot sync", m_temp);
         // Complete and locked before it can be seen under a record's name.
         if (::renameat2(AT_FDCWD, m_temp.c_str(), AT_FDCWD, m_path.c_str(), RENAME_NOREPLACE) != 0)
             fail("cannot create", m_path);
         renamed = true;
-        sync_dir_of(m_path);
+        fsync_dir_of(m_path);
     } catch (...) {
         ::unlink((renamed ? m_path : m_temp).c_str());  // no key is generated after this
         ::close(fd);
@@ -119,7 +110,7 @@ void PlannedKeysRecord::stored() {
     if (::unlink(m_path.c_str()) != 0) fail("cannot remove", m_path);
     ::close(m_fd);
     m_fd = -1;
-    sync_dir_of(m_path);
+    fsync_dir_of(m_path);
 }
 
 void PlannedKeysRecord::attach(InitParams& p) {
@@ -260,7 +251,7 @@ void forget_planned_keys(const std::string& store_path, const std::string& kind,
                 ::close(fd);
                 fail("cannot remove", path);
             }
-            sync_dir_of(path);
+            fsync_dir_of(path);
         }
         ::close(fd);
     }

@@ -7,14 +7,11 @@
 
 #include "keywarden/error.hpp"
 #include "keywarden/keystore.hpp"
+#include "util/bytes.hpp"
 
 namespace keywarden::keystore {
 
-namespace {
-bool same_bytes(std::span<const std::uint8_t> a, std::span<const std::uint8_t> b) {
-    return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
-}
-}  // namespace
+using util::same_bytes;
 
 const KeyVersion& pick_version(const KeyRing& r, std::optional<std::uint32_t> version) {
     std::uint32_t v = 0;

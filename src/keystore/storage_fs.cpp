@@ -15,6 +15,7 @@
 
 #include "keywarden/error.hpp"
 #include "keywarden/storage.hpp"
+#include "util/file_io.hpp"
 
 namespace keywarden::keystore {
 
@@ -24,62 +25,18 @@ namespace fs = std::filesystem;
 
 std::string errno_text() { return std::strerror(errno); }
 
-// Reports ENOSPC and EDQUOT so an operator knows what to do; nothing was replaced.
-[[noreturn]] void io_fail(const std::string& what, const std::string& path) {
-    int e = errno;
-    std::string hint;
-    if (e == ENOSPC || e == EDQUOT || e == EFBIG)
-        hint = "the disk (or a file size limit) is full: free space and run the command again; "
-               "nothing was replaced";
-    else if (e == EACCES || e == EPERM)
-        hint = "check the owner and permissions of the key store";
-    throw Error(what + " " + path + ": " + std::strerror(e), hint);
-}
-
-class Fd {
-public:
-    explicit Fd(int fd) : m_fd(fd) {}
-    ~Fd() {
-        if (m_fd >= 0) ::close(m_fd);
-    }
-    Fd(const Fd&) = delete;
-    Fd& operator=(const Fd&) = delete;
-    int get() const { return m_fd; }
-    int release() {
-        int f = m_fd;
-        m_fd = -1;
-        return f;
-    }
-
-private:
-    int m_fd;
-};
-
-void fsync_dir(const std::string& dir) {
-    Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (fd.get() < 0 || ::fsync(fd.get()) != 0) io_fail("cannot sync directory", dir);
-}
-
-void write_all(int fd, std::span<const std::uint8_t> data, const std::string& path) {
-    std::size_t off = 0;
-    while (off < data.size()) {
-        ssize_t n = ::write(fd, data.data() + off, data.size() - off);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) io_fail("cannot write", path);
-        off += static_cast<std::size_t>(n);
-    }
-}
+using io::Fd;
+using io::fsync_dir;
+using io::write_all;
+[[noreturn]] void io_fail(const std::string& what, const std::string& path) { io::fail(what, path); }
 
 class FileLock : public StorageLock {
 public:
     explicit FileLock(int fd) : m_fd(fd) {}
-    ~FileLock() override {
-        ::flock(m_fd, LOCK_UN);
-        ::close(m_fd);
-    }
+    ~FileLock() override { ::flock(m_fd.get(), LOCK_UN); }
 
 private:
-    int m_fd;
+    Fd m_fd;
 };
 
 class FileStorage : public Storage {
@@ -383,7 +340,7 @@ std::unique_ptr<Storage::Reader> Storage::open_reader(const std::string& name) c
     return std::make_unique<MemoryReader>(std::move(*all));
 }
 
-void fsync_directory(const std::string& dir) { fsync_dir(dir); }
+void fsync_directory(const std::string& dir) { io::fsync_dir(dir); }
 
 fs::path store_directory(const std::string& path) {
     fs::path p = fs::absolute(path);

@@ -132,13 +132,19 @@ namespace {
 // Closes a search even when C_FindObjects throws.
 class FindGuard {
 public:
-    FindGuard(Session& s, CK_ATTRIBUTE* t, CK_ULONG n) : m_s(s) {
-        KW_P11_CALL(s.fn(), C_FindObjectsInit, s.handle(), t, n);
+    FindGuard(Session& s, CK_ATTRIBUTE* t, CK_ULONG n) : m_s(s), m_handle(s.handle()) {
+        KW_P11_CALL(s.fn(), C_FindObjectsInit, m_handle, t, n);
     }
-    ~FindGuard() { try_call("C_FindObjectsFinal", m_s.fn()->C_FindObjectsFinal, m_s.handle()); }
+    // Never throws: a session that went stale meanwhile (a token restart) has no search to end.
+    ~FindGuard() {
+        if (m_s.live()) try_call("C_FindObjectsFinal", m_s.fn()->C_FindObjectsFinal, m_handle);
+    }
+    FindGuard(const FindGuard&) = delete;
+    FindGuard& operator=(const FindGuard&) = delete;
 
 private:
     Session& m_s;
+    CK_SESSION_HANDLE m_handle;
 };
 }  // namespace
 

@@ -21,6 +21,7 @@
 #include "keywarden/log.hpp"
 #include "keywarden/pin.hpp"
 #include "keywarden/token_context.hpp"
+#include "util/file_io.hpp"
 
 namespace keywarden::pkcs11 {
 
@@ -90,29 +91,6 @@ TokenContext open_token_on(std::shared_ptr<Module> module, const TokenOptions& g
     return c;
 }
 
-namespace {
-
-void write_all(int fd, const std::string& s) {
-    std::size_t off = 0;
-    while (off < s.size()) {
-        ssize_t n = ::write(fd, s.data() + off, s.size() - off);
-        if (n <= 0) return;
-        off += static_cast<std::size_t>(n);
-    }
-}
-
-std::string read_all(int fd) {
-    std::string out;
-    char buf[4096];
-    for (;;) {
-        ssize_t n = ::read(fd, buf, sizeof buf);
-        if (n <= 0) break;
-        out.append(buf, static_cast<std::size_t>(n));
-    }
-    return out;
-}
-
-}  // namespace
 
 void restart_token(TokenContext& c) {
     for (int attempt = 0;; ++attempt) {
@@ -217,7 +195,7 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
                 report = "1\n" + std::string(e.what()) + "\n";
             }
             // Capped well below a pipe's buffer: the parent may read it only after meanwhile().
-            if (code != 0) write_all(p[1], report.substr(0, 4096));
+            if (code != 0) io::write_fully(p[1], std::string_view(report).substr(0, 4096));
             // _exit: no destructors, no atexit handlers, no C_Finalize of the parent's state.
             ::_exit(code == 0 ? 0 : 1);
         }
@@ -244,7 +222,7 @@ void run_in_processes(const TokenContext& parent, std::size_t jobs,
     std::optional<Error> first;
     for (std::size_t k = 0; k < children.size(); ++k) {
         auto& c = children[k];
-        std::string report = read_all(c.fd);
+        std::string report = io::read_to_end(c.fd);
         ::close(c.fd);
         int status = 0;
         ::waitpid(c.pid, &status, 0);
