@@ -20,6 +20,8 @@
 #include "keywarden/keystore.hpp"
 #include "keywarden/secure_buffer.hpp"
 
+struct evp_cipher_ctx_st;  // OpenSSL's EVP_CIPHER_CTX, declared here without <openssl/evp.h>
+
 namespace keywarden::backup {
 
 using keystore::Bytes;
@@ -108,7 +110,7 @@ public:
     void random_iv(std::uint8_t* iv16);
 
 private:
-    struct evp_cipher_ctx_st* m_ctx = nullptr;
+    ::evp_cipher_ctx_st* m_ctx = nullptr;  // OpenSSL's EVP_CIPHER_CTX
     std::vector<std::uint8_t> m_ivs;  // random bytes not yet used (IVs are not secret)
     std::size_t m_iv_pos = 0;
 };
