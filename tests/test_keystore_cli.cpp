@@ -9,6 +9,7 @@
 #include <set>
 #include <thread>
 
+#include "keywarden/reader.hpp"
 #include "keywarden/token_protector.hpp"
 #include "support.hpp"
 
@@ -310,4 +311,63 @@ TEST_CASE("cli: init with master keys named by URI, and the refusals", "[cli]") 
     CHECK(run_cli({"keystore", "verify"}, env).code == 0);
     auto meta = nlohmann::json::parse(kwtest::read_text(hsm.dir() + "/ks/store.json"));
     CHECK(meta["master_keys"]["encryption"]["label"] == "good-enc");
+}
+
+// The application's API (include/keywarden/reader.hpp) reads what the CLI wrote, the same bytes
+// as `keywarden read`, and refuses what the CLI refuses with the same exit codes.
+TEST_CASE("reader: the public API reads the keys the CLI shows", "[cli]") {
+    StoreFixture f;
+    const std::string pin = f.hsm.dir() + "/pin";
+    kwtest::write_file(pin, kwtest::SoftHsm::user_pin);
+    keywarden::TokenOptions tok;
+    tok.module = kwtest::module_path();
+    tok.pin_source = "file:" + pin;
+    {
+        auto store = keywarden::StoreReader::open(f.ks, tok);
+        CHECK(store.store_version() == 2);
+        auto ids = store.key_ids();
+        auto listed = nlohmann::json::parse(f.must({"list", "--json"}).out);
+        REQUIRE(ids.size() == listed.size());
+        for (std::size_t i = 0; i < ids.size(); ++i) CHECK(ids[i] == listed[i]["key_id"].get<std::string>());
+        auto raw = [&](const std::vector<std::string>& args) {
+            auto out = f.must(args).out;
+            return std::vector<std::uint8_t>(out.begin(), out.end());
+        };
+        int compared = 0;
+        for (const auto& id : ids) {
+            INFO(id);
+            auto secret = store.read_secret(id);
+            CHECK(std::vector<std::uint8_t>(secret.begin(), secret.end()) ==
+                  raw({"read", id, "--private", "--format", "raw"}));
+            if (id.ends_with("/storage") || id == "poison/keypair") {
+                CHECK(store.read_public(id) == raw({"read", id, "--public", "--format", "raw"}));
+            } else {
+                auto r = kwtest::call([&] { store.read_public(id); });
+                CHECK(r.code == 2);
+            }
+            ++compared;
+        }
+        CHECK(compared == 9);
+        // An older version by number, and one that does not exist.
+        auto v1 = store.read_secret("client/alice01/symmetric", 1);
+        CHECK(std::vector<std::uint8_t>(v1.begin(), v1.end()) ==
+              raw({"read", "client/alice01/symmetric", "--private", "--format", "raw", "--version", "1"}));
+        CHECK(v1 != store.read_secret("client/alice01/symmetric"));
+        CHECK(kwtest::call([&] { store.read_secret("client/alice01/symmetric", 9); }).code == 1);
+        CHECK(kwtest::call([&] { store.read_secret("not a key id"); }).code == 2);
+        CHECK(kwtest::call([&] { store.read_secret("client/nobody/symmetric"); }).code == 1);
+        // A second reader in the same process, gone again: the first still reads (C_Finalize is
+        // per process; both share one module).
+        { auto second = keywarden::StoreReader::open(f.ks, tok); CHECK(second.key_ids() == ids); }
+        CHECK(store.read_secret("audit/log").size() == 32);
+    }
+
+    // A wrong PIN is the token's error (exit 3). Only with no store open in this process: PKCS#11
+    // login is per application, so while one is open another session needs no PIN.
+    const std::string bad_pin = f.hsm.dir() + "/bad-pin";
+    kwtest::write_file(bad_pin, "not-the-pin");
+    auto wrong = tok;
+    wrong.pin_source = "file:" + bad_pin;
+    CHECK(kwtest::call([&] { keywarden::StoreReader::open(f.ks, wrong); }).code == 3);
+    CHECK(kwtest::call([&] { keywarden::StoreReader::open(f.hsm.dir() + "/nothing-here", tok); }).code != 0);
 }

@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
+#include <unistd.h>
+
 #include <array>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 
 #include "keywarden/log.hpp"
@@ -115,6 +118,12 @@ std::vector<std::string> registered_module_names() {
     return out;
 }
 
+namespace {
+// The Modules of this process by (process id, file), for Module::load.
+std::recursive_mutex g_loaded_mutex;  // recursive: a Module can go while load() holds it
+std::map<std::pair<pid_t, std::string>, std::weak_ptr<Module>> g_loaded;
+}  // namespace
+
 std::shared_ptr<Module> Module::load(const std::string& spec,
                                      const std::optional<std::string>& init_args) {
     if (spec.empty()) {
@@ -139,6 +148,20 @@ std::shared_ptr<Module> Module::load(const std::string& spec,
         }
         path = *file;
     }
+    // One Module per loaded module file in a process: C_Initialize and C_Finalize are per
+    // process, so a second Module of the same file would finalize the module under the first
+    // when it went (an application with two stores open lost the first one's sessions). Keyed by
+    // process too: a forked child starts its own (run_in_processes restarts the module there).
+    std::lock_guard<std::recursive_mutex> held(g_loaded_mutex);
+    std::erase_if(g_loaded, [](const auto& e) { return e.second.expired(); });
+    const auto key = std::make_pair(::getpid(), path);
+    if (auto it = g_loaded.find(key); it != g_loaded.end()) {
+        auto m = it->second.lock();  // not null: expired entries were just erased, under the lock
+        if (m->m_init_args != init_args)
+            throw UsageError("PKCS#11 module " + path + " is already in use in this process with other init args",
+                             "use the same --module-init-args for every token of one module");
+        return m;
+    }
     // UNMANAGED: call the module directly, so that our CK_C_INITIALIZE_ARGS (and its
     // pReserved init-args string) reach it unchanged. CRITICAL: fail rather than skip it.
     CK_FUNCTION_LIST* fn =
@@ -151,6 +174,7 @@ std::shared_ptr<Module> Module::load(const std::string& spec,
                          "opensc, yubihsm-pkcs11)");
     }
     std::shared_ptr<Module> m(new Module(fn, path, init_args));
+    g_loaded[key] = m;
     return m;
 }
 
@@ -188,6 +212,9 @@ void Module::restart() {
 
 Module::~Module() {
     if (!m_fn) return;
+    // Under the lock of load(): a new Module of this file is not initialised while this one
+    // finalises. (weak_ptr::expired() is already true here, so load() never returns this one.)
+    std::lock_guard<std::recursive_mutex> held(g_loaded_mutex);
     try_call("C_Finalize", m_fn->C_Finalize, static_cast<void*>(nullptr));
     p11_kit_module_release(m_fn);
 }

@@ -11,15 +11,12 @@
 #include <vector>
 
 #include "keywarden/pkcs11.hpp"
+#include "keywarden/token_options.hpp"
 
 namespace keywarden::pkcs11 {
 
-struct TokenOptions {
-    std::string module;                           // path or p11-kit name; may come from the URI
-    std::optional<std::string> module_init_args;  // CK_C_INITIALIZE_ARGS.pReserved
-    std::string token;       // pkcs11: URI, label:X, serial:X, bare label or serial, or empty
-    std::string pin_source;  // env:VAR, file:PATH, prompt; empty: the URI's, then the default
-};
+// The public struct (keywarden/token_options.hpp), under the name the library uses.
+using TokenOptions = keywarden::TokenOptions;
 
 struct TokenContext {
     std::shared_ptr<Module> module;
