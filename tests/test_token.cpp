@@ -8,10 +8,13 @@
 #include "keywarden/token_check.hpp"
 #include "keywarden/token_context.hpp"
 #include "keywarden/token_protector.hpp"
+#include "pipeline/pipeline.hpp"
 #include "support.hpp"
 
 using namespace keywarden;
 using namespace keywarden::pkcs11;
+using keywarden::pipeline::run_in_processes;
+using keywarden::pipeline::SharedWork;
 
 namespace {
 
@@ -581,4 +584,70 @@ TEST_CASE("worker processes: shared chunks are each done once, in order, and mea
                       Catch::Contains("copying failed"));
     CHECK(kwtest::read_text(dir + "/late-0") == "x");
     CHECK(kwtest::read_text(dir + "/late-1") == "x");
+}
+
+// The token pipeline: one job and N give the same lines in item order; a worker in a child has a
+// live session of its own and says it is forked; a worker's error is thrown with its exit code.
+TEST_CASE("pipeline: one job and N merge the same lines in order", "[token]") {
+    kwtest::SoftHsm hsm;
+    TokenContext ctx = logged_in(hsm);
+    const std::size_t items = 1000;
+    auto lines_with = [&](std::size_t jobs) {
+        keywarden::pipeline::Plan plan;
+        plan.items = items;
+        plan.jobs = jobs;
+        plan.work_near = hsm.dir() + "/out";
+        std::vector<std::string> merged;
+        keywarden::pipeline::run(
+            ctx, plan,
+            [&](keywarden::pipeline::Worker& w) {
+                if (w.forked() != (jobs > 1)) throw Error("forked() is wrong");
+                if (w.forked() && (w.token().session == ctx.session || !w.token().session->live()))
+                    throw Error("a forked worker has no session of its own");
+                while (auto c = w.next())
+                    for (std::size_t i = c->first; i < c->last; ++i) {
+                        if (i % 7 == 0) {  // token work on the worker's own session
+                            std::uint8_t b[4];
+                            w.token().session->random(b);
+                        }
+                        w.emit("item " + std::to_string(i) + (i % 2 ? " odd" : " even"));
+                    }
+            },
+            [&](std::string_view l) { merged.emplace_back(l); });
+        return merged;
+    };
+    auto one = lines_with(1);
+    REQUIRE(one.size() == items);
+    CHECK(one.front() == "item 0 even");
+    CHECK(one.back() == "item 999 odd");
+    CHECK(lines_with(2) == one);
+    CHECK(lines_with(3) == one);
+    // No work directory is left beside the output path.
+    for (const auto& e : std::filesystem::directory_iterator(hsm.dir()))
+        CHECK_FALSE(e.path().filename().string().starts_with(".out."));
+    CHECK(ctx.session->live());
+
+    // A worker's error reaches the caller with its exit code, with one job and with N.
+    for (std::size_t jobs : {1, 3}) {
+        INFO("jobs " << jobs);
+        keywarden::pipeline::Plan plan;
+        plan.items = items;
+        plan.jobs = jobs;
+        plan.work_near = hsm.dir() + "/out";
+        std::size_t merged = 0;
+        auto r = kwtest::call([&] {
+            keywarden::pipeline::run(
+                ctx, plan,
+                [&](keywarden::pipeline::Worker& w) {
+                    while (auto c = w.next()) {
+                        if (c->last > 500) throw IntegrityError("bad item");
+                        for (std::size_t i = c->first; i < c->last; ++i) w.emit("x");
+                    }
+                },
+                [&](std::string_view) { ++merged; });
+        });
+        CHECK(r.code == 4);
+        CHECK_THAT(r.err, Catch::Contains("bad item"));
+        CHECK(merged <= 500);
+    }
 }

@@ -130,40 +130,6 @@ pkcs11::SessionObject load_backup_key(pkcs11::Session& s, const SecureBytes& val
 }
 
 
-// A private directory beside `near` for worker output; removed with everything in it. Its
-// ".lock" is flocked while it exists (forked workers share the lock), so that a later run can
-// tell it from one a killed run left behind (remove_stale_leftovers).
-class TempDir {
-public:
-    TempDir(const std::string& near, const char* what) {
-        fs::path t = fs::absolute(near);
-        m_path = (t.parent_path() / ("." + t.filename().string() + "." + what + "-XXXXXX")).string();
-        if (!::mkdtemp(m_path.data())) io_fail("cannot create a work directory beside", near);
-        m_lock.reset(::open((m_path + "/.lock").c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
-        if (!m_lock.valid()) {
-            int e = errno;
-            std::error_code ec;
-            fs::remove_all(m_path, ec);
-            errno = e;
-            io_fail("cannot create a file in the work directory", m_path);
-        }
-        // A file system without flock: the directory is then protected only while it is young.
-        if (::flock(m_lock.get(), LOCK_EX | LOCK_NB) != 0)
-            log::debug("no lock on " + m_path + ": " + std::strerror(errno));
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(m_path, ec);
-        m_lock.reset();
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    const std::string& path() const { return m_path; }
-
-private:
-    std::string m_path;
-    io::Fd m_lock;
-};
 
 // The entries of `count` rings, in order, each from ring_at(i). Each key is unwrapped under the
 // master key into a sensitive session object, wrapped under the backup key and destroyed: never in
@@ -423,62 +389,6 @@ ImportTarget open_import_target(const pkcs11::TokenOptions& tok, const std::stri
 
 namespace {
 
-// The chunks that --jobs workers recorded (pkcs11::SharedWork), read back from their part files
-// in chunk order: in pieces of at most 64 KiB (memory stays flat), one call per line.
-class ChunkLines {
-public:
-    ChunkLines(const pkcs11::SharedWork& work, std::function<std::string(std::size_t)> file_of)
-        : m_work(work), m_file_of(std::move(file_of)) {}
-    ChunkLines(const ChunkLines&) = delete;
-    ChunkLines& operator=(const ChunkLines&) = delete;
-
-    // Waits until chunk i is recorded (checking every 2 ms); false if every worker has ended
-    // without it: one failed, and run_in_processes reports it.
-    bool wait(std::size_t i, const std::function<bool()>& running) const {
-        while (!m_work.recorded(i)) {
-            if (!running() && !m_work.recorded(i)) return false;
-            ::usleep(2000);
-        }
-        return true;
-    }
-    void read(std::size_t i, const std::function<void(std::string_view)>& line) {
-        auto got = m_work.output(i);
-        const std::string name = m_file_of(got.child);  // for errors
-        auto it = m_fds.find(got.child);
-        if (it == m_fds.end()) {
-            io::Fd fd(::open(name.c_str(), O_RDONLY | O_CLOEXEC));
-            if (!fd.valid()) io_fail("cannot open the work file", name);
-            it = m_fds.emplace(got.child, std::move(fd)).first;
-        }
-        // A line cut at the end of a piece is completed by the next.
-        m_piece.clear();
-        for (std::uint64_t done = 0; done < got.length;) {
-            std::size_t keep = m_piece.size();
-            std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(got.length - done, 1u << 16));
-            m_piece.resize(keep + want);
-            ssize_t r = ::pread(it->second.get(), m_piece.data() + keep, want, static_cast<off_t>(got.offset + done));
-            if (r < 0 && errno == EINTR) {
-                m_piece.resize(keep);
-                continue;
-            }
-            if (r < 0) io_fail("cannot read the work file", name);
-            if (r == 0) throw Error("internal: the work file " + name + " is short");
-            m_piece.resize(keep + static_cast<std::size_t>(r));
-            done += static_cast<std::uint64_t>(r);
-            std::size_t p = 0;
-            for (std::size_t nl; (nl = m_piece.find('\n', p)) != std::string::npos; p = nl + 1)
-                line(std::string_view(m_piece.data() + p, nl - p));
-            m_piece.erase(0, p);
-        }
-        if (!m_piece.empty()) throw Error("internal: a chunk in " + name + " ends inside a line");
-    }
-
-private:
-    const pkcs11::SharedWork& m_work;
-    std::function<std::string(std::size_t)> m_file_of;
-    std::map<std::size_t, io::Fd> m_fds;
-    std::string m_piece;
-};
 
 }  // namespace
 
@@ -575,71 +485,47 @@ ExportSummary export_bundle(keystore::OpenStore& os, const ExportOptions& o) {
             if (!r) throw Error("internal: the store changed during export");
             return std::move(*r);
         };
-        auto drain = [](keystore::KeyStore::RingCursor& cur) {
-            if (cur.skip()) throw Error("internal: the store changed during export");
-        };
-        if (o.jobs <= 1 || want.rings < 2) {
-            // The ring's digest is checked against the MAC-verified manifest; its own MAC again
-            // in the token would double the token calls per key for no added assurance.
-            pkcs11::TokenRecycler recycler(os.token, [&] {
-                keystore::rebind_master_keys(os);
-                backup.rebind();
-            });
-            auto cursor = store.rings(false, wanted);
-            export_entries([&](std::size_t) { return take(cursor); }, want.rings, true, store.keys(), backup,
-                           meta_key, o.private_keys, emit, &recycler);
-            drain(cursor);
-        } else {
-            // Worker processes take chunks of rings (by position) as they go, so a worker on a
-            // slower core takes fewer, and write each chunk's entries to their own part file.
-            // Meanwhile this process copies the finished chunks into the bundle in order,
-            // through the MAC. Each worker uses this process's open store (inherited by fork)
-            // on its own session.
-            TempDir parts(o.bundle_path, "parts");
-            std::size_t n = std::min(o.jobs, want.rings);
-            pkcs11::SharedWork work(want.rings, n);
-            auto part_name = [&](std::size_t k) { return parts.path() + "/" + std::to_string(k); };
-            std::size_t copied = 0;  // chunks in the bundle
-            pkcs11::run_in_processes(
-                os.token, n,
-                [&](std::size_t k, pkcs11::TokenContext& c) {
-                    pkcs11::SharedWork::StopOnError stop_on_error(work);
-                    os.token = c;
+        // One job or N on the token pipeline: each worker reads the store's rings in key id order
+        // (a forked one uses this process's open store, inherited by fork, on its own session),
+        // exports the chunks it takes, and skips the others; the bundle gets the lines in order.
+        pipeline::Plan plan;
+        plan.items = want.rings;
+        plan.jobs = o.jobs;
+        plan.work_near = o.bundle_path;
+        plan.what = "parts";
+        pipeline::run(
+            os.token, plan,
+            [&](pipeline::Worker& w) {
+                std::optional<TokenBackupKey> own;  // a forked worker's backup key, on its session
+                if (w.forked()) {
+                    os.token = w.token();
                     keystore::rebind_master_keys(os);
-                    TokenBackupKey backup_k(os.token, secret.encryption, mech, true);
-                    pkcs11::TokenRecycler recycler(os.token, [&] {
-                        keystore::rebind_master_keys(os);
-                        backup_k.rebind();
-                    });
-                    PartFile part(part_name(k));
-                    auto cursor = store.rings(false, wanted);
-                    std::size_t at = 0;
-                    while (auto chunk = work.claim()) {
-                        for (; at < chunk->first; ++at)
-                            if (!cursor.skip()) throw Error("internal: the store changed during export");
-                        std::uint64_t start = part.bytes();
-                        export_entries([&](std::size_t) { return take(cursor); }, chunk->last - chunk->first, true,
-                                       store.keys(), backup_k, meta_key, o.private_keys,
-                                       [&](const std::string& l, bool) {
-                                           part.write(l);
-                                           part.write("\n");
-                                       },
-                                       &recycler);
-                        at = chunk->last;
-                        part.flush();
-                        work.record(chunk->index, k, start, part.bytes() - start);
-                    }
-                    while (cursor.skip()) {
-                    }
-                },
-                [&](const std::function<bool()>& running) {
-                    pkcs11::SharedWork::StopOnError stop_on_error(work);
-                    ChunkLines chunks(work, part_name);
-                    for (; copied < work.chunks() && chunks.wait(copied, running); ++copied)
-                        chunks.read(copied, [&](std::string_view l) { emit(l, !l.ends_with(" -")); });
+                    own.emplace(os.token, secret.encryption, mech, true);
+                }
+                TokenBackupKey& key = own ? *own : backup;
+                pkcs11::TokenRecycler recycler(os.token, [&] {
+                    keystore::rebind_master_keys(os);
+                    key.rebind();
                 });
-            if (copied != work.chunks()) throw Error("internal: a worker left its share of the export undone");
-        }
+                // The ring's digest is checked against the MAC-verified manifest; its own MAC again
+                // in the token would double the token calls per key for no added assurance.
+                auto cursor = store.rings(false, wanted);
+                std::size_t at = 0;
+                while (auto chunk = w.next()) {
+                    for (; at < chunk->first; ++at)
+                        if (!cursor.skip()) throw Error("internal: the store changed during export");
+                    export_entries([&](std::size_t) { return take(cursor); }, chunk->last - chunk->first, true,
+                                   store.keys(), key, meta_key, o.private_keys,
+                                   [&](const std::string& l, bool) { w.emit(l); }, &recycler);
+                    at = chunk->last;
+                }
+                // The rest belongs to other workers; the cursor must end where the store does
+                // (which also compares a streamed manifest with the one authenticated at open).
+                for (; cursor.skip(); ++at) {
+                }
+                if (at != want.rings) throw Error("internal: the store changed during export");
+            },
+            [&](std::string_view l) { emit(l, !l.ends_with(" -")); });
         if (sum.entries != h.entries)
             throw Error("internal: the store changed during export");
         out.finish();
@@ -832,9 +718,9 @@ VerifyReport detail::verify_bundle_beside(const std::string& bundle_path, const 
         TempDir results(work_near, "verify");
         // Workers take chunks of entries as they go (a worker on a slower core takes fewer);
         // each reads the whole bundle for the MAC and unwraps only its chunks' keys.
-        pkcs11::SharedWork work(rep.entries, jobs);
-        pkcs11::run_in_processes(token, jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
-            pkcs11::SharedWork::StopOnError stop_on_error(work);
+        pipeline::SharedWork work(rep.entries, jobs);
+        pipeline::run_in_processes(token, jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
+            pipeline::SharedWork::StopOnError stop_on_error(work);
             detail::BundleReader mine(bundle_path, secret);
             TokenBackupKey backup(c, secret.encryption, mech);
             pkcs11::TokenRecycler recycler(c, [&] { backup.rebind(); });
@@ -1387,7 +1273,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             std::unique_ptr<keystore::KeyStore::BulkWriter> bulk;
             if (o.init) bulk = dst.bulk_writer(staging_dir.parent());
             std::size_t wrapped = 0;
-            pkcs11::SharedWork work(entries, o.jobs);
+            pipeline::SharedWork work(entries, o.jobs);
             auto part_name = [&](std::size_t k) { return results.path() + "/" + std::to_string(k); };
             ChunkLines chunks(work, part_name);
             std::size_t taken = 0;  // chunks taken in
@@ -1406,10 +1292,10 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                 });
                 if (o.progress) o.progress(std::min(sum.entries_written, sum.entries), sum.entries);
             };
-            pkcs11::run_in_processes(
+            pipeline::run_in_processes(
                 ctx, o.jobs,
                 [&](std::size_t k, pkcs11::TokenContext& c) {
-                    pkcs11::SharedWork::StopOnError stop_on_error(work);
+                    pipeline::SharedWork::StopOnError stop_on_error(work);
                     // Not strict: the other workers' ring files are not in its manifest yet.
                     auto mine = keystore::open_store_on(c, keystore::open_file_storage(staging_root), false, false,
                                                         std::make_unique<HeldElsewhere>());
@@ -1459,7 +1345,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
                 // Into a new store, the chunks go into the manifest as they are done. A merge
                 // adopts them only when every worker is done.
                 [&](const std::function<bool()>& running) {
-                    pkcs11::SharedWork::StopOnError stop_on_error(work);
+                    pipeline::SharedWork::StopOnError stop_on_error(work);
                     if (bulk)
                         for (; taken < work.chunks() && chunks.wait(taken, running); ++taken) take_in(taken);
                 });

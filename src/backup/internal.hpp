@@ -29,6 +29,7 @@
 #include "keywarden/token_context.hpp"
 #include "keywarden/token_protector.hpp"
 #include "util/bytes.hpp"
+#include "pipeline/pipeline.hpp"
 #include "util/file_io.hpp"
 
 namespace keywarden::backup::detail {
@@ -40,6 +41,9 @@ double seconds_since(std::chrono::steady_clock::time_point t0);
 using util::same_bytes;
 inline bool same(const Bytes& a, const Bytes& b) { return same_bytes(a, b); }
 using io::fsync_dir_of;
+using pipeline::ChunkLines;
+using pipeline::PartFile;
+using pipeline::TempDir;
 inline void io_fail(const std::string& what, const std::string& path) { io::fail(what, path); }
 
 // What a killed export, verify or import leaves beside `path`: ".<name>.tmp-XXXXXX" files
@@ -405,32 +409,5 @@ private:
     std::uint64_t m_bytes = 0;
 };
 
-// A work file inside a TempDir (a --jobs worker's part of the output): created with O_EXCL and
-// mode 0600, written through a buffer; flush() makes what was written readable by another
-// process. Not synced: the result it goes into is.
-class PartFile {
-public:
-    explicit PartFile(std::string path) : m_path(std::move(path)) {
-        m_fd.reset(::open(m_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
-        if (!m_fd.valid()) io_fail("cannot create", m_path);
-    }
-    PartFile(const PartFile&) = delete;
-    PartFile& operator=(const PartFile&) = delete;
-    void write(std::string_view s) {
-        m_buf.append(s);
-        if (m_buf.size() >= (1u << 16)) flush();
-    }
-    void flush() {
-        io::write_all(m_fd.get(), m_buf, m_path);
-        m_bytes += m_buf.size();
-        m_buf.clear();
-    }
-    std::uint64_t bytes() const { return m_bytes + m_buf.size(); }
-
-private:
-    std::string m_path, m_buf;
-    io::Fd m_fd;
-    std::uint64_t m_bytes = 0;
-};
 
 }  // namespace keywarden::backup::detail
