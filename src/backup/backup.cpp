@@ -637,6 +637,117 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
     return detail::verify_bundle_beside(bundle_path, bundle_path, secret, token, against, progress, jobs);
 }
 
+namespace {
+
+// An error message as one line of a worker's output.
+std::string one_line(std::string s) {
+    std::replace(s.begin(), s.end(), '\n', ' ');
+    return s;
+}
+
+// Verify's pass 2: every wrapped key of the bundle unwrapped under the backup key in the token
+// and its check value checked there, on the token pipeline. A worker reads the bundle itself
+// (for the MAC) and unwraps the keys of the chunks it takes; it reports, as lines merged in entry
+// order: "problem\tAT\tKEY@VERSION\tTEXT" for a key that fails, "counts\tENTRIES\tUNWRAPPED\tRINGS"
+// every 256 entries and at a chunk's end, and "failed\tTEXT" when the bundle cannot be read
+// further. Rings are counted by where they start (an entry with another key id than the entry
+// before it), so a worker reads the entry before each of its chunks too; the sum is checked
+// against the header. A token failure is the token's, not the bundle's: it is thrown, not
+// reported as a problem.
+void trial_unwrap_all(const std::string& bundle_path, const std::string& work_near, const SecretFile& secret,
+                      CK_MECHANISM_TYPE mech, pkcs11::TokenContext& token, const Progress& progress,
+                      std::size_t jobs, VerifyReport& rep) {
+    pipeline::Plan plan;
+    plan.items = rep.entries;
+    plan.jobs = jobs;
+    plan.work_near = work_near;
+    plan.what = "verify";
+    std::size_t entries_done = 0, rings = 0;
+    bool failed = false;
+    pipeline::run(
+        token, plan,
+        [&](pipeline::Worker& w) {
+            detail::BundleReader mine(bundle_path, secret);
+            TokenBackupKey backup(w.token(), secret.encryption, mech);
+            pkcs11::TokenRecycler recycler(w.token(), [&] { backup.rebind(); });
+            // One job reads and decrypts every entry: a second thread does that ahead of the
+            // token work, handing them over in batches. A worker of N skips the entries of other
+            // workers' chunks without decrypting them.
+            std::optional<ReadAhead<detail::Entry>> ahead;
+            if (!w.forked()) ahead.emplace([&] { return mine.next(); });
+            EntryCursor cursor(mine, ahead ? std::function<std::optional<detail::Entry>()>([&] { return ahead->next(); })
+                                           : nullptr);
+            try {
+                std::optional<std::string> previous;  // the key id of the entry before the cursor, once read
+                for (bool ended = false; !ended;) {
+                    auto chunk = w.next();
+                    if (!chunk) break;
+                    if (auto before = cursor.entry_before(chunk->first)) previous = before->meta.key_id;
+                    std::size_t n = 0, unwrapped = 0, started = 0;
+                    auto counts = [&] {
+                        w.emit("counts\t" + std::to_string(n) + "\t" + std::to_string(unwrapped) + "\t" +
+                               std::to_string(started));
+                        n = unwrapped = started = 0;
+                    };
+                    while (cursor.position() < chunk->last) {
+                        const std::size_t at = cursor.position();
+                        auto e = cursor.next();
+                        if (!e) {
+                            ended = true;  // fewer entries than the header says: the MAC pass reports it
+                            break;
+                        }
+                        ++n;
+                        if (!previous || *previous != e->meta.key_id) ++started;
+                        previous = e->meta.key_id;
+                        if (!e->wrapped.empty()) {
+                            if (auto problem = trial_unwrap(backup.under(), backup.backend(), *e))
+                                w.emit("problem\t" + std::to_string(at) + "\t" + e->meta.key_id + "@" +
+                                       std::to_string(e->meta.version) + "\t" + one_line(*problem));
+                            else ++unwrapped;
+                            recycler.made(1);
+                        }
+                        if (n == 256) counts();
+                    }
+                    counts();
+                }
+                cursor.skip_rest();
+            } catch (const TokenError&) {
+                throw;  // a module restart that failed
+            } catch (const pkcs11::Pkcs11Error&) {
+                throw;
+            } catch (const Error& e) {
+                w.emit("failed\t" + one_line(e.what()));
+            }
+        },
+        [&](std::string_view line) {
+            auto field = [&](std::size_t i) {
+                std::size_t from = 0;
+                for (; i > 0; --i) from = line.find('\t', from) + 1;
+                auto to = line.find('\t', from);
+                return std::string(line.substr(from, to == std::string_view::npos ? to : to - from));
+            };
+            if (line.starts_with("counts\t")) {
+                entries_done += std::stoul(field(1));
+                rep.unwrapped += std::stoul(field(2));
+                rings += std::stoul(field(3));
+                if (progress) progress(entries_done, rep.header.entries);
+            } else if (line.starts_with("problem\t")) {
+                auto from = line.find('\t', line.find('\t', 8) + 1) + 1;
+                rep.problems.push_back({field(2), std::string(line.substr(from))});
+            } else if (line.starts_with("failed\t")) {
+                failed = true;
+                rep.problems.push_back({"bundle", std::string(line.substr(7))});
+            } else {
+                throw Error("internal: a verify worker wrote '" + std::string(line) + "'");
+            }
+        });
+    // A reader that fails has said why; otherwise the rings counted must be the header's.
+    if (!failed && rings != rep.header.rings)
+        rep.problems.push_back({"bundle", detail::counts_differ(bundle_path, rep.entries, rings, rep.header)});
+}
+
+}  // namespace
+
 VerifyReport detail::verify_bundle_beside(const std::string& bundle_path, const std::string& work_near,
                                           const SecretFile& secret, pkcs11::TokenContext& token,
                                           const keystore::Store* against, const Progress& progress,
@@ -686,101 +797,9 @@ VerifyReport detail::verify_bundle_beside(const std::string& bundle_path, const 
         rep.extra.clear();
         rep.different.clear();
     }
-    // Pass 2: a trial unwrap of every key in the token, here or, with jobs, in worker processes
-    // that take chunks of entries as they go.
-    if (rep.problems.empty() && (jobs <= 1 || rep.header.entries < 2)) {
-        // The store (against) is done with: the token may restart in this pass. A token
-        // failure is the token's, not the bundle's: it is thrown, not reported as a problem.
-        TokenBackupKey backup(token, secret.encryption, mech);
-        pkcs11::TokenRecycler recycler(token, [&] { backup.rebind(); });
-        try {
-            detail::BundleReader again(bundle_path, secret);
-            // The entries are read and decrypted on a second thread, handed over in batches.
-            ReadAhead<detail::Entry> ahead([&] { return again.next(); });
-            std::size_t i = 0;
-            while (auto e = ahead.next()) {
-                if (!e->wrapped.empty()) {
-                    if (auto problem = trial_unwrap(backup.under(), backup.backend(), *e))
-                        rep.problems.push_back({e->meta.key_id + "@" + std::to_string(e->meta.version), *problem});
-                    else ++rep.unwrapped;
-                    recycler.made(1);
-                }
-                if (progress) progress(++i, rep.header.entries);
-            }
-        } catch (const TokenError&) {
-            throw;  // a module restart that failed
-        } catch (const pkcs11::Pkcs11Error&) {
-            throw;
-        } catch (const Error& e) {
-            rep.problems.push_back({"bundle", e.what()});
-        }
-    } else if (rep.problems.empty()) {
-        TempDir results(work_near, "verify");
-        // Workers take chunks of entries as they go (a worker on a slower core takes fewer);
-        // each reads the whole bundle for the MAC and unwraps only its chunks' keys.
-        pipeline::SharedWork work(rep.entries, jobs);
-        pipeline::run_in_processes(token, jobs, [&](std::size_t k, pkcs11::TokenContext& c) {
-            pipeline::SharedWork::StopOnError stop_on_error(work);
-            detail::BundleReader mine(bundle_path, secret);
-            TokenBackupKey backup(c, secret.encryption, mech);
-            pkcs11::TokenRecycler recycler(c, [&] { backup.rebind(); });
-            detail::PartFile out(results.path() + "/" + std::to_string(k));  // 0600, O_EXCL
-            // Rings are counted by where they start (an entry with another key id than the entry
-            // before it), so each worker reads the entry before each of its chunks too; the sum is
-            // checked against the header, as one reader that decrypts every entry checks it.
-            EntryCursor cursor(mine);
-            std::size_t unwrapped = 0, rings = 0;
-            std::optional<std::string> previous;  // the key id of the entry before the cursor, once read
-            for (bool ended = false; !ended;) {
-                auto chunk = work.claim();
-                if (!chunk) break;
-                if (auto before = cursor.entry_before(chunk->first)) previous = before->meta.key_id;
-                while (cursor.position() < chunk->last) {
-                    const std::size_t at = cursor.position();
-                    auto e = cursor.next();
-                    if (!e) {
-                        ended = true;  // fewer entries than the header says: the MAC pass reports it
-                        break;
-                    }
-                    if (!previous || *previous != e->meta.key_id) ++rings;
-                    previous = e->meta.key_id;
-                    if (e->wrapped.empty()) continue;
-                    if (auto problem = trial_unwrap(backup.under(), backup.backend(), *e))
-                        out.write(std::to_string(at) + "\t" + e->meta.key_id + "@" + std::to_string(e->meta.version) +
-                                  "\t" + *problem + "\n");
-                    else ++unwrapped;
-                    recycler.made(1);
-                }
-            }
-            cursor.skip_rest();
-            out.write("unwrapped\t" + std::to_string(unwrapped) + "\n");
-            out.write("rings\t" + std::to_string(rings) + "\n");
-            out.flush();
-        });
-        // Problems in bundle order, whichever worker found them.
-        std::map<std::size_t, BundleProblem> found;
-        std::size_t rings = 0;
-        for (std::size_t k = 0; k < jobs; ++k) {
-            std::ifstream in(results.path() + "/" + std::to_string(k));
-            for (std::string l; std::getline(in, l);) {
-                auto tab = l.find('\t');
-                if (l.starts_with("unwrapped\t")) {
-                    rep.unwrapped += std::stoul(l.substr(tab + 1));
-                    continue;
-                }
-                if (l.starts_with("rings\t")) {
-                    rings += std::stoul(l.substr(tab + 1));
-                    continue;
-                }
-                auto tab2 = l.find('\t', tab + 1);
-                found[std::stoul(l.substr(0, tab))] = {l.substr(tab + 1, tab2 - tab - 1), l.substr(tab2 + 1)};
-            }
-        }
-        for (auto& [at, p] : found) rep.problems.push_back(std::move(p));
-        if (rings != rep.header.rings)
-            rep.problems.push_back({"bundle", detail::counts_differ(bundle_path, rep.entries, rings, rep.header)});
-        if (progress) progress(rep.entries, rep.header.entries);
-    }
+    // Pass 2: a trial unwrap of every key in the token, on the token pipeline (one job here, or
+    // worker processes that take chunks of entries as they go).
+    if (rep.problems.empty()) trial_unwrap_all(bundle_path, work_near, secret, mech, token, progress, jobs, rep);
     if (rep.compared) {
         // Versions missing from rings the bundle holds are differences; rings a selective
         // export did not select are only counted.
@@ -1044,7 +1063,7 @@ void restore_rings(detail::BundleReader& reader, const std::set<std::string>& sk
 std::optional<Entry> EntryCursor::next() {
     std::optional<Entry> e = std::move(m_back);
     m_back.reset();
-    if (!e) e = m_reader.next();
+    if (!e) e = m_source ? m_source() : m_reader.next();
     if (e) ++m_at;
     return e;
 }
@@ -1063,7 +1082,8 @@ void EntryCursor::skip_to(std::size_t i) {
         ++m_at;
     }
     for (; m_at < i; ++m_at)
-        if (!m_reader.skip_next()) throw IntegrityError("the bundle has fewer entries than its header says");
+        if (!(m_source ? m_source().has_value() : m_reader.skip_next()))
+            throw IntegrityError("the bundle has fewer entries than its header says");
 }
 
 std::optional<Entry> EntryCursor::entry_before(std::size_t first) {
@@ -1076,7 +1096,7 @@ std::optional<Entry> EntryCursor::entry_before(std::size_t first) {
 
 void EntryCursor::skip_rest() {
     m_back.reset();
-    while (m_reader.skip_next()) {
+    while (m_source ? m_source().has_value() : m_reader.skip_next()) {
     }
 }
 

@@ -313,7 +313,10 @@ void restore_rings(BundleReader& reader, const std::set<std::string>& skip, Toke
 // only) up to position i. restore_rings puts back only an entry that starts a ring.
 class EntryCursor {
 public:
-    explicit EntryCursor(BundleReader& r) : m_reader(r) {}
+    // `source`, if given, is where next() takes entries from instead of the reader (a ReadAhead
+    // over it, for a cursor that reads every entry); skipping then reads through it too.
+    explicit EntryCursor(BundleReader& r, std::function<std::optional<Entry>()> source = nullptr)
+        : m_reader(r), m_source(std::move(source)) {}
     std::size_t position() const { return m_at; }
     std::optional<Entry> next();
     void put_back(Entry e);
@@ -327,6 +330,7 @@ public:
 
 private:
     BundleReader& m_reader;
+    std::function<std::optional<Entry>()> m_source;
     std::size_t m_at = 0;
     std::optional<Entry> m_back;  // put back: the entry at m_at
 };
