@@ -54,6 +54,9 @@ inline void io_fail(const std::string& what, const std::string& path) { io::fail
 void remove_stale_leftovers(const std::string& path);
 // An absolute path with its directory resolved, to compare two output paths.
 std::string canonical_target(const std::string& p);
+// Refuses a missing path, bundle == secret (after resolving links in the directories), an
+// output that exists, and a directory that does not: before anything is made.
+void refuse_outputs(const std::string& bundle, const std::string& secret);
 
 // A readable AES (encryption) or generic-secret session key generated in the token.
 pkcs11::SessionObject make_backup_key(pkcs11::Session& s, bool encryption);
