@@ -443,90 +443,100 @@ struct ImportPass2 {
     bool mac_only, overwrite;
 };
 
-// Pass 2 in this process: token work here, the ring files written on a second thread.
-void restore_here(ImportPass2& run, detail::BundleReader& reader) {
-    const ImportOptions& o = run.o;
-    ImportSummary& sum = run.sum;
-    const SecretFile& secret = run.secret;
-    const CK_MECHANISM_TYPE mech = run.mech;
-    pkcs11::TokenContext& ctx = run.ctx;
-    keystore::OpenStore* stage = &run.stage;
-    StagingDir& staging_dir = run.staging_dir;
-    const std::set<std::string>& skip = run.skip;
-    const bool mac_only = run.mac_only, overwrite = run.overwrite;
-    keystore::KeyStore& dst = *stage->store;
-    TokenBackupKey backup(ctx, secret.encryption, mech);
-    // A restart leaves the staged store's master keys and the backup key to be found
-    // or made again on the new session (ctx is the context every later step uses).
-    pkcs11::TokenRecycler recycler(ctx, [&] {
-        stage->token = ctx;
-        keystore::rebind_master_keys(*stage);
-        backup.rebind();
-    });
-    reader.rewind();
-    std::size_t done = 0;
-    // Token work here; writing the ring files on a second thread (no token calls). Into
-    // a store that --init created, rings and manifest are streamed to disk (memory does
-    // not grow with the bundle); otherwise they are staged as pending files.
-    std::unique_ptr<keystore::KeyStore::BulkWriter> bulk;
-    if (o.init) bulk = dst.bulk_writer(staging_dir.parent());
-    std::vector<keystore::KeyStore::PendingRing> pending;
-    RingWriter writer([&](const KeyRing& r, const Bytes& file) {
-        if (bulk) bulk->add(r, file);
-        else pending.push_back(dst.store_sealed(r, file));
-    });
-    std::size_t wrapped = 0;
-    restore_rings(reader, skip, backup, dst, SIZE_MAX,
-                  [&](std::vector<KeyRing>& rings) {
-                      for (auto& r : rings) {
-                          ++sum.rings_written;
-                          sum.entries_written += r.versions.size();
-                          for (const auto& v : r.versions) wrapped += !v.wrapped.empty();
-                          if (overwrite) keep_store_only_versions(r, dst, sum.kept);
-                          Bytes file = dst.seal_ring(r);
-                          writer.push(std::move(r), std::move(file));
-                      }
-                  },
-                  [&] { if (o.progress) o.progress(++done, sum.entries); }, &recycler);
-    if (reader.next()) throw IntegrityError("internal: entries left after the last ring");
-    if (mac_only) sum.wrapped_keys = wrapped;
-    if (mac_only && (sum.entries_written != sum.entries || sum.rings_written != sum.rings))
-        throw IntegrityError("the bundle holds other counts than its header says");
-    writer.finish();
-    if (bulk) bulk->commit();
-    for (const auto& p : pending) dst.adopt_pending(p);
-}
-
-// Pass 2 in --jobs worker processes, which write the rings as files; this process adopts them.
-void restore_in_workers(ImportPass2& run) {
+// Pass 2 on the token pipeline, one job or N: every key is unwrapped under the backup key in the
+// token and wrapped again under the staged store's master key, and the rings are written as
+// files; this process takes them into the staged store. Workers take chunks of entries as they
+// go (a worker on a slower core takes fewer): a chunk is the rings that start within its entries,
+// so a worker reads the entry before a chunk to know the ring it must leave to the chunk before.
+// Into a store that --init created, ring files are written under their final names and this
+// process adds them to the manifest from the workers' lines (BulkWriter) as chunks are done; a
+// merge adopts them (pending files) when every worker is done.
+void restore_on_pipeline(ImportPass2& run) {
     const ImportOptions& o = run.o;
     ImportSummary& sum = run.sum;
     const SecretFile& secret = run.secret;
     const CK_MECHANISM_TYPE mech = run.mech;
     pkcs11::TokenContext& ctx = run.ctx;
     StagingDir& staging_dir = run.staging_dir;
-    const std::string& staging = staging_dir.path();
+    const std::string staging = staging_dir.path();
     const std::set<std::string>& skip = run.skip;
     const bool mac_only = run.mac_only, overwrite = run.overwrite;
-    keystore::KeyStore& dst = *run.stage.store;
-    TempDir results(o.bundle_path, "import");
-    // Workers take chunks of entries as they go (a worker on a slower core takes fewer):
-    // a chunk is the rings that start within its entries, so a worker reads the entry
-    // before a chunk to know the ring it must leave to the chunk before. Into a store
-    // that --init created, workers write ring files under their final names and this
-    // process writes the manifest from their lines (BulkWriter), chunk by chunk while
-    // they run.
-    std::string staging_root = staging;
-    const std::size_t entries = sum.entries;
+    keystore::OpenStore& stage = run.stage;
+    keystore::KeyStore& dst = *stage.store;
     std::unique_ptr<keystore::KeyStore::BulkWriter> bulk;
     if (o.init) bulk = dst.bulk_writer(staging_dir.parent());
     std::size_t wrapped = 0;
-    pipeline::SharedWork work(entries, o.jobs);
-    auto part_name = [&](std::size_t k) { return results.path() + "/" + std::to_string(k); };
-    ChunkLines chunks(work, part_name);
-    std::size_t taken = 0;  // chunks taken in
-    auto take_in = [&](std::size_t i) {
-        chunks.read(i, [&](std::string_view text) {
+    std::vector<keystore::KeyStore::PendingRing> pending;  // a merge's rings, adopted at the end
+    pipeline::Plan plan;
+    plan.items = sum.entries;
+    plan.jobs = o.jobs;
+    plan.work_near = o.bundle_path;
+    plan.what = "import";
+    pipeline::run(
+        ctx, plan,
+        [&](pipeline::Worker& w) {
+            // One job works on the staged store itself, and a restart leaves its master keys and
+            // the backup key to be found or made again on the new session (ctx is the context
+            // every later step uses). A forked worker opens the staged store on its own session,
+            // not strict: the other workers' ring files are not in its manifest yet.
+            std::optional<keystore::OpenStore> own_store;
+            if (w.forked())
+                own_store.emplace(keystore::open_store_on(w.token(), keystore::open_file_storage(staging), false,
+                                                          false, std::make_unique<HeldElsewhere>()));
+            keystore::OpenStore& mine = own_store ? *own_store : stage;
+            TokenBackupKey backup(mine.token, secret.encryption, mech);
+            pkcs11::TokenRecycler recycler(w.forked() ? mine.token : ctx, [&] {
+                if (!w.forked()) mine.token = ctx;
+                keystore::rebind_master_keys(mine);
+                backup.rebind();
+            });
+            detail::BundleReader own(o.bundle_path, secret);
+            // One job reads and decrypts every entry: a second thread does that ahead of the token
+            // work. A worker of N skips the entries of other workers' chunks without decrypting.
+            std::optional<ReadAhead<detail::Entry>> ahead;
+            if (!w.forked()) ahead.emplace([&] { return own.next(); });
+            EntryCursor cursor(own, ahead ? std::function<std::optional<detail::Entry>()>([&] { return ahead->next(); })
+                                          : nullptr);
+            // A ring file written, and its line emitted.
+            auto write = [&](const KeyRing& r, const Bytes& file) {
+                auto p = o.init ? mine.store->store_final(r, file) : mine.store->store_sealed(r, file);
+                w.emit(keystore::KeyStore::pending_text(p));
+            };
+            std::vector<Bytes> files;
+            while (auto chunk = w.next()) {
+                std::set<std::string> not_mine = skip;
+                // The entry before the chunk names a ring that started before it. Otherwise the
+                // entry at the cursor was put back as the start of a ring (at the chunk's first
+                // entry, or past it if this worker's last ring ran into the chunk).
+                if (auto before = cursor.entry_before(chunk->first)) not_mine.insert(before->meta.key_id);
+                // One job writes the ring files (and takes them in) on a second thread while this
+                // one does the token work; a worker of N writes them itself (the other core is
+                // the other worker's).
+                std::optional<RingWriter> writer;
+                if (!w.forked()) writer.emplace(write);
+                std::size_t wrapped_here = 0;
+                restore_rings(cursor, not_mine, backup, *mine.store, chunk->last,
+                              [&](std::vector<KeyRing>& rings) {
+                                  // All signed, then all written: a run of one kind of work is
+                                  // faster on a busy host than alternating.
+                                  files.clear();
+                                  for (auto& r : rings) {
+                                      for (const auto& v : r.versions) wrapped_here += !v.wrapped.empty();
+                                      if (overwrite) keep_store_only_versions(r, *mine.store, sum.kept);
+                                      files.push_back(mine.store->seal_ring(r));
+                                  }
+                                  for (std::size_t i = 0; i < rings.size(); ++i) {
+                                      if (writer) writer->push(std::move(rings[i]), std::move(files[i]));
+                                      else write(rings[i], files[i]);
+                                  }
+                              },
+                              &recycler);
+                if (writer) writer->finish();  // every ring of the chunk written and taken in
+                w.emit("wrapped " + std::to_string(wrapped_here));
+            }
+            cursor.skip_rest();
+        },
+        [&](std::string_view text) {
             if (text.starts_with("wrapped ")) {
                 wrapped += std::stoull(std::string(text.substr(8)));
                 return;
@@ -536,68 +546,10 @@ void restore_in_workers(ImportPass2& run) {
             ++sum.rings_written;
             sum.entries_written += p.summary.versions.size();
             if (bulk) bulk->add_written(p, std::move(l));
-            else dst.adopt_pending(p);
+            else pending.push_back(std::move(p));
+            if (o.progress) o.progress(std::min(sum.entries_written, sum.entries), sum.entries);
         });
-        if (o.progress) o.progress(std::min(sum.entries_written, sum.entries), sum.entries);
-    };
-    pipeline::run_in_processes(
-        ctx, o.jobs,
-        [&](std::size_t k, pkcs11::TokenContext& c) {
-            pipeline::SharedWork::StopOnError stop_on_error(work);
-            // Not strict: the other workers' ring files are not in its manifest yet.
-            auto mine = keystore::open_store_on(c, keystore::open_file_storage(staging_root), false, false,
-                                                std::make_unique<HeldElsewhere>());
-            TokenBackupKey backup(mine.token, secret.encryption, mech);
-            pkcs11::TokenRecycler recycler(mine.token, [&] {
-                keystore::rebind_master_keys(mine);
-                backup.rebind();
-            });
-            detail::BundleReader own(o.bundle_path, secret);
-            EntryCursor cursor(own);
-            PartFile out(part_name(k));
-            std::vector<Bytes> files;
-            while (auto chunk = work.claim()) {
-                std::set<std::string> not_mine = skip;
-                // The entry before the chunk names a ring that started before it.
-                if (auto before = cursor.entry_before(chunk->first)) not_mine.insert(before->meta.key_id);
-                // Otherwise the entry at the cursor was put back as the start of a ring
-                // (at the chunk's first entry, or past it if this worker's last ring ran
-                // into the chunk).
-                std::uint64_t start = out.bytes();
-                std::size_t wrapped_here = 0;
-                restore_rings(cursor, not_mine, backup, *mine.store, chunk->last,
-                              [&](std::vector<KeyRing>& rings) {
-                                  // All signed, then all written: a run of one kind of
-                                  // work is faster on a busy host than alternating.
-                                  files.clear();
-                                  for (auto& r : rings) {
-                                      for (const auto& v : r.versions) wrapped_here += !v.wrapped.empty();
-                                      if (overwrite) keep_store_only_versions(r, *mine.store, sum.kept);
-                                      files.push_back(mine.store->seal_ring(r));
-                                  }
-                                  for (std::size_t i = 0; i < rings.size(); ++i) {
-                                      const KeyRing& r = rings[i];
-                                      auto p = o.init ? mine.store->store_final(r, files[i])
-                                                      : mine.store->store_sealed(r, files[i]);
-                                      out.write(keystore::KeyStore::pending_text(p));
-                                      out.write("\n");
-                                  }
-                              },
-                              &recycler);
-                out.write("wrapped " + std::to_string(wrapped_here) + "\n");
-                out.flush();
-                work.record(chunk->index, k, start, out.bytes() - start);
-            }
-            cursor.skip_rest();
-        },
-        // Into a new store, the chunks go into the manifest as they are done. A merge
-        // adopts them only when every worker is done.
-        [&](const std::function<bool()>& running) {
-            pipeline::SharedWork::StopOnError stop_on_error(work);
-            if (bulk)
-                for (; taken < work.chunks() && chunks.wait(taken, running); ++taken) take_in(taken);
-        });
-    for (; taken < work.chunks(); ++taken) take_in(taken);
+    for (const auto& p : pending) dst.adopt_pending(p);
     sum.entries_written -= sum.kept_count();  // the workers' summaries include the kept versions
     if (mac_only) sum.wrapped_keys = wrapped;
     if (mac_only && (sum.entries_written != sum.entries || sum.rings_written != sum.rings))
@@ -684,11 +636,7 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
         // chunks of entries as they go and write the rings as files; this process adopts them.
         const CK_MECHANISM_TYPE mech = mechanism_of(reader.header().wrap_method);
         ImportPass2 run{o, sum, secret, mech, ctx, *stage, staging_dir, skip, mac_only, overwrite};
-        if (o.jobs <= 1 || sum.rings < 2) {
-            restore_here(run, reader);
-        } else {
-            restore_in_workers(run);
-        }
+        restore_on_pipeline(run);
         dst.commit_staged();
         stage.reset();
 
