@@ -280,7 +280,7 @@ TEST_CASE("an interrupted write is finished or rolled back by the next writer", 
     }
 }
 
-TEST_CASE("abort_staged drops staged rings and their pending files (a failed migrate)", "[unit]") {
+TEST_CASE("a writer that does not commit drops its rings and their pending files (a failed migrate)", "[unit]") {
     SoftStore s;
     s.open(true)->generate({kAliceSym});
     auto before = kwtest::tree_digest(s.dir);
@@ -293,14 +293,15 @@ TEST_CASE("abort_staged drops staged rings and their pending files (a failed mig
         bob.current = 1;
         KeyRing alice = ks->load(kAliceSym);
         alice.versions.push_back(ks->make_version(kAliceSym, 2, now_seconds()));
-        ks->stage(bob);
-        ks->stage(alice);
+        auto w = ks->writer(KeyStore::Writer::Mode::update);
+        w->put(bob);
+        w->put(alice);
         CHECK(fs::exists(s.path(bob.id) + ".pending"));
-        ks->abort_staged();
+        w.reset();  // no commit
         CHECK_FALSE(fs::exists(s.path(bob.id) + ".pending"));
         CHECK_FALSE(fs::exists(s.path(kAliceSym) + ".pending"));
         CHECK_FALSE(ks->contains(bob.id));
-        ks->commit_staged();  // nothing is staged any more: no new manifest
+        ks->writer(KeyStore::Writer::Mode::update)->commit();  // nothing taken: no new manifest
     }
     CHECK(kwtest::tree_digest(s.dir) == before);
     CHECK(s.open()->verify().ok());
@@ -463,8 +464,8 @@ TEST_CASE("a bulk-written store equals a staged one, in any ring order", "[unit]
     }
     auto fill = [&](SoftStore& dst, const std::vector<std::size_t>& order) {
         auto ks = dst.open(true);
-        auto bulk = ks->bulk_writer(dst.root);
-        for (auto i : order) bulk->add(rings[i], ks->seal_ring(rings[i]));
+        auto bulk = ks->writer(KeyStore::Writer::Mode::fill, dst.root);
+        for (auto i : order) bulk->put(rings[i]);
         bulk->commit();
         CHECK_THROWS_AS(ks->key_ids(), Error);  // closed after the commit
     };
@@ -488,8 +489,9 @@ TEST_CASE("a bulk-written store equals a staged one, in any ring order", "[unit]
         SoftStore staged("0123456789abcdef0123456789abcdef", 1700000000);
         {
             auto w = staged.open(true);
-            for (const auto& r : rings) w->stage(r);
-            w->commit_staged();
+            auto writer = w->writer(KeyStore::Writer::Mode::update);
+            for (const auto& r : rings) writer->put(r);
+            writer->commit();
         }
         CHECK(kwtest::read_text(dst.dir + "/store.json") == kwtest::read_text(staged.dir + "/store.json"));
         CHECK(kwtest::read_text(dst.dir + "/manifest") == kwtest::read_text(staged.dir + "/manifest"));
@@ -498,14 +500,14 @@ TEST_CASE("a bulk-written store equals a staged one, in any ring order", "[unit]
         for (const auto& order : std::vector<std::vector<std::size_t>>{{0, 1, 1}, {2, 0, 2}}) {
             SoftStore dst;
             auto ks = dst.open(true);
-            auto bulk = ks->bulk_writer(dst.root);
-            bulk->add(rings[order[0]], ks->seal_ring(rings[order[0]]));
-            bulk->add(rings[order[1]], ks->seal_ring(rings[order[1]]));
-            CHECK_THROWS_AS(bulk->add(rings[order[2]], ks->seal_ring(rings[order[2]])), IntegrityError);
+            auto bulk = ks->writer(KeyStore::Writer::Mode::fill, dst.root);
+            bulk->put(rings[order[0]]);
+            bulk->put(rings[order[1]]);
+            CHECK_THROWS_AS(bulk->put(rings[order[2]]), IntegrityError);
         }
     }
     SECTION("only into an empty store") {
-        CHECK_THROWS_AS(src.open(true)->bulk_writer(src.root), Error);
+        CHECK_THROWS_AS(src.open(true)->writer(KeyStore::Writer::Mode::fill, src.root), Error);
     }
 }
 
@@ -541,8 +543,9 @@ TEST_CASE("a bulk-written manifest of many pieces equals a staged one, however t
     SoftStore staged("0123456789abcdef0123456789abcdef", 1700000000);
     {
         auto w = staged.open(true);
-        for (const auto& r : rings) w->stage(r);
-        w->commit_staged();
+        auto writer = w->writer(KeyStore::Writer::Mode::update);
+        for (const auto& r : rings) writer->put(r);
+        writer->commit();
     }
     const std::string expected = kwtest::read_text(staged.dir + "/manifest");
     REQUIRE(expected.size() > 3 * 64 * 1024);
@@ -557,15 +560,16 @@ TEST_CASE("a bulk-written manifest of many pieces equals a staged one, however t
         if (std::string(how).ends_with("reversed")) std::reverse(order.begin(), order.end());
         {
             auto ks = dst.open(true);
-            auto bulk = ks->bulk_writer(dst.root);
+            auto bulk = ks->writer(KeyStore::Writer::Mode::fill, dst.root);
+            auto part = ks->part_writer(KeyStore::Writer::Mode::fill);  // as a worker has
             for (const auto& r : order) {
                 if (std::string(how) == "add") {
-                    bulk->add(r, ks->seal_ring(r));
+                    bulk->put(r);
                     continue;
                 }
-                auto p = ks->store_final(r, ks->seal_ring(r));  // as a worker does
-                if (std::string(how).starts_with("written, with text")) bulk->add_written(p, KeyStore::pending_text(p));
-                else bulk->add_written(p);
+                auto p = part->write(r, part->seal(r));  // as a worker does
+                if (std::string(how).starts_with("written, with text")) bulk->take(p, KeyStore::pending_text(p));
+                else bulk->take(p);
             }
             bulk->commit();
         }
@@ -845,4 +849,38 @@ TEST_CASE("a loaded manifest with a mistyped top-level field is a format error",
         bad[field] = nlohmann::json::array();
         CHECK_THROWS_AS(d::parse_manifest_body(framed_manifest(bad.dump())), FormatError);
     }
+}
+
+// The writer: one commit makes what it took visible; it commits once; a part writer (a worker's)
+// only seals and writes, and what it wrote is visible only once a committing writer takes it.
+TEST_CASE("a writer commits once; a part writer only seals and writes", "[unit]") {
+    SoftStore s;
+    s.open(true)->generate({kAliceSym});
+    auto ks = s.open(true);
+    KeyRing bob;
+    bob.id = {RingKind::hmac, "bob0001"};
+    bob.versions.push_back(ks->make_version(bob.id, 1, now_seconds()));
+    bob.current = 1;
+    auto part = ks->part_writer(KeyStore::Writer::Mode::update);
+    auto p = part->write(bob, part->seal(bob));
+    CHECK_THROWS_AS(part->take(p), Error);
+    CHECK_THROWS_AS(part->commit(), Error);
+    part.reset();  // a part writer removes nothing: its file waits for the committing writer
+    CHECK(fs::exists(s.path(bob.id) + ".pending"));
+    CHECK_FALSE(ks->contains(bob.id));
+    auto w = ks->writer(KeyStore::Writer::Mode::update);
+    w->take(p);
+    CHECK_FALSE(ks->contains(bob.id));  // not before the commit
+    w->commit();
+    CHECK(ks->contains(bob.id));
+    CHECK_THROWS_AS(w->commit(), Error);
+    CHECK_THROWS_AS(w->take(p), Error);
+    w.reset();
+    ks.reset();  // its exclusive lock
+    auto again = s.open();
+    CHECK(again->contains(bob.id));
+    CHECK(again->verify().ok());
+    CHECK_FALSE(fs::exists(s.path(bob.id) + ".pending"));
+    // A read-only store has no writer.
+    CHECK_THROWS_AS(again->writer(KeyStore::Writer::Mode::update), Error);
 }

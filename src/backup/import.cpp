@@ -463,10 +463,11 @@ void restore_on_pipeline(ImportPass2& run) {
     const bool mac_only = run.mac_only, overwrite = run.overwrite;
     keystore::OpenStore& stage = run.stage;
     keystore::KeyStore& dst = *stage.store;
-    std::unique_ptr<keystore::KeyStore::BulkWriter> bulk;
-    if (o.init) bulk = dst.bulk_writer(staging_dir.parent());
+    using Writer = keystore::KeyStore::Writer;
+    const Writer::Mode mode = o.init ? Writer::Mode::fill : Writer::Mode::update;
+    auto writer = dst.writer(mode, staging_dir.parent());
     std::size_t wrapped = 0;
-    std::vector<keystore::KeyStore::PendingRing> pending;  // a merge's rings, adopted at the end
+    std::vector<keystore::KeyStore::PendingRing> pending;  // a merge's rings, taken at the end
     pipeline::Plan plan;
     plan.items = sum.entries;
     plan.jobs = o.jobs;
@@ -498,9 +499,9 @@ void restore_on_pipeline(ImportPass2& run) {
             EntryCursor cursor(own, ahead ? std::function<std::optional<detail::Entry>()>([&] { return ahead->next(); })
                                           : nullptr);
             // A ring file written, and its line emitted.
+            auto part = mine.store->part_writer(mode);
             auto write = [&](const KeyRing& r, const Bytes& file) {
-                auto p = o.init ? mine.store->store_final(r, file) : mine.store->store_sealed(r, file);
-                w.emit(keystore::KeyStore::pending_text(p));
+                w.emit(keystore::KeyStore::pending_text(part->write(r, file)));
             };
             std::vector<Bytes> files;
             while (auto chunk = w.next()) {
@@ -523,7 +524,7 @@ void restore_on_pipeline(ImportPass2& run) {
                                   for (auto& r : rings) {
                                       for (const auto& v : r.versions) wrapped_here += !v.wrapped.empty();
                                       if (overwrite) keep_store_only_versions(r, *mine.store, sum.kept);
-                                      files.push_back(mine.store->seal_ring(r));
+                                      files.push_back(part->seal(r));
                                   }
                                   for (std::size_t i = 0; i < rings.size(); ++i) {
                                       if (writer) writer->push(std::move(rings[i]), std::move(files[i]));
@@ -545,16 +546,16 @@ void restore_on_pipeline(ImportPass2& run) {
             auto p = keystore::KeyStore::pending_from_text(l);
             ++sum.rings_written;
             sum.entries_written += p.summary.versions.size();
-            if (bulk) bulk->add_written(p, std::move(l));
+            if (mode == Writer::Mode::fill) writer->take(p, std::move(l));
             else pending.push_back(std::move(p));
             if (o.progress) o.progress(std::min(sum.entries_written, sum.entries), sum.entries);
         });
-    for (const auto& p : pending) dst.adopt_pending(p);
+    for (const auto& p : pending) writer->take(p);
     sum.entries_written -= sum.kept_count();  // the workers' summaries include the kept versions
     if (mac_only) sum.wrapped_keys = wrapped;
     if (mac_only && (sum.entries_written != sum.entries || sum.rings_written != sum.rings))
         throw IntegrityError("the bundle holds other counts than its header says");
-    if (bulk) bulk->commit();
+    writer->commit();
     if (o.progress) o.progress(sum.entries, sum.entries);
 }
 
@@ -629,15 +630,12 @@ ImportSummary import_bundle(const pkcs11::TokenOptions& tok, const ImportOptions
             stage.emplace(keystore::open_store_on(ctx, keystore::open_file_storage(staging), true, true,
                                                   std::make_unique<HeldElsewhere>()));
         }
-        keystore::KeyStore& dst = *stage->store;
-
         // Pass 2: the backup key goes into the destination token; every key is unwrapped there
         // and wrapped again under the destination master key. With jobs, worker processes take
         // chunks of entries as they go and write the rings as files; this process adopts them.
         const CK_MECHANISM_TYPE mech = mechanism_of(reader.header().wrap_method);
         ImportPass2 run{o, sum, secret, mech, ctx, *stage, staging_dir, skip, mac_only, overwrite};
         restore_on_pipeline(run);
-        dst.commit_staged();
         stage.reset();
 
         // The switch: one atomic rename.

@@ -132,14 +132,9 @@ MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
     keystore::Store& from = *src.store;
     keystore::KeyStore& to = *dst.store;
     std::size_t done = 0;
-    // A failure below leaves no pending file behind in the destination.
-    struct Abort {
-        keystore::KeyStore& store;
-        bool armed = true;
-        ~Abort() {
-            if (armed) store.abort_staged();
-        }
-    } abort{to};
+    // A failure below leaves no pending file behind in the destination: the writer removes them
+    // unless it commits.
+    auto writer = to.writer(keystore::KeyStore::Writer::Mode::update);
     for (KeyRing& r : moving) {
         const std::string idstr = r.id.str();
         for (auto& v : r.versions) {
@@ -153,12 +148,11 @@ MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
                                      ": the key's check value differs from its record");
             v.wrapped = to.keys().protector->protect(*k);
         }
-        to.stage(r);
+        writer->put(r);
         if (o.progress) o.progress(++done, sum.to_move.size());
     }
     // The commit point: one signed manifest names every migrated ring, or none.
-    to.commit_staged();
-    abort.armed = false;
+    writer->commit();
     sum.seconds = seconds_since(t0);
     return sum;
 }

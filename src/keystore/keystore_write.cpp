@@ -61,11 +61,6 @@ void KeyStore::generate(const std::vector<KeyId>& ids,
     commit(rings);
 }
 
-void KeyStore::put_rings(const std::vector<KeyRing>& rings) {
-    if (!m_writable) throw Error("internal: store opened read-only");
-    commit(rings);
-}
-
 void KeyStore::destroy(const KeyId& id, std::optional<std::uint32_t> version) {
     if (!m_writable) throw Error("internal: store opened read-only");
     KeyRing r = load(id);
@@ -93,8 +88,6 @@ KeyStore::PendingRing KeyStore::store_sealed(const KeyRing& r, const Bytes& file
     return write_ring_file(*m_storage, r, file, kPending);
 }
 
-KeyStore::PendingRing KeyStore::write_pending(const KeyRing& r) { return store_sealed(r, seal_ring(r)); }
-
 KeyStore::PendingRing KeyStore::store_final(const KeyRing& r, const Bytes& file) {
     return write_ring_file(*m_storage, r, file, "");
 }
@@ -112,7 +105,7 @@ void KeyStore::adopt_pending(const PendingRing& p) {
 
 void KeyStore::stage(const KeyRing& r) {
     if (!m_writable) throw Error("internal: store opened read-only");
-    adopt_pending(write_pending(r));
+    adopt_pending(store_sealed(r, seal_ring(r)));
 }
 
 void KeyStore::commit_staged() {
@@ -135,6 +128,23 @@ void KeyStore::commit_staged() {
 }
 
 // ---- bulk writing into an empty store -----------------------------------------------------------
+
+// Writer's fill mode: rings under their final names, the manifest streamed at commit().
+class KeyStore::BulkWriter {
+public:
+    ~BulkWriter();
+    void add(const KeyRing& ring, const Bytes& sealed);
+    // A ring written under its final name (store_final), by its record; with `text`, that
+    // record's pending_text() as read back.
+    void add_written(const PendingRing& p, std::string text = {});
+    void commit();
+
+private:
+    friend class KeyStore;
+    struct State;
+    explicit BulkWriter(std::unique_ptr<State> s);
+    std::unique_ptr<State> m;
+};
 
 struct KeyStore::BulkWriter::State {
     KeyStore* store = nullptr;
@@ -318,6 +328,66 @@ void KeyStore::abort_staged() noexcept {
 void KeyStore::commit(const std::vector<KeyRing>& rings) {
     for (const auto& r : rings) stage(r);
     commit_staged();
+}
+
+// ---- Writer: the one way to write rings --------------------------------------------------------
+
+struct KeyStore::Writer::State {
+    State(KeyStore& s, Mode md, bool p) : store(s), mode(md), part(p) {}
+    KeyStore& store;
+    Mode mode;
+    bool part;  // a worker's: seal and write only
+    std::unique_ptr<BulkWriter> bulk;  // fill
+    bool committed = false;
+};
+
+KeyStore::Writer::Writer(std::unique_ptr<State> s) : m(std::move(s)) {}
+
+KeyStore::Writer::~Writer() {
+    // Not committed: an update's pending files go (the store is as it was). A fill's files are in
+    // a private staging copy that its owner removes.
+    if (!m->part && !m->committed && m->mode == Mode::update) m->store.abort_staged();
+}
+
+std::unique_ptr<KeyStore::Writer> KeyStore::writer(Writer::Mode mode, const std::string& scratch_dir) {
+    if (!m_writable) throw Error("internal: store opened read-only");
+    auto st = std::make_unique<Writer::State>(*this, mode, false);
+    if (mode == Writer::Mode::fill) st->bulk = bulk_writer(scratch_dir);
+    return std::unique_ptr<Writer>(new Writer(std::move(st)));
+}
+
+std::unique_ptr<KeyStore::Writer> KeyStore::part_writer(Writer::Mode mode) {
+    auto st = std::make_unique<Writer::State>(*this, mode, true);
+    return std::unique_ptr<Writer>(new Writer(std::move(st)));
+}
+
+Bytes KeyStore::Writer::seal(const KeyRing& ring) { return m->store.seal_ring(ring); }
+
+KeyStore::PendingRing KeyStore::Writer::write(const KeyRing& ring, const Bytes& sealed) {
+    return m->mode == Mode::fill ? m->store.store_final(ring, sealed) : m->store.store_sealed(ring, sealed);
+}
+
+void KeyStore::Writer::take(const PendingRing& p, std::string text) {
+    if (m->part) throw Error("internal: a part writer takes nothing");
+    if (m->committed) throw Error("internal: writer already committed");
+    if (m->bulk) m->bulk->add_written(p, std::move(text));
+    else m->store.adopt_pending(p);
+}
+
+void KeyStore::Writer::put(const KeyRing& ring) {
+    if (m->bulk && !m->part) {
+        m->bulk->add(ring, seal(ring));  // writes it under its final name and notes its member
+        return;
+    }
+    take(write(ring, seal(ring)));
+}
+
+void KeyStore::Writer::commit() {
+    if (m->part) throw Error("internal: a part writer commits nothing");
+    if (m->committed) throw Error("internal: writer already committed");
+    if (m->bulk) m->bulk->commit();
+    else m->store.commit_staged();
+    m->committed = true;
 }
 
 }  // namespace keywarden::keystore

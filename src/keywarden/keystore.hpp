@@ -264,20 +264,8 @@ public:
     void generate(const std::vector<KeyId>& ids,
                   const std::function<void(std::size_t)>& progress = {}) override;
 
-    // Replaces or adds whole rings as given (import). One manifest update.
-    void put_rings(const std::vector<KeyRing>& rings);
-    // Streaming form of put_rings: each staged ring is written (as a pending file) right away,
-    // so memory does not grow with the ring count; commit_staged() makes them all visible with
-    // one manifest update. Nothing staged is visible before that.
-    void stage(const KeyRing& ring);
-    void commit_staged();
-    // Drops what was staged and removes its pending files (best effort: the next writer removes
-    // any that remain). The store is as it was before the first stage().
-    void abort_staged() noexcept;
-
-    // The two halves of stage(), for worker processes (--jobs): a worker seals a ring and writes
-    // it as a pending file, which stays invisible until a manifest names it, so a store opened
-    // read-only may do it; the writer then adopts what the workers wrote.
+    // A written ring's record: how a ring file written by one Writer (a --jobs worker's, in
+    // another process) is taken into another's commit.
     struct PendingRing {
         std::string key_id, file, sha256;
         RingSummary summary;
@@ -286,39 +274,51 @@ public:
     // workers hand their rings to the parent.
     static std::string pending_text(const PendingRing& p);
     static PendingRing pending_from_text(std::string_view line);
-    PendingRing write_pending(const KeyRing& ring);
-    // For a store another process fills with a BulkWriter (import --init --jobs): writes a sealed
-    // ring under its final name at once (no token call).
-    PendingRing store_final(const KeyRing& ring, const Bytes& file);
-    void adopt_pending(const PendingRing& p);
-    // write_pending in two steps, so that the file I/O can run on another thread than the
-    // token work: seal_ring signs in the token; store_sealed only writes (no token call).
-    Bytes seal_ring(const KeyRing& ring);
-    PendingRing store_sealed(const KeyRing& ring, const Bytes& file);
 
-    // Fills a store that holds no ring yet (import --init) without holding its rings or its
-    // manifest in memory. Each sealed ring is written under its final name at once (the store
-    // is a private staging copy: nothing reads it before the commit) and its manifest member
-    // goes to a scratch file in scratch_dir; commit() syncs, then writes the signed manifest by
-    // streaming that file, and closes this store. Rings normally come in key id order; out of
-    // order (a bundle from keywarden 0.2.0 or older with a key id list) the members are kept in
-    // memory instead. A ring added twice is refused.
-    class BulkWriter {
+    // The one way to write rings into a store (import, migrate; generate, rotate and destroy use
+    // it inside). Nothing a writer writes is visible before its commit(), which makes every ring
+    // it took visible at once, or none. Writing a ring has two halves, so that the file I/O can
+    // run on another thread than the token work: seal() signs the ring file in the token;
+    // write() only writes it (no token call). take() adds a written ring to the commit.
+    class Writer {
     public:
-        ~BulkWriter();
-        void add(const KeyRing& ring, const Bytes& sealed);
-        // A ring another process wrote under its final name (store_final), by its record; with
-        // `text`, that record's pending_text() as read back (saves writing it again).
-        void add_written(const PendingRing& p, std::string text = {});
+        enum class Mode {
+            // Each ring as a pending file beside its ring file; commit() is one manifest update.
+            // Without commit() the writer removes its pending files: the store is as it was.
+            update,
+            // A store that holds no ring yet (import --init's private staging copy): each ring
+            // under its final name at once, its manifest member to a scratch file; commit()
+            // syncs, writes the signed manifest by streaming that file, and closes the store.
+            // Rings normally come in key id order; out of order their members are kept in
+            // memory instead. A ring taken twice is refused.
+            fill,
+        };
+        ~Writer();
+        Writer(const Writer&) = delete;
+        Writer& operator=(const Writer&) = delete;
+
+        Bytes seal(const KeyRing& ring);
+        PendingRing write(const KeyRing& ring, const Bytes& sealed);
+        // A ring this writer, or a part writer in another process, wrote; with `text`, its
+        // pending_text() as read back (saves making it again).
+        void take(const PendingRing& p, std::string text = {});
+        // seal, write and take.
+        void put(const KeyRing& ring);
         void commit();
 
     private:
         friend class KeyStore;
         struct State;
-        explicit BulkWriter(std::unique_ptr<State> s);
+        explicit Writer(std::unique_ptr<State> s);
         std::unique_ptr<State> m;
     };
-    std::unique_ptr<BulkWriter> bulk_writer(const std::string& scratch_dir);
+    // A writer of this store's next commit. `scratch_dir` (fill): where the manifest members
+    // wait for the commit. fill throws on a store that holds rings.
+    std::unique_ptr<Writer> writer(Writer::Mode mode, const std::string& scratch_dir = {});
+    // A writer for a --jobs worker, in its own process on its own store handle: seal() and
+    // write() as the committing writer's `mode` says, nothing to take or commit, nothing removed
+    // when it goes (the committing writer takes what it wrote).
+    std::unique_ptr<Writer> part_writer(Writer::Mode mode);
 
     // The key material of a version (the current one by default): unwrapped in the token as a
     // non-sensitive session object, read, and destroyed. Throws for destroyed versions.
@@ -351,6 +351,18 @@ private:
     void recover_pending(std::vector<std::string>& files);
     void check_files(const std::vector<std::string>& files, bool strict);
     void commit(const std::vector<KeyRing>& rings);
+    // What Writer is made of. stage() = adopt_pending(store_sealed(r, seal_ring(r))); a staged
+    // ring is invisible until commit_staged(); abort_staged() drops what was staged and removes
+    // its pending files (best effort: the next writer removes any that remain).
+    void stage(const KeyRing& ring);
+    void commit_staged();
+    void abort_staged() noexcept;
+    Bytes seal_ring(const KeyRing& ring);
+    PendingRing store_sealed(const KeyRing& ring, const Bytes& file);
+    PendingRing store_final(const KeyRing& ring, const Bytes& file);
+    void adopt_pending(const PendingRing& p);
+    class BulkWriter;  // fill mode (keystore_write.cpp)
+    std::unique_ptr<BulkWriter> bulk_writer(const std::string& scratch_dir);
 
     std::unique_ptr<Storage> m_storage;
     MasterKeys m_keys;
