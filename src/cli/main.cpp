@@ -34,6 +34,8 @@ constexpr const char* kExitCodes =
     "Exit codes: 0 ok, 1 failure, 2 usage error, 3 token or PIN problem, 4 integrity failure.";
 }
 
+// Over 80 lines on purpose: the whole command tree as one declarative table (every command,
+// option and check in the order --help shows them); split, it would be read in pieces.
 Commands build_cli(CLI::App& app, Options& o) {
     GlobalOptions& g = o.g;
     app.footer(kExitCodes);

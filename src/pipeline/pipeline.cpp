@@ -21,6 +21,8 @@ namespace keywarden::pipeline {
 
 using pkcs11::restart_token;
 
+// Over 80 lines on purpose: fork, the child's whole life (restart, work, report, _exit) and the
+// parent's wait are one protocol, read best in one place.
 void run_in_processes(const TokenContext& parent, std::size_t jobs,
                       const std::function<void(std::size_t, TokenContext&)>& work,
                       const std::function<void(const std::function<bool()>&)>& meanwhile) {
