@@ -28,6 +28,58 @@ bool same_ring(const KeyRing& a, const KeyRing& b) {
     return true;
 }
 
+// The destination token: the source's session when both stores live on one token; else a
+// second token of the same module (one module is initialised once per process), or of another.
+pkcs11::TokenContext destination_token(const MigrateOptions& o, const keystore::OpenAnyStore& src,
+                                       const keystore::StoreMeta& dmeta, bool& same_token) {
+    pkcs11::TokenOptions dt = o.dst_token;
+    if (dt.token.empty()) dt.token = "serial:" + dmeta.token_serial;
+    if (dt.pin_source.empty()) dt.pin_source = o.src_token.pin_source;
+    bool same_module = dt.module.empty() || dt.module == o.src_token.module || dt.module == src.token.module->path();
+    pkcs11::TokenContext dctx;
+    if (same_module && dmeta.token_serial == src.token.token.serial &&
+        (o.dst_token.token.empty() || o.dst_token.token == "serial:" + dmeta.token_serial)) {
+        dctx = src.token;
+        same_token = true;
+    } else if (same_module) {
+        dctx = pkcs11::open_token_on(src.token.module, dt, true);
+    } else {
+        dctx = pkcs11::open_token(dt, true);
+    }
+    return dctx;
+}
+
+// What moves: rings already there with the same keys are skipped; the same id with other keys
+// is refused; rings of the destination that the source does not have are counted (they need
+// --force). Every source ring is read and authenticated here, before anything is written; the
+// rings to move are kept from here (each v1 file's MAC is checked in the token once).
+std::vector<KeyRing> plan_migration(const keystore::Store& from, const keystore::Store& to, MigrateSummary& sum) {
+    std::vector<KeyId> ids = from.key_ids();
+    std::set<std::string> in_src;
+    std::vector<std::string> conflicts;
+    std::vector<KeyRing> moving;
+    for (const auto& id : ids) {
+        in_src.insert(id.str());
+        KeyRing r = from.load(id);
+        if (!to.contains(id)) {
+            sum.to_move.push_back(id.str());
+            sum.versions += r.versions.size();
+            moving.push_back(std::move(r));
+            continue;
+        }
+        if (same_ring(r, to.load(id))) sum.already_present.push_back(id.str());
+        else conflicts.push_back(id.str());
+    }
+    for (const auto& id : to.key_ids())
+        if (!in_src.count(id.str())) sum.others.push_back(id.str());
+    if (!conflicts.empty())
+        throw ConflictError(std::to_string(conflicts.size()) +
+                                " key rings exist in both stores with different keys, " + conflicts.front() + " first",
+                            "nothing was changed; migrate into a new v2 store (keywarden init), or look at both "
+                            "with 'keywarden list --rotated'");
+    return moving;
+}
+
 }  // namespace
 
 MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
@@ -56,50 +108,10 @@ MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
         throw UsageError("the destination store at " + o.dst_path + " is not a version 2 store");
     auto dst_lock = dst_storage->lock(!o.dry_run);
 
-    // The destination token: the source's session when both stores live on one token; else a
-    // second token of the same module (one module is initialised once per process).
-    pkcs11::TokenOptions dt = o.dst_token;
-    if (dt.token.empty()) dt.token = "serial:" + dmeta.token_serial;
-    if (dt.pin_source.empty()) dt.pin_source = o.src_token.pin_source;
-    bool same_module = dt.module.empty() || dt.module == o.src_token.module || dt.module == src.token.module->path();
-    pkcs11::TokenContext dctx;
-    if (same_module && dmeta.token_serial == src.token.token.serial &&
-        (o.dst_token.token.empty() || o.dst_token.token == "serial:" + dmeta.token_serial)) {
-        dctx = src.token;
-        sum.same_token = true;
-    } else if (same_module) {
-        dctx = pkcs11::open_token_on(src.token.module, dt, true);
-    } else {
-        dctx = pkcs11::open_token(dt, true);
-    }
+    pkcs11::TokenContext dctx = destination_token(o, src, dmeta, sum.same_token);
     auto dst = keystore::open_store_on(dctx, std::move(dst_storage), !o.dry_run, true, std::move(dst_lock));
 
-    // What moves: rings already there with the same keys are skipped; the same id with other
-    // keys is refused; rings of the destination that the source does not have need --force.
-    // Every source ring is read and authenticated here, before anything is written.
-    std::vector<KeyId> ids = src.store->key_ids();
-    std::set<std::string> in_src;
-    std::vector<std::string> conflicts;
-    std::vector<KeyRing> moving;  // kept from here: each v1 file's MAC is checked in the token once
-    for (const auto& id : ids) {
-        in_src.insert(id.str());
-        KeyRing r = src.store->load(id);
-        if (!dst.store->contains(id)) {
-            sum.to_move.push_back(id.str());
-            sum.versions += r.versions.size();
-            moving.push_back(std::move(r));
-            continue;
-        }
-        if (same_ring(r, dst.store->load(id))) sum.already_present.push_back(id.str());
-        else conflicts.push_back(id.str());
-    }
-    for (const auto& id : dst.store->key_ids())
-        if (!in_src.count(id.str())) sum.others.push_back(id.str());
-    if (!conflicts.empty())
-        throw ConflictError(std::to_string(conflicts.size()) +
-                                " key rings exist in both stores with different keys, " + conflicts.front() + " first",
-                            "nothing was changed; migrate into a new v2 store (keywarden init), or look at both "
-                            "with 'keywarden list --rotated'");
+    std::vector<KeyRing> moving = plan_migration(*src.store, *dst.store, sum);
     if (sum.to_move.empty() && !o.dry_run) {  // already migrated: nothing to add, nothing to refuse
         sum.seconds = seconds_since(t0);
         return sum;
