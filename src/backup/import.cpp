@@ -443,6 +443,80 @@ struct ImportPass2 {
     bool mac_only, overwrite;
 };
 
+// One worker of import's pass 2 (restore_on_pipeline): restores the rings that start in the
+// chunks it takes and writes their files with a part writer, one line per ring.
+void restore_worker(ImportPass2& run, pipeline::Worker& w, keystore::KeyStore::Writer::Mode mode) {
+    const ImportOptions& o = run.o;
+    ImportSummary& sum = run.sum;
+    const SecretFile& secret = run.secret;
+    const CK_MECHANISM_TYPE mech = run.mech;
+    pkcs11::TokenContext& ctx = run.ctx;
+    const std::string staging = run.staging_dir.path();
+    const std::set<std::string>& skip = run.skip;
+    const bool overwrite = run.overwrite;
+    keystore::OpenStore& stage = run.stage;
+    // One job works on the staged store itself, and a restart leaves its master keys and
+    // the backup key to be found or made again on the new session (ctx is the context
+    // every later step uses). A forked worker opens the staged store on its own session,
+    // not strict: the other workers' ring files are not in its manifest yet.
+    std::optional<keystore::OpenStore> own_store;
+    if (w.forked())
+        own_store.emplace(keystore::open_store_on(w.token(), keystore::open_file_storage(staging), false,
+                                                  false, std::make_unique<HeldElsewhere>()));
+    keystore::OpenStore& mine = own_store ? *own_store : stage;
+    TokenBackupKey backup(mine.token, secret.encryption, mech);
+    pkcs11::TokenRecycler recycler(w.forked() ? mine.token : ctx, [&] {
+        if (!w.forked()) mine.token = ctx;
+        keystore::rebind_master_keys(mine);
+        backup.rebind();
+    });
+    detail::BundleReader own(o.bundle_path, secret);
+    // One job reads and decrypts every entry: a second thread does that ahead of the token
+    // work. A worker of N skips the entries of other workers' chunks without decrypting.
+    std::optional<ReadAhead<detail::Entry>> ahead;
+    if (!w.forked()) ahead.emplace([&] { return own.next(); });
+    EntryCursor cursor(own, ahead ? std::function<std::optional<detail::Entry>()>([&] { return ahead->next(); })
+                                  : nullptr);
+    // A ring file written, and its line emitted.
+    auto part = mine.store->part_writer(mode);
+    auto write = [&](const KeyRing& r, const Bytes& file) {
+        w.emit(keystore::KeyStore::pending_text(part->write(r, file)));
+    };
+    std::vector<Bytes> files;
+    while (auto chunk = w.next()) {
+        std::set<std::string> not_mine = skip;
+        // The entry before the chunk names a ring that started before it. Otherwise the
+        // entry at the cursor was put back as the start of a ring (at the chunk's first
+        // entry, or past it if this worker's last ring ran into the chunk).
+        if (auto before = cursor.entry_before(chunk->first)) not_mine.insert(before->meta.key_id);
+        // One job writes the ring files (and takes them in) on a second thread while this
+        // one does the token work; a worker of N writes them itself (the other core is
+        // the other worker's).
+        std::optional<RingWriter> writer;
+        if (!w.forked()) writer.emplace(write);
+        std::size_t wrapped_here = 0;
+        restore_rings(cursor, not_mine, backup, *mine.store, chunk->last,
+                      [&](std::vector<KeyRing>& rings) {
+                          // All signed, then all written: a run of one kind of work is
+                          // faster on a busy host than alternating.
+                          files.clear();
+                          for (auto& r : rings) {
+                              for (const auto& v : r.versions) wrapped_here += !v.wrapped.empty();
+                              if (overwrite) keep_store_only_versions(r, *mine.store, sum.kept);
+                              files.push_back(part->seal(r));
+                          }
+                          for (std::size_t i = 0; i < rings.size(); ++i) {
+                              if (writer) writer->push(std::move(rings[i]), std::move(files[i]));
+                              else write(rings[i], files[i]);
+                          }
+                      },
+                      &recycler);
+        if (writer) writer->finish();  // every ring of the chunk written and taken in
+        w.emit("wrapped " + std::to_string(wrapped_here));
+    }
+    cursor.skip_rest();
+}
+
 // Pass 2 on the token pipeline, one job or N: every key is unwrapped under the backup key in the
 // token and wrapped again under the staged store's master key, and the rings are written as
 // files; this process takes them into the staged store. Workers take chunks of entries as they
@@ -454,18 +528,11 @@ struct ImportPass2 {
 void restore_on_pipeline(ImportPass2& run) {
     const ImportOptions& o = run.o;
     ImportSummary& sum = run.sum;
-    const SecretFile& secret = run.secret;
-    const CK_MECHANISM_TYPE mech = run.mech;
-    pkcs11::TokenContext& ctx = run.ctx;
-    StagingDir& staging_dir = run.staging_dir;
-    const std::string staging = staging_dir.path();
-    const std::set<std::string>& skip = run.skip;
-    const bool mac_only = run.mac_only, overwrite = run.overwrite;
-    keystore::OpenStore& stage = run.stage;
-    keystore::KeyStore& dst = *stage.store;
+    const bool mac_only = run.mac_only;
+    keystore::KeyStore& dst = *run.stage.store;
     using Writer = keystore::KeyStore::Writer;
     const Writer::Mode mode = o.init ? Writer::Mode::fill : Writer::Mode::update;
-    auto writer = dst.writer(mode, staging_dir.parent());
+    auto writer = dst.writer(mode, run.staging_dir.parent());
     std::size_t wrapped = 0;
     std::vector<keystore::KeyStore::PendingRing> pending;  // a merge's rings, taken at the end
     pipeline::Plan plan;
@@ -474,69 +541,8 @@ void restore_on_pipeline(ImportPass2& run) {
     plan.work_near = o.bundle_path;
     plan.what = "import";
     pipeline::run(
-        ctx, plan,
-        [&](pipeline::Worker& w) {
-            // One job works on the staged store itself, and a restart leaves its master keys and
-            // the backup key to be found or made again on the new session (ctx is the context
-            // every later step uses). A forked worker opens the staged store on its own session,
-            // not strict: the other workers' ring files are not in its manifest yet.
-            std::optional<keystore::OpenStore> own_store;
-            if (w.forked())
-                own_store.emplace(keystore::open_store_on(w.token(), keystore::open_file_storage(staging), false,
-                                                          false, std::make_unique<HeldElsewhere>()));
-            keystore::OpenStore& mine = own_store ? *own_store : stage;
-            TokenBackupKey backup(mine.token, secret.encryption, mech);
-            pkcs11::TokenRecycler recycler(w.forked() ? mine.token : ctx, [&] {
-                if (!w.forked()) mine.token = ctx;
-                keystore::rebind_master_keys(mine);
-                backup.rebind();
-            });
-            detail::BundleReader own(o.bundle_path, secret);
-            // One job reads and decrypts every entry: a second thread does that ahead of the token
-            // work. A worker of N skips the entries of other workers' chunks without decrypting.
-            std::optional<ReadAhead<detail::Entry>> ahead;
-            if (!w.forked()) ahead.emplace([&] { return own.next(); });
-            EntryCursor cursor(own, ahead ? std::function<std::optional<detail::Entry>()>([&] { return ahead->next(); })
-                                          : nullptr);
-            // A ring file written, and its line emitted.
-            auto part = mine.store->part_writer(mode);
-            auto write = [&](const KeyRing& r, const Bytes& file) {
-                w.emit(keystore::KeyStore::pending_text(part->write(r, file)));
-            };
-            std::vector<Bytes> files;
-            while (auto chunk = w.next()) {
-                std::set<std::string> not_mine = skip;
-                // The entry before the chunk names a ring that started before it. Otherwise the
-                // entry at the cursor was put back as the start of a ring (at the chunk's first
-                // entry, or past it if this worker's last ring ran into the chunk).
-                if (auto before = cursor.entry_before(chunk->first)) not_mine.insert(before->meta.key_id);
-                // One job writes the ring files (and takes them in) on a second thread while this
-                // one does the token work; a worker of N writes them itself (the other core is
-                // the other worker's).
-                std::optional<RingWriter> writer;
-                if (!w.forked()) writer.emplace(write);
-                std::size_t wrapped_here = 0;
-                restore_rings(cursor, not_mine, backup, *mine.store, chunk->last,
-                              [&](std::vector<KeyRing>& rings) {
-                                  // All signed, then all written: a run of one kind of work is
-                                  // faster on a busy host than alternating.
-                                  files.clear();
-                                  for (auto& r : rings) {
-                                      for (const auto& v : r.versions) wrapped_here += !v.wrapped.empty();
-                                      if (overwrite) keep_store_only_versions(r, *mine.store, sum.kept);
-                                      files.push_back(part->seal(r));
-                                  }
-                                  for (std::size_t i = 0; i < rings.size(); ++i) {
-                                      if (writer) writer->push(std::move(rings[i]), std::move(files[i]));
-                                      else write(rings[i], files[i]);
-                                  }
-                              },
-                              &recycler);
-                if (writer) writer->finish();  // every ring of the chunk written and taken in
-                w.emit("wrapped " + std::to_string(wrapped_here));
-            }
-            cursor.skip_rest();
-        },
+        run.ctx, plan,
+        [&](pipeline::Worker& w) { restore_worker(run, w, mode); },
         [&](std::string_view text) {
             if (text.starts_with("wrapped ")) {
                 wrapped += std::stoull(std::string(text.substr(8)));
