@@ -133,6 +133,63 @@ std::string one_line(std::string s) {
     return s;
 }
 
+// One worker of verify's pass 2 (trial_unwrap_all): reads the bundle itself and unwraps the
+// keys of the chunks it takes, reporting as lines (see trial_unwrap_all).
+void verify_worker(pipeline::Worker& w, const std::string& bundle_path, const SecretFile& secret,
+                   CK_MECHANISM_TYPE mech) {
+    detail::BundleReader mine(bundle_path, secret);
+    TokenBackupKey backup(w.token(), secret.encryption, mech);
+    pkcs11::TokenRecycler recycler(w.token(), [&] { backup.rebind(); });
+    // One job reads and decrypts every entry: a second thread does that ahead of the
+    // token work, handing them over in batches. A worker of N skips the entries of other
+    // workers' chunks without decrypting them.
+    std::optional<ReadAhead<detail::Entry>> ahead;
+    if (!w.forked()) ahead.emplace([&] { return mine.next(); });
+    EntryCursor cursor(mine, ahead ? std::function<std::optional<detail::Entry>()>([&] { return ahead->next(); })
+                                   : nullptr);
+    try {
+        std::optional<std::string> previous;  // the key id of the entry before the cursor, once read
+        for (bool ended = false; !ended;) {
+            auto chunk = w.next();
+            if (!chunk) break;
+            if (auto before = cursor.entry_before(chunk->first)) previous = before->meta.key_id;
+            std::size_t n = 0, unwrapped = 0, started = 0;
+            auto counts = [&] {
+                w.emit("counts\t" + std::to_string(n) + "\t" + std::to_string(unwrapped) + "\t" +
+                       std::to_string(started));
+                n = unwrapped = started = 0;
+            };
+            while (cursor.position() < chunk->last) {
+                const std::size_t at = cursor.position();
+                auto e = cursor.next();
+                if (!e) {
+                    ended = true;  // fewer entries than the header says: the MAC pass reports it
+                    break;
+                }
+                ++n;
+                if (!previous || *previous != e->meta.key_id) ++started;
+                previous = e->meta.key_id;
+                if (!e->wrapped.empty()) {
+                    if (auto problem = trial_unwrap(backup.under(), backup.backend(), *e))
+                        w.emit("problem\t" + std::to_string(at) + "\t" + e->meta.key_id + "@" +
+                               std::to_string(e->meta.version) + "\t" + one_line(*problem));
+                    else ++unwrapped;
+                    recycler.made(1);
+                }
+                if (n == 256) counts();
+            }
+            counts();
+        }
+        cursor.skip_rest();
+    } catch (const TokenError&) {
+        throw;  // a module restart that failed
+    } catch (const pkcs11::Pkcs11Error&) {
+        throw;
+    } catch (const Error& e) {
+        w.emit("failed\t" + one_line(e.what()));
+    }
+}
+
 // Verify's pass 2: every wrapped key of the bundle unwrapped under the backup key in the token
 // and its check value checked there, on the token pipeline. A worker reads the bundle itself
 // (for the MAC) and unwraps the keys of the chunks it takes; it reports, as lines merged in entry
@@ -154,59 +211,7 @@ void trial_unwrap_all(const std::string& bundle_path, const std::string& work_ne
     bool failed = false;
     pipeline::run(
         token, plan,
-        [&](pipeline::Worker& w) {
-            detail::BundleReader mine(bundle_path, secret);
-            TokenBackupKey backup(w.token(), secret.encryption, mech);
-            pkcs11::TokenRecycler recycler(w.token(), [&] { backup.rebind(); });
-            // One job reads and decrypts every entry: a second thread does that ahead of the
-            // token work, handing them over in batches. A worker of N skips the entries of other
-            // workers' chunks without decrypting them.
-            std::optional<ReadAhead<detail::Entry>> ahead;
-            if (!w.forked()) ahead.emplace([&] { return mine.next(); });
-            EntryCursor cursor(mine, ahead ? std::function<std::optional<detail::Entry>()>([&] { return ahead->next(); })
-                                           : nullptr);
-            try {
-                std::optional<std::string> previous;  // the key id of the entry before the cursor, once read
-                for (bool ended = false; !ended;) {
-                    auto chunk = w.next();
-                    if (!chunk) break;
-                    if (auto before = cursor.entry_before(chunk->first)) previous = before->meta.key_id;
-                    std::size_t n = 0, unwrapped = 0, started = 0;
-                    auto counts = [&] {
-                        w.emit("counts\t" + std::to_string(n) + "\t" + std::to_string(unwrapped) + "\t" +
-                               std::to_string(started));
-                        n = unwrapped = started = 0;
-                    };
-                    while (cursor.position() < chunk->last) {
-                        const std::size_t at = cursor.position();
-                        auto e = cursor.next();
-                        if (!e) {
-                            ended = true;  // fewer entries than the header says: the MAC pass reports it
-                            break;
-                        }
-                        ++n;
-                        if (!previous || *previous != e->meta.key_id) ++started;
-                        previous = e->meta.key_id;
-                        if (!e->wrapped.empty()) {
-                            if (auto problem = trial_unwrap(backup.under(), backup.backend(), *e))
-                                w.emit("problem\t" + std::to_string(at) + "\t" + e->meta.key_id + "@" +
-                                       std::to_string(e->meta.version) + "\t" + one_line(*problem));
-                            else ++unwrapped;
-                            recycler.made(1);
-                        }
-                        if (n == 256) counts();
-                    }
-                    counts();
-                }
-                cursor.skip_rest();
-            } catch (const TokenError&) {
-                throw;  // a module restart that failed
-            } catch (const pkcs11::Pkcs11Error&) {
-                throw;
-            } catch (const Error& e) {
-                w.emit("failed\t" + one_line(e.what()));
-            }
-        },
+        [&](pipeline::Worker& w) { verify_worker(w, bundle_path, secret, mech); },
         [&](std::string_view line) {
             auto field = [&](std::size_t i) {
                 std::size_t from = 0;
