@@ -416,5 +416,14 @@ private:
     std::uint64_t m_bytes = 0;
 };
 
-
 }  // namespace keywarden::backup::detail
+
+namespace keywarden::backup {
+// The names every backup source file (backup, export, verify, import, backup_v1, migrate) uses.
+namespace fs = std::filesystem;
+using namespace detail;
+using keystore::KeyId;
+using keystore::KeyRing;
+using keystore::KeyState;
+using keystore::KeyVersion;
+}  // namespace keywarden::backup

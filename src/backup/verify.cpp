@@ -38,12 +38,6 @@
 
 namespace keywarden::backup {
 
-namespace fs = std::filesystem;
-using namespace detail;
-using keystore::KeyId;
-using keystore::KeyRing;
-using keystore::KeyState;
-using keystore::KeyVersion;
 // ---- verify ---------------------------------------------------------------------------------
 
 namespace detail {
