@@ -196,31 +196,25 @@ SecureBytes backup_key_from_env() {
     return std::move(*key);
 }
 
-V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBytes& backup_key,
-                                 const V1ImportOptions& o) {
-    auto t0 = std::chrono::steady_clock::now();
-    V1ImportSummary sum;
-    sum.dry_run = o.dry_run;
-    if (o.file.empty()) throw UsageError("say which backup to import: --file F");
-    SecretFile secret = v1_backup_secret(backup_key);
-    BundleReader reader(o.file, secret);
-    sum.bundle_id = reader.header().bundle_id;
+namespace {
 
-    auto [ctx, target] = open_import_target(tok, o.keystore_path, o.init, o.dry_run, 1);
-
-    // Pass 1: the whole file verifies (MAC, counts, every entry's metadata) before anything is
-    // written; every key id it holds is checked against the target.
+// Import's pass 1: the whole file verifies (MAC, counts, every entry's metadata) before anything
+// is written; every key id it holds is checked against the target `store` (if there is one), and
+// the import refused (a dry run only notes why) when it holds keys without --merge, or any of
+// the backup's: a v1 import never overwrites.
+void scan_v1_backup(detail::BundleReader& reader, const keystore::Store* store, const V1ImportOptions& o,
+                    V1ImportSummary& sum) {
     while (auto e = reader.next()) {
         ++sum.entries;
         if (sum.key_ids.empty() || sum.key_ids.back() != e->meta.key_id) {
             sum.key_ids.push_back(e->meta.key_id);
-            if (target && target->store->contains(KeyId::parse(e->meta.key_id)))
+            if (store && store->contains(KeyId::parse(e->meta.key_id)))
                 sum.conflicts.push_back(e->meta.key_id);
         }
     }
     sum.rings = sum.key_ids.size();
-    if (target) {
-        std::size_t existing = target->store->key_ids().size();
+    if (store) {
+        std::size_t existing = store->key_ids().size();
         if (existing != 0 && !o.merge)
             sum.refused = "the target store already holds " + std::to_string(existing) + " keys";
         else if (!sum.conflicts.empty())
@@ -234,6 +228,23 @@ V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBy
                                                  : "a v1 import never overwrites a key: restore into an "
                                                    "empty store, or destroy and remove those keys first");
     }
+}
+
+}  // namespace
+
+V1ImportSummary import_v1_backup(const pkcs11::TokenOptions& tok, const SecureBytes& backup_key,
+                                 const V1ImportOptions& o) {
+    auto t0 = std::chrono::steady_clock::now();
+    V1ImportSummary sum;
+    sum.dry_run = o.dry_run;
+    if (o.file.empty()) throw UsageError("say which backup to import: --file F");
+    SecretFile secret = v1_backup_secret(backup_key);
+    BundleReader reader(o.file, secret);
+    sum.bundle_id = reader.header().bundle_id;
+
+    auto [ctx, target] = open_import_target(tok, o.keystore_path, o.init, o.dry_run, 1);
+
+    scan_v1_backup(reader, target ? target->store.get() : nullptr, o, sum);
     if (o.dry_run) {
         // Every key unwrapped and checked in the destination token, as the import would.
         sum.unwrapped_in_token = detail::dry_run_unwrap(o.file, secret, ctx, sum.bundle_id, sum.entries, o.progress,

@@ -37,61 +37,59 @@ std::string v1_store_path(const GlobalOptions& g, const BackupV1Options& o) {
 
 }  // namespace
 
-int run_backup_v1(const GlobalOptions& g, const BackupV1Options& o) {
-    std::string store_path = v1_store_path(g, o);
-    bool exporting = o.action == "export";
-    if (exporting && (o.init || o.merge || o.dry_run))
-        throw UsageError("--init, --merge and --dry-run are import options");
-    if (!exporting && !o.key_out.empty()) throw UsageError("--backup-key-out is an export option");
-    if (o.init && o.merge) throw UsageError("--init and --merge exclude each other");
+namespace {
 
-    if (exporting) {
-        backup::V1ExportOptions eo;
-        eo.file = o.file;
-        eo.key_out = o.key_out;
-        if (!o.key_out.empty() && o.key_out.size() < 6 &&
-            o.key_out.find_first_not_of("0123456789") == std::string::npos) {
-            // A descriptor the operator opened: duplicated now, before keywarden opens anything
-            // of its own, so that a number can never name the store's lock file or the token.
-            int n = std::stoi(o.key_out);
-            if (n <= 2)
-                throw UsageError("--backup-key-out " + o.key_out + " would put the backup key on " +
-                                     (n == 0 ? "standard input" : n == 1 ? "stdout" : "stderr") +
-                                     ", which is often captured or logged",
-                                 "open a descriptor for it (e.g. 3>key.txt ... --backup-key-out 3), or "
-                                 "give a new file's path");
-            eo.key_fd = ::fcntl(n, F_DUPFD_CLOEXEC, 3);
-            if (eo.key_fd < 0)
-                throw UsageError("--backup-key-out " + o.key_out + ": file descriptor " + o.key_out + " is not open",
-                                 "open it in the shell (e.g. 3>key.txt), or give a path");
-            eo.key_fd_name = "file descriptor " + o.key_out;
-            eo.key_out.clear();
-        }
-        eo.progress = progress_bar("backing up");
-        auto s = keystore::open_any_store(g.tok, store_path, false);
-        auto sum = backup::export_v1_backup(s, eo);
-        if (g.json)
-            std::cout << nlohmann::json{{"file", o.file},
-                                        {"bundle_id", sum.bundle_id},
-                                        {"keys", sum.rings},
-                                        {"key_versions", sum.entries},
-                                        {"wrapped_keys", sum.wrapped_keys},
-                                        {"bytes", sum.bytes},
-                                        {"seconds", sum.seconds},
-                                        {"verified", true},
-                                        {"backup_key_shown_on", sum.key_shown_on}}
-                             .dump(2)
-                      << "\n";
-        std::cerr << "backed up " << sum.rings << " keys (" << sum.entries << " key versions) to " << o.file
-                  << ": " << sum.bytes << " bytes in " << sum.seconds
-                  << " s; the file was read back and verified\n"
-                  << "the backup key was shown once, on " << sum.key_shown_on
-                  << ". It is not stored anywhere else: without it the backup cannot be restored.\n"
-                  << "REMEMBER: store " << o.file << " and the backup key in different places; whoever "
-                  << "holds both holds every key.\n";
-        return 0;
+// backup --action=export: the backup key's destination (a descriptor the operator opened is
+// duplicated before keywarden opens anything of its own), then the backup and its summary.
+int run_backup_v1_export(const GlobalOptions& g, const BackupV1Options& o, const std::string& store_path) {
+    backup::V1ExportOptions eo;
+    eo.file = o.file;
+    eo.key_out = o.key_out;
+    if (!o.key_out.empty() && o.key_out.size() < 6 &&
+        o.key_out.find_first_not_of("0123456789") == std::string::npos) {
+        // A descriptor the operator opened: duplicated now, before keywarden opens anything
+        // of its own, so that a number can never name the store's lock file or the token.
+        int n = std::stoi(o.key_out);
+        if (n <= 2)
+            throw UsageError("--backup-key-out " + o.key_out + " would put the backup key on " +
+                                 (n == 0 ? "standard input" : n == 1 ? "stdout" : "stderr") +
+                                 ", which is often captured or logged",
+                             "open a descriptor for it (e.g. 3>key.txt ... --backup-key-out 3), or "
+                             "give a new file's path");
+        eo.key_fd = ::fcntl(n, F_DUPFD_CLOEXEC, 3);
+        if (eo.key_fd < 0)
+            throw UsageError("--backup-key-out " + o.key_out + ": file descriptor " + o.key_out + " is not open",
+                             "open it in the shell (e.g. 3>key.txt), or give a path");
+        eo.key_fd_name = "file descriptor " + o.key_out;
+        eo.key_out.clear();
     }
+    eo.progress = progress_bar("backing up");
+    auto s = keystore::open_any_store(g.tok, store_path, false);
+    auto sum = backup::export_v1_backup(s, eo);
+    if (g.json)
+        std::cout << nlohmann::json{{"file", o.file},
+                                    {"bundle_id", sum.bundle_id},
+                                    {"keys", sum.rings},
+                                    {"key_versions", sum.entries},
+                                    {"wrapped_keys", sum.wrapped_keys},
+                                    {"bytes", sum.bytes},
+                                    {"seconds", sum.seconds},
+                                    {"verified", true},
+                                    {"backup_key_shown_on", sum.key_shown_on}}
+                         .dump(2)
+                  << "\n";
+    std::cerr << "backed up " << sum.rings << " keys (" << sum.entries << " key versions) to " << o.file
+              << ": " << sum.bytes << " bytes in " << sum.seconds
+              << " s; the file was read back and verified\n"
+              << "the backup key was shown once, on " << sum.key_shown_on
+              << ". It is not stored anywhere else: without it the backup cannot be restored.\n"
+              << "REMEMBER: store " << o.file << " and the backup key in different places; whoever "
+              << "holds both holds every key.\n";
+    return 0;
+}
 
+// backup --action=import: BACKUP_MASTER_KEY opens the file; a dry run says what would happen.
+int run_backup_v1_import(const GlobalOptions& g, const BackupV1Options& o, const std::string& store_path) {
     backup::V1ImportOptions io;
     io.file = o.file;
     io.keystore_path = store_path;
@@ -133,6 +131,18 @@ int run_backup_v1(const GlobalOptions& g, const BackupV1Options& o) {
     std::cerr << "restored " << sum.rings << " keys (" << sum.entries << " key versions) into " << store_path
               << " in " << sum.seconds << " s\n";
     return 0;
+}
+
+}  // namespace
+
+int run_backup_v1(const GlobalOptions& g, const BackupV1Options& o) {
+    std::string store_path = v1_store_path(g, o);
+    bool exporting = o.action == "export";
+    if (exporting && (o.init || o.merge || o.dry_run))
+        throw UsageError("--init, --merge and --dry-run are import options");
+    if (!exporting && !o.key_out.empty()) throw UsageError("--backup-key-out is an export option");
+    if (o.init && o.merge) throw UsageError("--init and --merge exclude each other");
+    return exporting ? run_backup_v1_export(g, o, store_path) : run_backup_v1_import(g, o, store_path);
 }
 
 int run_migrate(const GlobalOptions& g, const MigrateOptions& o) {
