@@ -80,6 +80,32 @@ private:
 
 using util::append;
 
+// An existing backup path (or a link there) and a missing directory are refused before anything
+// is made.
+void refuse_v1_output(const std::string& file) {
+    std::error_code ec;
+    if (fs::exists(fs::symlink_status(file, ec)))
+        throw ConflictError(file + " already exists", "choose another path; keywarden never overwrites a backup");
+    if (!fs::is_directory(fs::absolute(file).parent_path(), ec))
+        throw UsageError("the directory for " + file + " does not exist");
+}
+
+// Shows the backup key once, from wiping buffers only; if it cannot be shown, the backup it opens
+// is removed (a backup nobody can open is worse than none).
+void show_backup_key(KeyDestination& dest, const SecureBytes& backup_key, const std::string& file) {
+    try {
+        SecureBytes text;
+        append(text, "Backup master key: ");
+        SecureBytes b64 = base64_secret(backup_key);
+        text.insert(text.end(), b64.begin(), b64.end());
+        append(text, "\n");
+        dest.show(text);
+    } catch (...) {
+        ::unlink(file.c_str());
+        throw;
+    }
+}
+
 }  // namespace
 
 // ---- export ---------------------------------------------------------------------------------
@@ -94,13 +120,7 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
                          "--key-bundle-secret S'");
     if (o.file.empty()) throw UsageError("say where the backup goes: --file F");
     remove_stale_leftovers(o.file);  // the temp file of a backup that was killed
-    {
-        std::error_code ec;
-        if (fs::exists(fs::symlink_status(o.file, ec)))
-            throw ConflictError(o.file + " already exists", "choose another path; keywarden never overwrites a backup");
-        if (!fs::is_directory(fs::absolute(o.file).parent_path(), ec))
-            throw UsageError("the directory for " + o.file + " does not exist");
-    }
+    refuse_v1_output(o.file);
     KeyDestination dest(o);
     pkcs11::Session& session = *os.token.session;
 
@@ -155,17 +175,7 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
         detail::check_written(rep, sum.entries, sum.wrapped_keys, "backup");
         out.publish();
     }
-    try {
-        SecureBytes text;
-        append(text, "Backup master key: ");
-        SecureBytes b64 = base64_secret(backup_key);
-        text.insert(text.end(), b64.begin(), b64.end());
-        append(text, "\n");
-        dest.show(text);
-    } catch (...) {
-        ::unlink(o.file.c_str());
-        throw;
-    }
+    show_backup_key(dest, backup_key, o.file);
     sum.key_shown_on = dest.what();
     sum.seconds = seconds_since(t0);
     return sum;

@@ -80,6 +80,52 @@ std::vector<KeyRing> plan_migration(const keystore::Store& from, const keystore:
     return moving;
 }
 
+// Moves the planned rings into `to`, all or none: each key unwrapped in the source token, carried
+// to the destination token under a one-time transport key (when they differ), checked by its
+// check value there and wrapped under the destination's master key; one commit at the end.
+void move_rings(std::vector<KeyRing>& moving, keystore::OpenAnyStore& src, pkcs11::TokenContext& dctx,
+                keystore::KeyStore& to_store, const MigrateOptions& o, MigrateSummary& sum) {
+    // Across two tokens the keys travel wrapped under a one-time transport key, made in the
+    // source token and loaded into the destination as a session object on both sides.
+    std::optional<pkcs11::SessionObject> t_src, t_dst;
+    std::optional<pkcs11::AesWrapProtector> to_transport, from_transport;
+    if (!sum.same_token) {
+        CK_MECHANISM_TYPE mech = bundle_mechanism(*src.token.session);
+        if (!dctx.session->has_mechanism(mech))
+            throw TokenError("the destination token lacks " + pkcs11::mechanism_name(mech) +
+                             ", which carries the keys between the two tokens");
+        t_src.emplace(make_backup_key(*src.token.session, true));
+        SecureBytes value = src.token.session->get_secret(t_src->handle(), CKA_VALUE);
+        t_dst.emplace(load_backup_key(*dctx.session, value));
+        to_transport.emplace(src.token.session, t_src->handle(), mech);
+        from_transport.emplace(dctx.session, t_dst->handle(), mech);
+    }
+    keystore::Store& from = *src.store;
+    keystore::KeyStore& to = to_store;
+    std::size_t done = 0;
+    // A failure below leaves no pending file behind in the destination: the writer removes them
+    // unless it commits.
+    auto writer = to.writer(keystore::KeyStore::Writer::Mode::update);
+    for (KeyRing& r : moving) {
+        const std::string idstr = r.id.str();
+        for (auto& v : r.versions) {
+            v.protection = to.keys().protector->method();
+            if (v.wrapped.empty()) continue;
+            KeySpec spec{v.key_type, v.key_length};
+            auto k = from.keys().protector->unprotect(v.wrapped, spec, Exposure::sensitive);
+            if (!sum.same_token) k = from_transport->unprotect(to_transport->protect(*k), spec, Exposure::sensitive);
+            if (!same(to.keys().backend->check_value(*k, v.public_key), v.kcv))
+                throw IntegrityError(idstr + " version " + std::to_string(v.version) +
+                                     ": the key's check value differs from its record");
+            v.wrapped = to.keys().protector->protect(*k);
+        }
+        writer->put(r);
+        if (o.progress) o.progress(++done, sum.to_move.size());
+    }
+    // The commit point: one signed manifest names every migrated ring, or none.
+    writer->commit();
+}
+
 }  // namespace
 
 MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
@@ -126,45 +172,7 @@ MigrateSummary migrate_v1_to_v2(const MigrateOptions& o) {
         return sum;
     }
 
-    // Across two tokens the keys travel wrapped under a one-time transport key, made in the
-    // source token and loaded into the destination as a session object on both sides.
-    std::optional<pkcs11::SessionObject> t_src, t_dst;
-    std::optional<pkcs11::AesWrapProtector> to_transport, from_transport;
-    if (!sum.same_token) {
-        CK_MECHANISM_TYPE mech = bundle_mechanism(*src.token.session);
-        if (!dctx.session->has_mechanism(mech))
-            throw TokenError("the destination token lacks " + pkcs11::mechanism_name(mech) +
-                             ", which carries the keys between the two tokens");
-        t_src.emplace(make_backup_key(*src.token.session, true));
-        SecureBytes value = src.token.session->get_secret(t_src->handle(), CKA_VALUE);
-        t_dst.emplace(load_backup_key(*dctx.session, value));
-        to_transport.emplace(src.token.session, t_src->handle(), mech);
-        from_transport.emplace(dctx.session, t_dst->handle(), mech);
-    }
-    keystore::Store& from = *src.store;
-    keystore::KeyStore& to = *dst.store;
-    std::size_t done = 0;
-    // A failure below leaves no pending file behind in the destination: the writer removes them
-    // unless it commits.
-    auto writer = to.writer(keystore::KeyStore::Writer::Mode::update);
-    for (KeyRing& r : moving) {
-        const std::string idstr = r.id.str();
-        for (auto& v : r.versions) {
-            v.protection = to.keys().protector->method();
-            if (v.wrapped.empty()) continue;
-            KeySpec spec{v.key_type, v.key_length};
-            auto k = from.keys().protector->unprotect(v.wrapped, spec, Exposure::sensitive);
-            if (!sum.same_token) k = from_transport->unprotect(to_transport->protect(*k), spec, Exposure::sensitive);
-            if (!same(to.keys().backend->check_value(*k, v.public_key), v.kcv))
-                throw IntegrityError(idstr + " version " + std::to_string(v.version) +
-                                     ": the key's check value differs from its record");
-            v.wrapped = to.keys().protector->protect(*k);
-        }
-        writer->put(r);
-        if (o.progress) o.progress(++done, sum.to_move.size());
-    }
-    // The commit point: one signed manifest names every migrated ring, or none.
-    writer->commit();
+    move_rings(moving, src, dctx, *dst.store, o, sum);
     sum.seconds = seconds_since(t0);
     return sum;
 }
