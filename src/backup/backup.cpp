@@ -91,13 +91,15 @@ void refuse_outputs(const std::string& bundle, const std::string& secret) {
     if (canonical_target(bundle) == canonical_target(secret))
         throw UsageError("the bundle and the secret must be different files",
                          "keep them apart: whoever holds both holds every key");
-    for (const auto& p : {bundle, secret}) {
-        std::error_code ec;
-        if (fs::exists(fs::symlink_status(p, ec)))
-            throw ConflictError(p + " already exists", "choose another path; keywarden never overwrites a backup");
-        if (!fs::is_directory(fs::absolute(p).parent_path(), ec))
-            throw UsageError("the directory for " + p + " does not exist");
-    }
+    for (const auto& p : {bundle, secret}) refuse_output(p);
+}
+
+void refuse_output(const std::string& path) {
+    std::error_code ec;
+    if (fs::exists(fs::symlink_status(path, ec)))
+        throw ConflictError(path + " already exists", "choose another path; keywarden never overwrites a backup");
+    if (!fs::is_directory(fs::absolute(path).parent_path(), ec))
+        throw UsageError("the directory for " + path + " does not exist");
 }
 
 // A readable AES or HMAC session key made in the token: the backup keys. Extractable only
@@ -206,7 +208,7 @@ BundleHeader new_header(pkcs11::Session& s) {
 }
 
 void check_rfc5649(pkcs11::AesWrapProtector& under_backup, const Bytes& host_kcv, const std::string& mech_name) {
-    if (!same(under_backup.key_check_value(), host_kcv))
+    if (!same_bytes(under_backup.key_check_value(), host_kcv))
         throw TokenError("the token's " + mech_name + " is not RFC 5649, so a bundle could not be opened with openssl",
                          "report the token model");
 }
@@ -319,7 +321,7 @@ StagingDir::StagingDir(const std::string& store_path, bool init, pkcs11::TokenCo
     for (const auto& [o, of_init] : others)
         if (!of_init || forget_killed_init(o, *token)) fs::remove_all(o, ec);
     m_staging = (m_parent / ("." + name + (init ? ".import-init-XXXXXX" : ".import-XXXXXX"))).string();
-    if (!::mkdtemp(m_staging.data())) io_fail("cannot create a staging directory in", m_parent.string());
+    if (!::mkdtemp(m_staging.data())) io::fail("cannot create a staging directory in", m_parent.string());
 }
 
 StagingDir::~StagingDir() {
@@ -340,12 +342,12 @@ void StagingDir::clone_live_store() {
 
 void StagingDir::switch_in() {
     if (m_init) {
-        if (::rename(m_staging.c_str(), m_path.c_str()) != 0) io_fail("cannot move the new store to", m_path.string());
+        if (::rename(m_staging.c_str(), m_path.c_str()) != 0) io::fail("cannot move the new store to", m_path.string());
     } else if (::renameat2(AT_FDCWD, m_staging.c_str(), AT_FDCWD, m_path.c_str(), RENAME_EXCHANGE) != 0) {
-        io_fail("cannot switch the imported store into", m_path.string());
+        io::fail("cannot switch the imported store into", m_path.string());
     }
     m_switched = true;
-    fsync_dir_of(m_path.string());
+    io::fsync_dir_of(m_path.string());
     // The new store exists now: an import waiting for the lock re-checks and is refused, so the
     // lock file can go (it is still held until this object is destroyed).
     if (m_init) ::unlink(m_lock_file.c_str());

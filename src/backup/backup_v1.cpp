@@ -50,7 +50,7 @@ public:
                 if (errno == EEXIST)
                     throw ConflictError(spec + " already exists", "choose another path for --backup-key-out; "
                                                                   "nothing was overwritten");
-                io_fail("cannot create", spec);
+                io::fail("cannot create", spec);
             }
             m_path = spec;
             m_what = spec;
@@ -65,8 +65,8 @@ public:
 
     void show(const SecureBytes& text) {
         // Straight from the wiping buffer, never through a copy.
-        if (!io::write_fully(m_fd.get(), as_string_view(text))) io_fail("cannot write the backup key to", m_what);
-        if (!m_path.empty() && ::fsync(m_fd.get()) != 0) io_fail("cannot sync", m_path);
+        if (!io::write_fully(m_fd.get(), as_string_view(text))) io::fail("cannot write the backup key to", m_what);
+        if (!m_path.empty() && ::fsync(m_fd.get()) != 0) io::fail("cannot sync", m_path);
         m_written = true;
     }
     const std::string& what() const { return m_what; }
@@ -79,16 +79,6 @@ private:
 
 
 using util::append;
-
-// An existing backup path (or a link there) and a missing directory are refused before anything
-// is made.
-void refuse_v1_output(const std::string& file) {
-    std::error_code ec;
-    if (fs::exists(fs::symlink_status(file, ec)))
-        throw ConflictError(file + " already exists", "choose another path; keywarden never overwrites a backup");
-    if (!fs::is_directory(fs::absolute(file).parent_path(), ec))
-        throw UsageError("the directory for " + file + " does not exist");
-}
 
 // Shows the backup key once, from wiping buffers only; if it cannot be shown, the backup it opens
 // is removed (a backup nobody can open is worse than none).
@@ -120,7 +110,7 @@ V1ExportSummary export_v1_backup(keystore::OpenAnyStore& os, const V1ExportOptio
                          "--key-bundle-secret S'");
     if (o.file.empty()) throw UsageError("say where the backup goes: --file F");
     remove_stale_leftovers(o.file);  // the temp file of a backup that was killed
-    refuse_v1_output(o.file);
+    refuse_output(o.file);
     KeyDestination dest(o);
     pkcs11::Session& session = *os.token.session;
 

@@ -74,10 +74,10 @@ void BundleReader::start() {
     m_mac->update(line);
     m_mac->update("\n");
     // The secret must belong to this bundle: checked before any entry is read.
-    if (!same(encryption_kcv(m_secret.encryption), m_header.kcv_encryption) ||
-        !same(signature_kcv(m_secret.signature), m_header.kcv_signature)) {
-        bool swapped = same(encryption_kcv(m_secret.signature), m_header.kcv_encryption) &&
-                       same(signature_kcv(m_secret.encryption), m_header.kcv_signature);
+    if (!same_bytes(encryption_kcv(m_secret.encryption), m_header.kcv_encryption) ||
+        !same_bytes(signature_kcv(m_secret.signature), m_header.kcv_signature)) {
+        bool swapped = same_bytes(encryption_kcv(m_secret.signature), m_header.kcv_encryption) &&
+                       same_bytes(signature_kcv(m_secret.encryption), m_header.kcv_signature);
         if (m_secret.v1_backup)
             throw IntegrityError("the backup key does not open this backup file (its check values differ)",
                                  "set BACKUP_MASTER_KEY to the key 'keywarden backup --action=export' "
@@ -118,7 +118,7 @@ void BundleReader::finish(const std::string& line) {
     m_done = true;
     auto tag = from_hex(line.substr(4));
     auto want = m_mac->final();
-    if (!tag || !same(*tag, want))
+    if (!tag || !same_bytes(*tag, want))
         throw IntegrityError("bundle " + m_path + " does not verify (MAC mismatch)",
                              "the bundle was changed, cut, or reordered after export");
     std::string rest;

@@ -46,11 +46,11 @@ void hardlink_clone(const fs::path& from, const fs::path& to) {
     for (auto it = fs::recursive_directory_iterator(from); it != fs::recursive_directory_iterator(); ++it) {
         fs::path dst = to / fs::relative(it->path(), from);
         if (it->is_directory()) {
-            if (::mkdir(dst.c_str(), 0700) != 0 && errno != EEXIST) io_fail("cannot create", dst.string());
+            if (::mkdir(dst.c_str(), 0700) != 0 && errno != EEXIST) io::fail("cannot create", dst.string());
         } else if (::link(it->path().c_str(), dst.c_str()) != 0) {
             // Ring files are never changed in place (always replaced by rename), so sharing
             // inodes between the live store and the staging copy is safe.
-            io_fail("cannot link", dst.string());
+            io::fail("cannot link", dst.string());
         }
     }
 }
@@ -212,7 +212,7 @@ void restore_from(const std::function<std::optional<Entry>()>& next, const std::
             for (std::size_t i = first; i < last; ++i) {
                 const auto& r = held[waiting[i].ring];
                 const auto& v = r.versions[waiting[i].version];
-                if (!same(backup.backend().check_value(*keys[i - first], v.public_key), v.kcv))
+                if (!same_bytes(backup.backend().check_value(*keys[i - first], v.public_key), v.kcv))
                     throw IntegrityError(r.id.str() + " version " + std::to_string(v.version) +
                                          ": the key's check value differs from its record");
             }
@@ -374,7 +374,7 @@ void scan_bundle(detail::BundleReader& reader, const keystore::Store* store, con
                 // hold (public only, or destroyed there): it would be lost. A version destroyed in
                 // the store holds nothing to lose.
                 else if (v.state != KeyState::destroyed &&
-                         (!same(b->second.first, v.kcv) || (!v.wrapped.empty() && !b->second.second)))
+                         (!same_bytes(b->second.first, v.kcv) || (!v.wrapped.empty() && !b->second.second)))
                     sum.replaced.push_back(last + "@" + std::to_string(v.version));
             }
         };

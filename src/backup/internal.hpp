@@ -37,14 +37,10 @@ namespace keywarden::backup::detail {
 namespace fs = std::filesystem;
 
 double seconds_since(std::chrono::steady_clock::time_point t0);
-// Constant-time comparison of check values and MACs; the file helpers (util/file_io.hpp).
+// Constant-time comparison of check values and MACs (util/bytes.hpp).
 using util::same_bytes;
-inline bool same(const Bytes& a, const Bytes& b) { return same_bytes(a, b); }
-using io::fsync_dir_of;
-using pipeline::ChunkLines;
 using pipeline::PartFile;
 using pipeline::TempDir;
-inline void io_fail(const std::string& what, const std::string& path) { io::fail(what, path); }
 
 // What a killed export, verify or import leaves beside `path`: ".<name>.tmp-XXXXXX" files
 // (ExclusiveFile) and ".<name>.parts|verify|import-XXXXXX" work directories (TempDir). A live run
@@ -57,6 +53,8 @@ std::string canonical_target(const std::string& p);
 // Refuses a missing path, bundle == secret (after resolving links in the directories), an
 // output that exists, and a directory that does not: before anything is made.
 void refuse_outputs(const std::string& bundle, const std::string& secret);
+// One output path: refused when it exists (or is a link) or its directory does not.
+void refuse_output(const std::string& path);
 
 // A readable AES (encryption) or generic-secret session key generated in the token.
 pkcs11::SessionObject make_backup_key(pkcs11::Session& s, bool encryption);
@@ -352,7 +350,7 @@ public:
         fs::path t = fs::absolute(m_target);
         m_temp = (t.parent_path() / ("." + t.filename().string() + ".tmp-XXXXXX")).string();
         m_fd.reset(::mkstemp(m_temp.data()));
-        if (!m_fd.valid()) io_fail("cannot create a file beside", m_target);
+        if (!m_fd.valid()) io::fail("cannot create a file beside", m_target);
         ::fchmod(m_fd.get(), 0600);
         // Held while the file is being written: remove_stale_leftovers() leaves it alone.
         ::flock(m_fd.get(), LOCK_EX | LOCK_NB);
@@ -392,8 +390,8 @@ public:
     // destructor still removes it.
     void seal() {
         flush();
-        if (::fsync(m_fd.get()) != 0) io_fail("cannot sync", m_target);
-        if (m_fd.close() != 0) io_fail("cannot close", m_target);
+        if (::fsync(m_fd.get()) != 0) io::fail("cannot sync", m_target);
+        if (m_fd.close() != 0) io::fail("cannot close", m_target);
     }
     const std::string& temp_path() const { return m_temp; }
     // Links the sealed file into place; EEXIST means someone created the target meanwhile.
@@ -401,11 +399,11 @@ public:
         if (::link(m_temp.c_str(), m_target.c_str()) != 0) {
             if (errno == EEXIST)
                 throw ConflictError(m_target + " already exists", "choose another path; nothing was overwritten");
-            io_fail("cannot create", m_target);
+            io::fail("cannot create", m_target);
         }
         ::unlink(m_temp.c_str());
         m_temp.clear();
-        fsync_dir_of(m_target);
+        io::fsync_dir_of(m_target);
     }
     std::uint64_t bytes() const { return m_bytes + m_buf.size(); }
 

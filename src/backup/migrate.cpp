@@ -21,7 +21,7 @@ bool same_ring(const KeyRing& a, const KeyRing& b) {
     if (a.current != b.current || a.versions.size() != b.versions.size()) return false;
     for (std::size_t i = 0; i < a.versions.size(); ++i) {
         const auto &x = a.versions[i], &y = b.versions[i];
-        if (x.version != y.version || x.state != y.state || !same(x.kcv, y.kcv) ||
+        if (x.version != y.version || x.state != y.state || !same_bytes(x.kcv, y.kcv) ||
             x.wrapped.empty() != y.wrapped.empty())
             return false;
     }
@@ -114,7 +114,7 @@ void move_rings(std::vector<KeyRing>& moving, keystore::OpenAnyStore& src, pkcs1
             KeySpec spec{v.key_type, v.key_length};
             auto k = from.keys().protector->unprotect(v.wrapped, spec, Exposure::sensitive);
             if (!sum.same_token) k = from_transport->unprotect(to_transport->protect(*k), spec, Exposure::sensitive);
-            if (!same(to.keys().backend->check_value(*k, v.public_key), v.kcv))
+            if (!same_bytes(to.keys().backend->check_value(*k, v.public_key), v.kcv))
                 throw IntegrityError(idstr + " version " + std::to_string(v.version) +
                                      ": the key's check value differs from its record");
             v.wrapped = to.keys().protector->protect(*k);

@@ -49,7 +49,7 @@ std::optional<std::string> trial_unwrap(pkcs11::AesWrapProtector& under_backup, 
     const auto& m = e.meta;
     try {
         auto k = under_backup.unprotect(e.wrapped, {m.key_type, m.key_length}, Exposure::sensitive);
-        if (!same(backend.check_value(*k, m.public_key), m.kcv))
+        if (!same_bytes(backend.check_value(*k, m.public_key), m.kcv))
             throw IntegrityError("the key's check value differs from its record");
         return std::nullopt;
     } catch (const TokenError&) {
@@ -120,6 +120,21 @@ VerifyReport verify_bundle(const std::string& bundle_path, const SecretFile& sec
 }
 
 namespace {
+
+// The first n tab-separated fields of a worker's line, the last one taking the rest of the line
+// (empty fields where the line has fewer).
+std::vector<std::string_view> tab_fields(std::string_view line, std::size_t n) {
+    std::vector<std::string_view> out;
+    while (out.size() + 1 < n) {
+        auto tab = line.find('\t');
+        if (tab == std::string_view::npos) break;
+        out.push_back(line.substr(0, tab));
+        line.remove_prefix(tab + 1);
+    }
+    out.push_back(line);
+    out.resize(n);
+    return out;
+}
 
 // An error message as one line of a worker's output.
 std::string one_line(std::string s) {
@@ -207,23 +222,17 @@ void trial_unwrap_all(const std::string& bundle_path, const std::string& work_ne
         token, plan,
         [&](pipeline::Worker& w) { verify_worker(w, bundle_path, secret, mech); },
         [&](std::string_view line) {
-            auto field = [&](std::size_t i) {
-                std::size_t from = 0;
-                for (; i > 0; --i) from = line.find('\t', from) + 1;
-                auto to = line.find('\t', from);
-                return std::string(line.substr(from, to == std::string_view::npos ? to : to - from));
-            };
-            if (line.starts_with("counts\t")) {
-                entries_done += std::stoul(field(1));
-                rep.unwrapped += std::stoul(field(2));
-                rings += std::stoul(field(3));
+            auto f = tab_fields(line, 4);
+            if (f[0] == "counts") {
+                entries_done += std::stoul(std::string(f[1]));
+                rep.unwrapped += std::stoul(std::string(f[2]));
+                rings += std::stoul(std::string(f[3]));
                 if (progress) progress(entries_done, rep.header.entries);
-            } else if (line.starts_with("problem\t")) {
-                auto from = line.find('\t', line.find('\t', 8) + 1) + 1;
-                rep.problems.push_back({field(2), std::string(line.substr(from))});
-            } else if (line.starts_with("failed\t")) {
+            } else if (f[0] == "problem") {
+                rep.problems.push_back({std::string(f[2]), std::string(f[3])});
+            } else if (f[0] == "failed") {
                 failed = true;
-                rep.problems.push_back({"bundle", std::string(line.substr(7))});
+                rep.problems.push_back({"bundle", std::string(tab_fields(line, 2)[1])});
             } else {
                 throw Error("internal: a verify worker wrote '" + std::string(line) + "'");
             }
@@ -272,7 +281,7 @@ VerifyReport detail::verify_bundle_beside(const std::string& bundle_path, const 
             if (m.state != KeyState::destroyed) {
                 auto it = store_kcv.find(key);
                 if (it == store_kcv.end()) rep.extra.push_back(key);
-                else if (!same(it->second, m.kcv)) rep.different.push_back(key);
+                else if (!same_bytes(it->second, m.kcv)) rep.different.push_back(key);
             }
         }
     } catch (const Error& e) {

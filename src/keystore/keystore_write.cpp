@@ -133,7 +133,6 @@ void KeyStore::commit_staged() {
 class KeyStore::BulkWriter {
 public:
     ~BulkWriter();
-    void add(const KeyRing& ring, const Bytes& sealed);
     // A ring written under its final name (store_final), by its record; with `text`, that
     // record's pending_text() as read back.
     void add_written(const PendingRing& p, std::string text = {});
@@ -207,13 +206,6 @@ std::unique_ptr<KeyStore::BulkWriter> KeyStore::bulk_writer(const std::string& s
         throw Error("cannot open a scratch file");
     }
     return std::unique_ptr<BulkWriter>(new BulkWriter(std::move(st)));
-}
-
-void KeyStore::BulkWriter::add(const KeyRing& ring, const Bytes& sealed) {
-    if (m->committed) throw Error("internal: bulk writer already committed");
-    // The ring file under its final name: the manifest written at commit() names it.
-    auto p = m->store->store_final(ring, sealed);
-    m->member(p.key_id, ManifestEntry{p.file, p.sha256, p.summary});
 }
 
 void KeyStore::BulkWriter::add_written(const PendingRing& p, std::string text) {
@@ -374,13 +366,7 @@ void KeyStore::Writer::take(const PendingRing& p, std::string text) {
     else m->store.adopt_pending(p);
 }
 
-void KeyStore::Writer::put(const KeyRing& ring) {
-    if (m->bulk && !m->part) {
-        m->bulk->add(ring, seal(ring));  // writes it under its final name and notes its member
-        return;
-    }
-    take(write(ring, seal(ring)));
-}
+void KeyStore::Writer::put(const KeyRing& ring) { take(write(ring, seal(ring))); }
 
 void KeyStore::Writer::commit() {
     if (m->part) throw Error("internal: a part writer commits nothing");

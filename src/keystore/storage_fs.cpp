@@ -28,7 +28,6 @@ std::string errno_text() { return std::strerror(errno); }
 using io::Fd;
 using io::fsync_dir;
 using io::write_all;
-[[noreturn]] void io_fail(const std::string& what, const std::string& path) { io::fail(what, path); }
 
 class FileLock : public StorageLock {
 public:
@@ -66,7 +65,7 @@ public:
         Fd fd(::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
         if (fd.get() < 0) {
             if (errno == ENOENT) return std::nullopt;
-            io_fail("cannot open", p);
+            io::fail("cannot open", p);
         }
         Bytes out;
         struct stat st {};
@@ -76,7 +75,7 @@ public:
         for (;;) {
             ssize_t n = ::read(fd.get(), buf, sizeof buf);
             if (n < 0 && errno == EINTR) continue;
-            if (n < 0) io_fail("cannot read", p);
+            if (n < 0) io::fail("cannot read", p);
             if (n == 0) break;
             out.insert(out.end(), buf, buf + n);
         }
@@ -88,7 +87,7 @@ public:
         Fd fd(::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
         if (fd.get() < 0) {
             if (errno == ENOENT) return nullptr;
-            io_fail("cannot open", p);
+            io::fail("cannot open", p);
         }
         struct FdReader : Reader {
             FdReader(int f, std::string path) : fd(f), p(std::move(path)) {}
@@ -98,7 +97,7 @@ public:
                 for (;;) {
                     ssize_t got = ::read(fd.get(), out, n);
                     if (got < 0 && errno == EINTR) continue;
-                    if (got < 0) io_fail("cannot read", p);
+                    if (got < 0) io::fail("cannot read", p);
                     return static_cast<std::size_t>(got);
                 }
             }
@@ -125,7 +124,7 @@ public:
             cur += "/" + part;
             if (!m_known_dirs.count(cur)) {
                 if (::mkdir(cur.c_str(), 0700) != 0 && errno != EEXIST)
-                    io_fail("cannot create directory", cur);
+                    io::fail("cannot create directory", cur);
                 m_known_dirs.insert(cur);
             }
             if (slash == std::string::npos) break;
@@ -157,22 +156,22 @@ public:
         make_parents(p);
         std::string tmp = temp_name(p);
         Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
-        if (fd.get() < 0) io_fail("cannot create", tmp);
+        if (fd.get() < 0) io::fail("cannot create", tmp);
         try {
             produce([&](std::span<const std::uint8_t> piece) { write_all(fd.get(), piece, p); });
-            if (durable && ::fsync(fd.get()) != 0) io_fail("cannot sync", p);
-            if (::close(fd.release()) != 0) io_fail("cannot close", p);
+            if (durable && ::fsync(fd.get()) != 0) io::fail("cannot sync", p);
+            if (::close(fd.release()) != 0) io::fail("cannot close", p);
             if (exclusive) {
                 // link() fails with EEXIST instead of replacing: no window where an existing
                 // file could be overwritten.
                 if (::link(tmp.c_str(), p.c_str()) != 0) {
                     if (errno == EEXIST)
                         throw ConflictError(p + " already exists", "choose another path");
-                    io_fail("cannot create", p);
+                    io::fail("cannot create", p);
                 }
                 ::unlink(tmp.c_str());
             } else if (::rename(tmp.c_str(), p.c_str()) != 0) {
-                io_fail("cannot rename into place", p);
+                io::fail("cannot rename into place", p);
             }
         } catch (...) {
             ::unlink(tmp.c_str());
@@ -195,29 +194,29 @@ public:
         constexpr int kFlags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW;
         int raw = ::open(p.c_str(), kFlags, 0600);
         if (raw < 0 && errno == EEXIST) {
-            if (::unlink(p.c_str()) != 0 && errno != ENOENT) io_fail("cannot replace", p);
+            if (::unlink(p.c_str()) != 0 && errno != ENOENT) io::fail("cannot replace", p);
             raw = ::open(p.c_str(), kFlags, 0600);
         }
         Fd fd(raw);
-        if (fd.get() < 0) io_fail("cannot create", p);
+        if (fd.get() < 0) io::fail("cannot create", p);
         write_all(fd.get(), data, p);
-        if (::close(fd.release()) != 0) io_fail("cannot close", p);
+        if (::close(fd.release()) != 0) io::fail("cannot close", p);
     }
 
     void sync() override {
         Fd fd(::open(m_root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-        if (fd.get() < 0 || ::syncfs(fd.get()) != 0) io_fail("cannot sync", m_root);
+        if (fd.get() < 0 || ::syncfs(fd.get()) != 0) io::fail("cannot sync", m_root);
     }
 
     void rename(const std::string& from, const std::string& to) override {
         std::string a = path(from), b = path(to);
         make_parents(b);
-        if (::rename(a.c_str(), b.c_str()) != 0) io_fail("cannot rename", a);
+        if (::rename(a.c_str(), b.c_str()) != 0) io::fail("cannot rename", a);
     }
 
     void remove(const std::string& name) override {
         std::string p = path(name);
-        if (::unlink(p.c_str()) != 0 && errno != ENOENT) io_fail("cannot remove", p);
+        if (::unlink(p.c_str()) != 0 && errno != ENOENT) io::fail("cannot remove", p);
         // Directories the removed file leaves empty go too (a client directory that only an
         // aborted write had created), never the root. Only a writer removes, and it holds the
         // store's lock, so no other process is creating files in them meanwhile.
@@ -233,7 +232,7 @@ public:
         DIR* d = ::opendir(dir.c_str());
         if (!d) {
             if (errno == ENOENT) return;
-            io_fail("cannot list", dir);
+            io::fail("cannot list", dir);
         }
         while (dirent* e = ::readdir(d)) {
             std::string n = e->d_name;
@@ -270,12 +269,12 @@ public:
         if (fd < 0) {
             // A reader without write access to the directory can still lock an existing file.
             fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-            if (fd < 0) io_fail("cannot open lock file", p);
+            if (fd < 0) io::fail("cannot open lock file", p);
         }
         while (::flock(fd, exclusive ? LOCK_EX : LOCK_SH) != 0) {
             if (errno == EINTR) continue;
             ::close(fd);
-            io_fail("cannot lock", p);
+            io::fail("cannot lock", p);
         }
         return std::make_unique<FileLock>(fd);
     }
@@ -287,7 +286,7 @@ public:
                     create_private_directories(fs::path(m_root).parent_path().string());
                     if (::mkdir(m_root.c_str(), 0700) == 0) return;
                 }
-                io_fail("cannot create key store directory", m_root);
+                io::fail("cannot create key store directory", m_root);
             }
             std::error_code ec;
             if (!fs::is_directory(m_root, ec))

@@ -5,15 +5,7 @@
 // docs/architecture.md, "The token pipeline", says how a command plugs in.
 #pragma once
 
-#include <fcntl.h>
-#include <sys/file.h>
-#include <unistd.h>
-
-#include <algorithm>
-#include <cerrno>
 #include <cstdint>
-#include <cstring>
-#include <filesystem>
 #include <functional>
 #include <map>
 #include <optional>
@@ -22,7 +14,6 @@
 #include <vector>
 
 #include "keywarden/error.hpp"
-#include "keywarden/log.hpp"
 #include "keywarden/token_context.hpp"
 #include "util/file_io.hpp"
 
@@ -101,27 +92,8 @@ private:
 // tell it from one a killed run left behind (remove_stale_leftovers).
 class TempDir {
 public:
-    TempDir(const std::string& near, const char* what) {
-        std::filesystem::path t = std::filesystem::absolute(near);
-        m_path = (t.parent_path() / ("." + t.filename().string() + "." + what + "-XXXXXX")).string();
-        if (!::mkdtemp(m_path.data())) io::fail("cannot create a work directory beside", near);
-        m_lock.reset(::open((m_path + "/.lock").c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
-        if (!m_lock.valid()) {
-            int e = errno;
-            std::error_code ec;
-            std::filesystem::remove_all(m_path, ec);
-            errno = e;
-            io::fail("cannot create a file in the work directory", m_path);
-        }
-        // A file system without flock: the directory is then protected only while it is young.
-        if (::flock(m_lock.get(), LOCK_EX | LOCK_NB) != 0)
-            log::debug("no lock on " + m_path + ": " + std::strerror(errno));
-    }
-    ~TempDir() {
-        std::error_code ec;
-        std::filesystem::remove_all(m_path, ec);
-        m_lock.reset();
-    }
+    TempDir(const std::string& near, const char* what);
+    ~TempDir();
     TempDir(const TempDir&) = delete;
     TempDir& operator=(const TempDir&) = delete;
     const std::string& path() const { return m_path; }
@@ -136,10 +108,7 @@ private:
 // process. Not synced: the result it goes into is.
 class PartFile {
 public:
-    explicit PartFile(std::string path) : m_path(std::move(path)) {
-        m_fd.reset(::open(m_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
-        if (!m_fd.valid()) io::fail("cannot create", m_path);
-    }
+    explicit PartFile(std::string path);
     PartFile(const PartFile&) = delete;
     PartFile& operator=(const PartFile&) = delete;
     void write(std::string_view s) {
@@ -170,44 +139,9 @@ public:
 
     // Waits until chunk i is recorded (checking every 2 ms); false if every worker has ended
     // without it: one failed, and run_in_processes reports it.
-    bool wait(std::size_t i, const std::function<bool()>& running) const {
-        while (!m_work.recorded(i)) {
-            if (!running() && !m_work.recorded(i)) return false;
-            ::usleep(2000);
-        }
-        return true;
-    }
-    void read(std::size_t i, const std::function<void(std::string_view)>& line) {
-        auto got = m_work.output(i);
-        const std::string name = m_file_of(got.child);  // for errors
-        auto it = m_fds.find(got.child);
-        if (it == m_fds.end()) {
-            io::Fd fd(::open(name.c_str(), O_RDONLY | O_CLOEXEC));
-            if (!fd.valid()) io::fail("cannot open the work file", name);
-            it = m_fds.emplace(got.child, std::move(fd)).first;
-        }
-        // A line cut at the end of a piece is completed by the next.
-        m_piece.clear();
-        for (std::uint64_t done = 0; done < got.length;) {
-            std::size_t keep = m_piece.size();
-            std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(got.length - done, 1u << 16));
-            m_piece.resize(keep + want);
-            ssize_t r = ::pread(it->second.get(), m_piece.data() + keep, want, static_cast<off_t>(got.offset + done));
-            if (r < 0 && errno == EINTR) {
-                m_piece.resize(keep);
-                continue;
-            }
-            if (r < 0) io::fail("cannot read the work file", name);
-            if (r == 0) throw Error("internal: the work file " + name + " is short");
-            m_piece.resize(keep + static_cast<std::size_t>(r));
-            done += static_cast<std::uint64_t>(r);
-            std::size_t p = 0;
-            for (std::size_t nl; (nl = m_piece.find('\n', p)) != std::string::npos; p = nl + 1)
-                line(std::string_view(m_piece.data() + p, nl - p));
-            m_piece.erase(0, p);
-        }
-        if (!m_piece.empty()) throw Error("internal: a chunk in " + name + " ends inside a line");
-    }
+    bool wait(std::size_t i, const std::function<bool()>& running) const;
+    // Calls `line` on every line of chunk i, in order.
+    void read(std::size_t i, const std::function<void(std::string_view)>& line);
 
 private:
     const SharedWork& m_work;
